@@ -1,0 +1,33 @@
+# Two entry points: `make train` (a small CPU training run on the embedded corpus) and `make test`.
+# Each creates .venv and installs what it needs on a fresh machine (Python >= 3.10).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+BASE_DIR ?= $(or $(NANOCHAT_BASE_DIR),$(HOME)/.cache/nanochat)
+export NANOCHAT_BASE_DIR := $(BASE_DIR)
+
+.PHONY: setup train test gpu-wheels clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first: the CPU build is enough here, and pyproject's range then installs nothing larger
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+# Small CPU run: depth-4 model, 256-token context, 4096-token vocabulary, a few minutes on 2 cores.
+train: setup
+	$(PY) -m nanochat.dataset --default-corpus
+	test -f $(BASE_DIR)/tokenizer/tokenizer.json || $(PY) -m scripts.tok_train --vocab-size 4096 --max-chars 20000000
+	$(PY) -m scripts.base_train --device-type cpu --depth 4 --head-dim 64 --max-seq-len 256 \
+		--device-batch-size 16 --total-batch-size 8192 --num-iterations 300 --warmup-steps 20 \
+		--eval-every 100 --eval-tokens 65536 --sample-every 100 --model-tag d4_cpu
+
+test: setup
+	$(PY) -m pytest tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache

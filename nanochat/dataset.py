@@ -1,0 +1,205 @@
+"""Pretraining text as parquet shards with a `text` column (the FineWeb-edu layout nanochat uses).
+
+<base>/base_data/shard_00000.parquet, shard_00001.parquet, ...  sorted by name; the last shard is validation.
+
+Two ways to fill the directory:
+  python -m nanochat.dataset --default-corpus   the installed Python stdlib's .py files, no download needed
+  python -m nanochat.dataset -n 8               the first 8 FineWeb-edu shards from Hugging Face
+"""
+
+import argparse
+import os
+import random
+import sysconfig
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from nanochat.common import UserError, get_base_dir, run_main
+
+DEFAULT_BASE_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
+SHARD_NAME = "shard_{index:05d}.parquet"
+HOW_TO_GET_DATA = "run `python -m nanochat.dataset --default-corpus` (or `-n 8` to download FineWeb-edu shards)"
+
+
+def get_data_dir():
+    return os.path.join(get_base_dir(), "base_data")
+
+
+def shard_path(data_dir, index):
+    return os.path.join(data_dir, SHARD_NAME.format(index=index))
+
+
+# ---------------------------------------------------------------------------
+# Reading
+
+def list_shards(data_dir=None):
+    """Sorted paths of all shards in data_dir; a UserError when there are none."""
+    data_dir = data_dir or get_data_dir()
+    names = sorted(n for n in os.listdir(data_dir) if n.endswith(".parquet")) if os.path.isdir(data_dir) else []
+    if not names:
+        raise UserError(f"no data shards in {data_dir}: {HOW_TO_GET_DATA}")
+    return [os.path.join(data_dir, n) for n in names]
+
+
+def split_shards(split, data_dir=None):
+    """Shards of one split: 'train' is all but the last shard, 'val' is the last shard."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    shards = list_shards(data_dir)
+    if len(shards) < 2:
+        raise UserError(f"only {len(shards)} data shard in {data_dir or get_data_dir()}, need at least 2 "
+                        f"(train + val, the last shard is val): {HOW_TO_GET_DATA}")
+    return shards[:-1] if split == "train" else shards[-1:]
+
+
+def open_shard(path):
+    """A pyarrow ParquetFile, checked to have a `text` column."""
+    pf = pq.ParquetFile(path)
+    if "text" not in pf.schema_arrow.names:
+        raise UserError(f"shard {path} has no `text` column (columns: {pf.schema_arrow.names}): "
+                        f"rewrite it with a `text` column of documents or remove it")
+    return pf
+
+
+def list_row_groups(split, data_dir=None):
+    """[(shard_path, row_group_index), ...] of a split in reading order: the loader's unit of work."""
+    return [(path, i) for path in split_shards(split, data_dir) for i in range(open_shard(path).num_row_groups)]
+
+
+def read_row_group(path, row_group):
+    return open_shard(path).read_row_group(row_group, columns=["text"]).column("text").to_pylist()
+
+
+def iter_docs(split, data_dir=None, start=0, step=1):
+    """Documents of a split, once, reading row groups start, start+step, ... (one rank's slice)."""
+    for path, row_group in list_row_groups(split, data_dir)[start::step]:
+        yield from read_row_group(path, row_group)
+
+
+# ---------------------------------------------------------------------------
+# Writing the default corpus
+
+def list_stdlib_sources(source_dir=None):
+    """Sorted .py files under the stdlib directory (third-party site-packages excluded)."""
+    source_dir = source_dir or sysconfig.get_paths()["stdlib"]
+    files = []
+    for dirpath, dirnames, filenames in os.walk(source_dir):
+        dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "dist-packages", "__pycache__"))
+        files.extend(os.path.join(dirpath, f) for f in filenames if f.endswith(".py"))
+    return sorted(files)
+
+
+def read_text_files(paths):
+    """Contents of the files that are readable UTF-8 and non-empty."""
+    docs = []
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError):
+            continue
+        if text.strip():
+            docs.append(text)
+    return docs
+
+
+def write_default_corpus(data_dir=None, source_dir=None, max_files=None, docs_per_shard=512, docs_per_row_group=32,
+                         seed=42):
+    """Write the stdlib .py sources as shards; no-op when data_dir already has shards. Returns the shard paths.
+
+    Files are shuffled with a fixed seed so that the validation shard (the last one) looks like the rest,
+    not like the alphabetically last modules. Small row groups let up to 8 ranks share the val shard.
+    """
+    data_dir = data_dir or get_data_dir()
+    if os.path.isdir(data_dir) and any(n.endswith(".parquet") for n in os.listdir(data_dir)):
+        return list_shards(data_dir)
+    source_dir = source_dir or sysconfig.get_paths()["stdlib"]
+    files = list_stdlib_sources(source_dir)[:max_files]
+    docs = read_text_files(files)
+    random.Random(seed).shuffle(docs)
+    n_shards = (len(docs) + docs_per_shard - 1) // docs_per_shard
+    if n_shards < 2:
+        raise UserError(f"only {len(docs)} documents found under {source_dir}: need more than {docs_per_shard} "
+                        f"for a train and a val shard; pass a bigger source dir or a smaller docs_per_shard")
+    os.makedirs(data_dir, exist_ok=True)
+    for index in range(n_shards):
+        shard_docs = docs[index * docs_per_shard:(index + 1) * docs_per_shard]
+        write_shard(shard_path(data_dir, index), shard_docs, docs_per_row_group)
+    return list_shards(data_dir)
+
+
+def write_shard(path, docs, docs_per_row_group):
+    """Atomically write one parquet shard; row_group_size fixes how many docs each row group holds."""
+    table = pa.table({"text": pa.array(docs, type=pa.string())})
+    tmp_path = path + ".tmp"
+    pq.write_table(table, tmp_path, row_group_size=docs_per_row_group, compression="zstd")
+    os.replace(tmp_path, path)
+
+
+# ---------------------------------------------------------------------------
+# Downloading
+
+def download_file(url, path, retries=5, retry_wait=2.0, timeout=60):
+    """Fetch url into path via a temp file; retried with backoff; checked to be parquet before the rename."""
+    if os.path.exists(path):
+        return path
+    tmp_path = path + ".tmp"
+    last_error = None
+    for attempt in range(retries):
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp_path, "wb") as f:
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
+            pq.ParquetFile(tmp_path)  # a truncated or HTML error page fails here, not later in training
+            os.replace(tmp_path, path)
+            return path
+        except Exception as e:  # network errors, HTTP errors, bad files: all worth a retry
+            last_error = e
+            if os.path.exists(tmp_path):
+                os.remove(tmp_path)
+            if attempt + 1 < retries:
+                time.sleep(retry_wait * (2 ** attempt))
+    raise UserError(f"download of {url} failed after {retries} tries ({last_error}): check --base-url and the network")
+
+
+def download_shards(num_shards, data_dir=None, base_url=DEFAULT_BASE_URL, workers=4, retries=5, retry_wait=2.0):
+    """Download shards 0..num_shards-1 (skipping ones already present); the last one becomes val."""
+    if num_shards < 2:
+        raise UserError(f"-n {num_shards} is too few: need at least 2 shards (train + val)")
+    data_dir = data_dir or get_data_dir()
+    os.makedirs(data_dir, exist_ok=True)
+    base_url = base_url.rstrip("/")
+
+    def fetch(index):
+        name = SHARD_NAME.format(index=index)
+        return download_file(f"{base_url}/{name}", os.path.join(data_dir, name), retries, retry_wait)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(fetch, range(num_shards)))
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Write or download pretraining data shards into <base>/base_data")
+    parser.add_argument("--default-corpus", action="store_true", help="write the Python stdlib sources as shards")
+    parser.add_argument("-n", "--num-shards", type=int, default=0, help="number of FineWeb-edu shards to download")
+    parser.add_argument("--base-url", default=DEFAULT_BASE_URL, help="URL prefix of shard_XXXXX.parquet files")
+    parser.add_argument("--workers", type=int, default=4, help="parallel downloads")
+    parser.add_argument("--data-dir", default=None, help="default: <base>/base_data")
+    args = parser.parse_args()
+    if args.default_corpus == bool(args.num_shards):
+        raise UserError("pass exactly one of --default-corpus or -n N")
+    data_dir = args.data_dir or get_data_dir()
+    t0 = time.time()
+    if args.default_corpus:
+        shards = write_default_corpus(data_dir)
+    else:
+        shards = download_shards(args.num_shards, data_dir, args.base_url, args.workers)
+    print(f"{len(shards)} shards in {data_dir} ({time.time() - t0:.1f}s); val shard: {os.path.basename(shards[-1])}")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,340 @@
+"""
+The pretraining loop: flags, setup (model, sparse/fp8 swaps, optimizers, compile, DDP),
+gradient accumulation, evaluation, sampling, logging, checkpoints and resume.
+`scripts/base_train.py` parses the flags and calls train().
+"""
+
+import argparse
+import math
+import os
+import resource
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+
+from nanochat import checkpoint
+from nanochat.common import (UserError, autodetect_device_type, compute_cleanup, compute_init, get_base_dir,
+                             gpu_peak_flops, print0)
+from nanochat.gpt import GPT, config_from_depth
+from nanochat.optim import lr_multiplier, muon_momentum, setup_optimizers
+
+SAMPLE_PROMPTS = ["The capital of France is", "def main(", "import "]
+
+
+def build_arg_parser():
+    p = argparse.ArgumentParser(description="Pretrain a nanochat-style GPT (dense, 2:4 sparse MLPs, fp8)")
+    p.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' = no wandb)")
+    p.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
+    # model
+    p.add_argument("--depth", type=int, default=20, help="number of transformer layers")
+    p.add_argument("--aspect-ratio", type=int, default=64, help="model_dim = depth * aspect_ratio (rounded up to head dim)")
+    p.add_argument("--head-dim", type=int, default=128, help="attention head dimension")
+    p.add_argument("--max-seq-len", type=int, default=2048, help="context length")
+    # batch and horizon
+    p.add_argument("--device-batch-size", type=int, default=32, help="sequences per micro-batch per process")
+    p.add_argument("--total-batch-size", type=int, default=524288, help="tokens per optimizer step, all processes (-1 = one micro-batch per process)")
+    p.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1 = from --target-flops or --target-param-data-ratio)")
+    p.add_argument("--target-flops", type=float, default=-1.0, help="training FLOPs budget (-1 = off)")
+    p.add_argument("--target-param-data-ratio", type=float, default=12, help="tokens = ratio * params (Chinchilla ~20)")
+    # optimization
+    p.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW lr for the token embedding")
+    p.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW lr for lm_head")
+    p.add_argument("--matrix-lr", type=float, default=0.02, help="Muon lr for the transformer's matrices")
+    p.add_argument("--scalar-lr", type=float, default=0.5, help="lr for scalar parameters (this model has none; kept for nanochat compatibility)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay for the Muon matrices")
+    p.add_argument("--warmup-steps", type=int, default=40, help="linear lr warmup steps")
+    p.add_argument("--warmdown-ratio", type=float, default=0.65, help="fraction of steps of linear lr warmdown at the end")
+    p.add_argument("--final-lr-frac", type=float, default=0.05, help="lr multiplier at the last step")
+    # evaluation, sampling, checkpoints
+    p.add_argument("--eval-every", type=int, default=250, help="val bpb every N steps (-1 = only at the end)")
+    p.add_argument("--eval-tokens", type=int, default=20 * 524288, help="tokens per val bpb evaluation")
+    p.add_argument("--sample-every", type=int, default=2000, help="print samples every N steps (-1 = only at the end)")
+    p.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end, 0 = never)")
+    p.add_argument("--resume-from-step", type=int, default=-1, help="resume from this saved step (-1 = fresh run)")
+    p.add_argument("--model-tag", type=str, default="", help="checkpoint directory name (default d<depth>)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model (default: on for CUDA, off elsewhere)")
+    # sparsity and fp8
+    p.add_argument("--sparse", action="store_true", help="2:4 semi-structured sparse MLP layers (c_fc, c_proj)")
+    p.add_argument("--sparse-backend", type=str, default="auto", choices=["auto", "cusparselt", "masked"],
+                   help="auto = fastest correct kernel; cusparselt = 2:4 GEMMs; masked = dense GEMM on the masked weight (any device)")
+    p.add_argument("--fp8", action="store_true", help="fp8 training of the linear layers (compute capability >= 8.9)")
+    return p
+
+
+def validate_args(args):
+    checks = [
+        (args.depth >= 1, f"--depth must be >= 1 (got {args.depth})"),
+        (args.max_seq_len >= 1, f"--max-seq-len must be >= 1 (got {args.max_seq_len})"),
+        (args.device_batch_size >= 1, f"--device-batch-size must be >= 1 (got {args.device_batch_size})"),
+        (args.head_dim >= 2 and args.head_dim % 2 == 0, f"--head-dim must be even and >= 2 (got {args.head_dim})"),
+        (args.aspect_ratio >= 1, f"--aspect-ratio must be >= 1 (got {args.aspect_ratio})"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise UserError(msg)
+
+
+def resolve_num_iterations(args, flops_per_token, num_params, total_batch_size):
+    if args.num_iterations > 0:
+        return args.num_iterations
+    if args.target_flops > 0:
+        return max(1, round(args.target_flops / (flops_per_token * total_batch_size)))
+    if args.target_param_data_ratio > 0:
+        return max(1, round(args.target_param_data_ratio * num_params / total_batch_size))
+    raise UserError("no training horizon: set --num-iterations, --target-flops or --target-param-data-ratio")
+
+
+def peak_memory_gib(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1024**3
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux reports KiB: host RSS
+
+
+@torch.no_grad()
+def evaluate_bpb(model, loader, steps, token_bytes, autocast_ctx):
+    """Bits per byte on `steps` batches: summed nats over summed UTF-8 bytes of the targets
+    (special tokens count 0 bytes and are left out), summed across ranks."""
+    total_nats = torch.zeros((), dtype=torch.float64, device=token_bytes.device)
+    total_bytes = torch.zeros((), dtype=torch.int64, device=token_bytes.device)
+    for _ in range(steps):
+        x, y = loader.next_batch()
+        with autocast_ctx:
+            loss = model(x, y, loss_reduction="none").view(-1)
+        nbytes = token_bytes[y.view(-1)]
+        total_nats += (loss.double() * (nbytes > 0)).sum()
+        total_bytes += nbytes.sum()
+    if dist.is_initialized():
+        dist.all_reduce(total_nats)
+        dist.all_reduce(total_bytes)
+    return (total_nats / (math.log(2) * total_bytes.clamp(min=1))).item()
+
+
+def sample_text(model, tokenizer, max_tokens=32):
+    out = []
+    for prompt in SAMPLE_PROMPTS:
+        tokens = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
+        new = list(model.generate(tokens, max_tokens=max_tokens, temperature=0.0))
+        out.append(tokenizer.decode(tokens[1:] + new))
+    return out
+
+
+def train(args):
+    """Train per `args` (from build_arg_parser). Returns a dict with the history and final numbers."""
+    from nanochat.dataloader import DistributedDataLoader
+    from nanochat.tokenizer import get_token_bytes, get_tokenizer
+
+    validate_args(args)
+    device_type = args.device_type or autodetect_device_type()
+    is_ddp, rank, local_rank, world_size, device = compute_init(device_type)
+    master = rank == 0
+    use_compile = args.compile if args.compile is not None else device_type == "cuda"
+    autocast_ctx = torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
+    sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
+    torch.manual_seed(args.seed)
+
+    tokenizer = get_tokenizer()
+    token_bytes = get_token_bytes(device)
+    config = config_from_depth(args.depth, tokenizer.get_vocab_size(), args.max_seq_len, args.aspect_ratio, args.head_dim)
+    with torch.device(device):
+        model = GPT(config)
+    model.init_weights()
+    # FLOPs and params are counted on the plain dense model, before any sparse or fp8 swap.
+    num_params = model.num_params()
+    flops_per_token = model.estimate_flops()
+    print0(f"model: depth {config.n_layer}, dim {config.n_embd}, heads {config.n_head}, vocab {config.vocab_size}, "
+           f"{num_params:,} params, {flops_per_token:.3e} FLOPs/token")
+
+    tokens_per_micro_batch = args.device_batch_size * args.max_seq_len * world_size
+    total_batch_size = tokens_per_micro_batch if args.total_batch_size == -1 else args.total_batch_size
+    if total_batch_size <= 0 or total_batch_size % tokens_per_micro_batch != 0:
+        raise UserError(f"--total-batch-size {total_batch_size} is not a multiple of device batch x seq len x processes = "
+                        f"{args.device_batch_size} x {args.max_seq_len} x {world_size} = {tokens_per_micro_batch}: "
+                        f"use a multiple of {tokens_per_micro_batch} or change --device-batch-size")
+    grad_accum_steps = total_batch_size // tokens_per_micro_batch
+    num_iterations = resolve_num_iterations(args, flops_per_token, num_params, total_batch_size)
+    print0(f"batch: {total_batch_size:,} tokens/step = {grad_accum_steps} accumulation x {tokens_per_micro_batch:,}; "
+           f"{num_iterations} steps, {num_iterations * total_batch_size:,} tokens")
+
+    # Sparse first, then fp8 on what is left dense: the sparse MLP layers carry their own fp8 kernel.
+    num_sparse = 0
+    if args.sparse:
+        from nanochat.sparse import convert_mlp_to_sparse
+        num_sparse = convert_mlp_to_sparse(model, device, backend=args.sparse_backend, fp8=args.fp8, log=print0)
+    if args.fp8:
+        from nanochat.fp8 import convert_to_float8
+        convert_to_float8(model, device, log=print0)
+
+    optimizers = setup_optimizers(model, args.embedding_lr, args.unembedding_lr, args.matrix_lr,
+                                  args.weight_decay, device_type)
+    model_tag = args.model_tag or f"d{args.depth}"
+    checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", model_tag)
+    run_meta = dict(model_config=config.to_dict(), args=vars(args), world_size=world_size,
+                    sparse=num_sparse > 0, sparse_backend=args.sparse_backend, fp8=args.fp8)
+
+    # Resume: weights, optimizer moments, loader position, RNG and loop state.
+    start_step, loop_state, loader_state = 0, {}, None
+    if args.resume_from_step >= 0:
+        model_state, rank_state, meta = checkpoint.load_checkpoint(checkpoint_dir, args.resume_from_step, device, rank)
+        checkpoint.check_compatible(meta, config.to_dict(), world_size)
+        model.load_state_dict(model_state, strict=True)
+        for opt, state in zip(optimizers, rank_state["optimizers"]):
+            opt.load_state_dict(state)
+        loader_state = rank_state["loader"]
+        checkpoint.set_rng_state(rank_state["rng"])
+        start_step, loop_state = meta["step"], meta.get("loop_state", {})
+        print0(f"resumed from {checkpoint_dir} at step {start_step}")
+
+    train_model = model
+    ddp_model = None
+    if is_ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        ddp_model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+        train_model = ddp_model
+    if use_compile:
+        train_model = torch.compile(train_model, dynamic=False)
+
+    loader = DistributedDataLoader(tokenizer, args.device_batch_size, args.max_seq_len, "train", device,
+                                   rank=rank, world_size=world_size, state=loader_state)
+
+    def next_train_batch():
+        state = loader.state_dict()  # the position *before* this batch: what a checkpoint must store
+        x, y = loader.next_batch()
+        return x, y, state
+
+    eval_steps = max(1, args.eval_tokens // tokens_per_micro_batch)
+    peak_flops = gpu_peak_flops(device)
+    wandb_run = None
+    if args.run != "dummy" and master:
+        try:
+            import wandb
+        except ImportError:
+            raise UserError("--run names a wandb run but wandb is not installed: pip install wandb, or use --run dummy")
+        wandb_run = wandb.init(project="nanochat-sparse", name=args.run, config=vars(args))
+
+    history = dict(step=[], loss=[], val_step=[], val_bpb=[], tok_per_sec=[], mfu=[])
+    smooth_loss = loop_state.get("smooth_loss", 0.0)
+    total_train_time = loop_state.get("total_train_time", 0.0)
+    val_bpb, samples = None, []
+    tty = sys.stdout.isatty() and master
+    if tty:
+        from tqdm import tqdm
+        bar = tqdm(total=num_iterations, initial=start_step, dynamic_ncols=True, leave=False)
+        log = bar.write
+    else:
+        bar, log = None, print0
+
+    x, y, batch_state = next_train_batch()
+    step = start_step
+    while True:
+        last_step = step == num_iterations
+        if args.eval_every > 0 and (step % args.eval_every == 0) or last_step:
+            if num_sparse:
+                from nanochat.sparse import refresh_sparse_weights
+                refresh_sparse_weights(model)
+            model.eval()
+            val_loader = DistributedDataLoader(tokenizer, args.device_batch_size, args.max_seq_len, "val", device,
+                                               rank=rank, world_size=world_size)
+            val_bpb = evaluate_bpb(train_model, val_loader, eval_steps, token_bytes, autocast_ctx)
+            model.train()
+            history["val_step"].append(step)
+            history["val_bpb"].append(val_bpb)
+            log(f"step {step:05d} | val bpb {val_bpb:.4f}")
+            if wandb_run:
+                wandb_run.log({"step": step, "val/bpb": val_bpb})
+        if master and ((args.sample_every > 0 and step % args.sample_every == 0 and step > start_step) or last_step):
+            model.eval()
+            with autocast_ctx:
+                samples = sample_text(model, tokenizer)
+            model.train()
+            for s in samples:
+                log(f"sample: {s!r}")
+        save_due = (last_step and args.save_every != 0) or (args.save_every > 0 and step % args.save_every == 0)
+        if save_due and step != start_step:
+            loop_state = dict(smooth_loss=smooth_loss, total_train_time=total_train_time, val_bpb=val_bpb)
+            checkpoint.save_checkpoint(checkpoint_dir, step, model.state_dict(), [o.state_dict() for o in optimizers],
+                                       batch_state, dict(run_meta, loop_state=loop_state), rank)
+            log(f"saved checkpoint step {step} to {checkpoint_dir}")
+        if last_step:
+            break
+
+        # one optimizer step
+        sync()
+        t0 = time.time()
+        if num_sparse:
+            from nanochat.sparse import refresh_sparse_weights
+            refresh_sparse_weights(model)  # prune + pack once per step, outside the compiled graph
+        step_loss = 0.0
+        for micro_step in range(grad_accum_steps):
+            sync_ctx = ddp_model.no_sync() if (ddp_model is not None and micro_step < grad_accum_steps - 1) else nullcontext()
+            with sync_ctx:
+                with autocast_ctx:
+                    loss = train_model(x, y)
+                (loss / grad_accum_steps).backward()
+            step_loss += loss.detach()
+            x, y, batch_state = next_train_batch()
+        lrm = lr_multiplier(step, num_iterations, args.warmup_steps, args.warmdown_ratio, args.final_lr_frac)
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * lrm
+        optimizers[1].param_groups[0]["momentum"] = muon_momentum(step)
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        step_loss = step_loss / grad_accum_steps
+        if dist.is_initialized():
+            dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
+        train_loss = step_loss.item()
+        sync()
+        dt = time.time() - t0
+
+        step += 1
+        ema = 0.9
+        smooth_loss = ema * smooth_loss + (1 - ema) * train_loss
+        debiased = smooth_loss / (1 - ema ** step)
+        tok_per_sec = total_batch_size / dt
+        mfu = 100 * flops_per_token * tok_per_sec / (peak_flops * world_size) if peak_flops else None
+        if step > start_step + 10:
+            total_train_time += dt  # the first steps include compilation
+        eta = (num_iterations - step) * dt
+        mfu_str = f"{mfu:.1f}%" if mfu is not None else "-"
+        log(f"step {step:05d}/{num_iterations:05d} | loss {train_loss:.4f} (smooth {debiased:.4f}) | lrm {lrm:.3f} | "
+            f"dt {dt * 1000:.0f}ms | tok/s {tok_per_sec:,.0f} | mfu {mfu_str} | mem {peak_memory_gib(device):.2f}GiB | "
+            f"eta {eta / 60:.1f}m")
+        history["step"].append(step)
+        history["loss"].append(train_loss)
+        history["tok_per_sec"].append(tok_per_sec)
+        history["mfu"].append(mfu)
+        if bar:
+            bar.update(1)
+        if wandb_run:
+            wandb_run.log({"step": step, "train/loss": train_loss, "train/lrm": lrm, "train/tok_per_sec": tok_per_sec,
+                           "train/mfu": mfu})
+
+    if bar:
+        bar.close()
+    steady = history["tok_per_sec"][10:] or history["tok_per_sec"]
+    summary = dict(
+        val_bpb=val_bpb, final_loss=history["loss"][-1] if history["loss"] else None,
+        tok_per_sec=sum(steady) / len(steady) if steady else None,
+        mfu=(sum(m for m in history["mfu"][10:] if m) / max(1, len(history["mfu"][10:]))) if peak_flops else None,
+        peak_memory_gib=peak_memory_gib(device), num_iterations=num_iterations, num_params=num_params,
+        flops_per_token=flops_per_token, num_sparse_layers=num_sparse, world_size=world_size,
+        device=torch.cuda.get_device_name(device) if device_type == "cuda" else device_type,
+        torch_version=torch.__version__, checkpoint_dir=checkpoint_dir, samples=samples,
+        total_train_time=total_train_time,
+    )
+    print0(f"done: val bpb {val_bpb:.4f} | peak memory {summary['peak_memory_gib']:.2f}GiB | "
+           f"train time {total_train_time / 60:.2f}m (after the first 10 steps)")
+    if master:
+        from nanochat.report import write_train_report
+        path = write_train_report(os.path.join(get_base_dir(), "report"), model_tag, vars(args), history, summary)
+        print0(f"report: {path}")
+    if wandb_run:
+        wandb_run.finish()
+    compute_cleanup()
+    return dict(history=history, summary=summary)

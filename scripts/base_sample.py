@@ -1,0 +1,39 @@
+"""
+Generate text from a base-model checkpoint with a KV cache:
+    python -m scripts.base_sample --model-tag d4 --prompt "def main(" --max-tokens 64
+"""
+
+import argparse
+import os
+
+import torch
+
+from nanochat.checkpoint import load_model_for_inference
+from nanochat.common import autodetect_device_type, get_base_dir, run_main
+from nanochat.tokenizer import get_tokenizer
+
+
+def main():
+    p = argparse.ArgumentParser(description="Sample from a base-model checkpoint")
+    p.add_argument("--model-tag", type=str, required=True, help="checkpoint directory name, e.g. d12")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--prompt", type=str, default="The capital of France is")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--device-type", type=str, default="")
+    args = p.parse_args()
+    device = torch.device(args.device_type or autodetect_device_type())
+    tokenizer = get_tokenizer()
+    model, meta = load_model_for_inference(os.path.join(get_base_dir(), "base_checkpoints", args.model_tag),
+                                           args.step, device)
+    tokens = tokenizer.encode(args.prompt, prepend=tokenizer.get_bos_token_id())
+    autocast = torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.no_grad()
+    with autocast:
+        new = list(model.generate(tokens, args.max_tokens, temperature=args.temperature, top_k=args.top_k, seed=args.seed))
+    print(tokenizer.decode(tokens[1:] + new))
+
+
+if __name__ == "__main__":
+    run_main(main)

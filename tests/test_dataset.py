@@ -1,0 +1,154 @@
+import functools
+import http.server
+import os
+import sysconfig
+import threading
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from nanochat.common import UserError
+from nanochat.dataset import (download_shards, iter_docs, list_row_groups, list_shards, list_stdlib_sources,
+                              read_text_files, split_shards, write_default_corpus, write_shard)
+
+SMALL = dict(max_files=60, docs_per_shard=20, docs_per_row_group=5)
+
+
+def read_all_bytes(data_dir):
+    return {name: open(os.path.join(data_dir, name), "rb").read() for name in sorted(os.listdir(data_dir))}
+
+
+def test_default_corpus_is_deterministic(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    write_default_corpus(a, **SMALL)
+    write_default_corpus(b, **SMALL)
+    assert read_all_bytes(a) == read_all_bytes(b)
+
+
+def test_default_corpus_layout(tmp_path):
+    data_dir = str(tmp_path / "data")
+    shards = write_default_corpus(data_dir, **SMALL)
+    expected_docs = read_text_files(list_stdlib_sources()[:SMALL["max_files"]])
+    n_shards = -(-len(expected_docs) // 20)
+    assert n_shards >= 2
+    assert [os.path.basename(p) for p in shards] == [f"shard_{i:05d}.parquet" for i in range(n_shards)]
+    assert not [n for n in os.listdir(data_dir) if n.endswith(".tmp")]
+    for path in shards[:-1]:
+        pf = pq.ParquetFile(path)
+        assert pf.metadata.num_rows == 20 and pf.num_row_groups == 4
+    # The last shard is val, the rest train; together they hold every source file exactly once.
+    assert split_shards("val", data_dir) == shards[-1:]
+    assert split_shards("train", data_dir) == shards[:-1]
+    docs = list(iter_docs("train", data_dir)) + list(iter_docs("val", data_dir))
+    assert sorted(docs) == sorted(expected_docs)
+    assert list(iter_docs("val", data_dir)) == pq.read_table(shards[-1]).column("text").to_pylist()
+
+
+def test_stdlib_sources_skip_site_packages():
+    files = list_stdlib_sources()
+    assert files == sorted(files) and len(files) > 500
+    assert not [f for f in files if "site-packages" in f]
+    assert os.path.join(sysconfig.get_paths()["stdlib"], "os.py") in files
+
+
+def test_default_corpus_is_noop_when_shards_exist(tmp_path):
+    data_dir = str(tmp_path / "data")
+    first = write_default_corpus(data_dir, **SMALL)
+    before = read_all_bytes(data_dir)
+    assert write_default_corpus(data_dir, max_files=200, docs_per_shard=50) == first
+    assert read_all_bytes(data_dir) == before
+
+
+def test_row_groups_round_robin_slices_are_disjoint(tiny_data_dir):
+    row_groups = list_row_groups("train", tiny_data_dir)
+    rank0 = list(iter_docs("train", tiny_data_dir, start=0, step=2))
+    rank1 = list(iter_docs("train", tiny_data_dir, start=1, step=2))
+    assert len(row_groups) >= 4
+    assert rank0 and rank1 and not set(rank0) & set(rank1)
+    assert sorted(rank0 + rank1) == sorted(iter_docs("train", tiny_data_dir))
+
+
+# -- bad input ----------------------------------------------------------------
+
+def test_missing_data_dir(tmp_path):
+    with pytest.raises(UserError, match=r"no data shards in .*python -m nanochat.dataset --default-corpus"):
+        list_shards(str(tmp_path / "nope"))
+
+
+def test_empty_data_dir(tmp_path):
+    with pytest.raises(UserError, match=r"no data shards in .*--default-corpus"):
+        split_shards("train", str(tmp_path))
+
+
+def test_single_shard_is_not_enough(tmp_path):
+    write_shard(str(tmp_path / "shard_00000.parquet"), ["a", "b"], 1)
+    with pytest.raises(UserError, match=r"need at least 2 .*train \+ val.*--default-corpus"):
+        split_shards("val", str(tmp_path))
+
+
+def test_shard_without_text_column(tmp_path):
+    for i in range(2):
+        pq.write_table(pa.table({"content": ["x", "y"]}), str(tmp_path / f"shard_{i:05d}.parquet"))
+    with pytest.raises(UserError, match=r"has no `text` column"):
+        list(iter_docs("train", str(tmp_path)))
+
+
+# -- download -------------------------------------------------------------------
+
+@pytest.fixture
+def local_server(tmp_path):
+    """An HTTP server on 127.0.0.1 serving tmp_path/served; stopped after the test."""
+    served = tmp_path / "served"
+    served.mkdir()
+
+    class QuietHandler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(served)))
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield served, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=5)
+
+
+def test_download_shards(local_server, tmp_path):
+    served, url = local_server
+    for i in range(3):
+        write_shard(str(served / f"shard_{i:05d}.parquet"), [f"doc {i} {j}" for j in range(7)], 3)
+    dest = str(tmp_path / "dest")
+    paths = download_shards(3, dest, base_url=url, workers=2, retries=2, retry_wait=0)
+    assert [os.path.basename(p) for p in paths] == [f"shard_{i:05d}.parquet" for i in range(3)]
+    for p in paths:
+        assert open(p, "rb").read() == open(served / os.path.basename(p), "rb").read()
+    assert sorted(os.listdir(dest)) == [os.path.basename(p) for p in paths]  # no temp files left
+    assert list(iter_docs("val", dest)) == [f"doc 2 {j}" for j in range(7)]
+    # Present shards are not fetched again (the server no longer has them).
+    for p in served.iterdir():
+        p.unlink()
+    assert download_shards(3, dest, base_url=url, retries=1, retry_wait=0) == paths
+
+
+def test_download_missing_shard_is_user_error(local_server, tmp_path):
+    _, url = local_server
+    dest = tmp_path / "dest"
+    with pytest.raises(UserError, match=r"failed after 2 tries.*--base-url"):
+        download_shards(2, str(dest), base_url=url, workers=1, retries=2, retry_wait=0)
+    assert not [n for n in os.listdir(dest) if n.endswith(".tmp")]
+
+
+def test_download_non_parquet_is_user_error(local_server, tmp_path):
+    served, url = local_server
+    for i in range(2):
+        (served / f"shard_{i:05d}.parquet").write_text("<html>not found</html>")
+    with pytest.raises(UserError, match="failed after 1 tries"):
+        download_shards(2, str(tmp_path / "dest"), base_url=url, retries=1, retry_wait=0)
+    assert os.listdir(tmp_path / "dest") == []
+
+
+def test_download_too_few_shards_is_user_error(tmp_path):
+    with pytest.raises(UserError, match="at least 2"):
+        download_shards(1, str(tmp_path))

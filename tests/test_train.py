@@ -1,0 +1,125 @@
+"""The training loop end to end on CPU: loss falls, checkpoints resume exactly, bad input fails cleanly,
+and 2 processes under torchrun (gloo) compute what one process computes on the same global batch."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nanochat.common import UserError
+from nanochat.train import build_arg_parser, train
+
+TINY = ["--device-type", "cpu", "--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", "32",
+        "--device-batch-size", "4", "--total-batch-size", "256", "--warmup-steps", "2", "--eval-tokens", "256",
+        "--sample-every", "-1", "--eval-every", "-1"]
+
+
+def run(*extra):
+    return train(build_arg_parser().parse_args(TINY + list(extra)))
+
+
+@pytest.fixture
+def data(tiny_data_dir, tiny_tokenizer):
+    return tiny_data_dir
+
+
+def test_tiny_run_loss_falls_and_writes_everything(data, nanochat_base_dir):
+    out = run("--num-iterations", "30", "--model-tag", "falls", "--matrix-lr", "0.04")
+    losses = out["history"]["loss"]
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
+    s = out["summary"]
+    assert s["val_bpb"] is not None and 0 < s["val_bpb"] < 20
+    assert len(s["samples"]) == 3
+    ckpt = os.path.join(nanochat_base_dir, "base_checkpoints", "falls")
+    assert sorted(os.listdir(ckpt)) == ["meta_000030.json", "model_000030.pt", "optim_000030_rank0.pt"]
+    report = os.path.join(nanochat_base_dir, "report")
+    assert os.path.exists(os.path.join(report, "falls.md")) and os.path.exists(os.path.join(report, "falls_loss.png"))
+
+
+def test_resume_continues_exactly(data):
+    full = run("--num-iterations", "8", "--save-every", "4", "--model-tag", "resume")
+    resumed = run("--num-iterations", "8", "--model-tag", "resume", "--resume-from-step", "4")
+    assert resumed["history"]["step"] == [5, 6, 7, 8]
+    assert resumed["history"]["loss"] == full["history"]["loss"][4:]  # bit-exact on CPU
+    assert resumed["summary"]["val_bpb"] == full["summary"]["val_bpb"]
+
+
+def test_checkpoint_from_another_config_is_refused(data, nanochat_base_dir):
+    run("--num-iterations", "2", "--model-tag", "cfg")
+    ckpt = os.path.join(nanochat_base_dir, "base_checkpoints", "cfg")
+    before = {f: os.path.getmtime(os.path.join(ckpt, f)) for f in os.listdir(ckpt)}
+    args = build_arg_parser().parse_args(TINY + ["--num-iterations", "4", "--model-tag", "cfg", "--resume-from-step", "2"])
+    args.depth = 3
+    with pytest.raises(UserError, match="another model config: n_layer=2"):
+        train(args)
+    assert {f: os.path.getmtime(os.path.join(ckpt, f)) for f in os.listdir(ckpt)} == before
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--depth", "0"], "--depth must be >= 1"),
+    (["--total-batch-size", "100"], "is not a multiple of device batch x seq len"),
+    (["--device-type", "tpu"], "unknown --device-type"),
+    (["--resume-from-step", "7", "--model-tag", "nothing_here"], "no checkpoint at step 7"),
+])
+def test_bad_input_is_one_clear_error(data, flags, message):
+    with pytest.raises(UserError, match=message):
+        run("--num-iterations", "2", *flags)
+
+
+def test_script_prints_one_line_error_and_exits_nonzero(data, nanochat_base_dir):
+    env = dict(os.environ, NANOCHAT_BASE_DIR=nanochat_base_dir)
+    r = subprocess.run([sys.executable, "-m", "scripts.base_train", *TINY, "--depth", "0"],
+                       capture_output=True, text=True, env=env, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert r.returncode == 2
+    assert r.stderr.strip() == "error: --depth must be >= 1 (got 0)"
+
+
+def test_missing_data_dir_is_one_clear_error(tmp_path, monkeypatch, tiny_tokenizer):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    tiny_tokenizer.save(os.path.join(tmp_path, "tokenizer"))
+    with pytest.raises(UserError, match="no data shards"):
+        run("--num-iterations", "2")
+
+
+def test_two_process_gloo_run_equals_one_process_reference(data, nanochat_base_dir):
+    """torchrun with 2 CPU processes (DDP, gloo) vs the same 3 steps computed in one process:
+    each step averages the gradients of rank 0's and rank 1's micro-batches."""
+    from nanochat.dataloader import DistributedDataLoader
+    from nanochat.gpt import GPT, config_from_depth
+    from nanochat.optim import lr_multiplier, muon_momentum, setup_optimizers
+    from nanochat.tokenizer import get_tokenizer
+
+    env = dict(os.environ, NANOCHAT_BASE_DIR=nanochat_base_dir, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "scripts.base_train",
+           *TINY, "--num-iterations", "3", "--model-tag", "ddp"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300,
+                       cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert r.returncode == 0, r.stderr[-3000:]
+    ddp_state = torch.load(os.path.join(nanochat_base_dir, "base_checkpoints", "ddp", "model_000003.pt"))
+
+    args = build_arg_parser().parse_args(TINY + ["--num-iterations", "3"])
+    tok = get_tokenizer()
+    torch.manual_seed(args.seed)
+    model = GPT(config_from_depth(2, tok.get_vocab_size(), 32, 32, 32))
+    model.init_weights()
+    opts = setup_optimizers(model, args.embedding_lr, args.unembedding_lr, args.matrix_lr, args.weight_decay)
+    loaders = [DistributedDataLoader(tok, 4, 32, "train", "cpu", rank=r, world_size=2) for r in range(2)]
+    for step in range(3):
+        for loader in loaders:
+            x, y = loader.next_batch()
+            (model(x, y) / 2).backward()
+        lrm = lr_multiplier(step, 3, args.warmup_steps, args.warmdown_ratio, args.final_lr_frac)
+        for opt in opts:
+            for g in opt.param_groups:
+                g["lr"] = g["initial_lr"] * lrm
+        opts[1].param_groups[0]["momentum"] = muon_momentum(step)
+        for opt in opts:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+    ref = model.state_dict()
+    assert ref.keys() == ddp_state.keys()
+    for k in ref:
+        torch.testing.assert_close(ddp_state[k], ref[k], rtol=1e-4, atol=1e-5, msg=k)
