@@ -35,9 +35,10 @@ def rng_state():
 
 
 def set_rng_state(state):
-    torch.set_rng_state(state["cpu"])
+    # map_location moved every tensor of the rank file to the device; RNG states must be CPU byte tensors
+    torch.set_rng_state(state["cpu"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"].cpu())
 
 
 def save_checkpoint(checkpoint_dir, step, model_state, optimizer_states, loader_state, meta, rank=0):

@@ -189,13 +189,16 @@ def main():
     parser.add_argument("--base-url", default=DEFAULT_BASE_URL, help="URL prefix of shard_XXXXX.parquet files")
     parser.add_argument("--workers", type=int, default=4, help="parallel downloads")
     parser.add_argument("--data-dir", default=None, help="default: <base>/base_data")
+    parser.add_argument("--source-dir", default=None,
+                        help="with --default-corpus: take the .py files under this directory instead of the stdlib "
+                             "(e.g. a site-packages directory, for a larger code corpus)")
     args = parser.parse_args()
     if args.default_corpus == bool(args.num_shards):
         raise UserError("pass exactly one of --default-corpus or -n N")
     data_dir = args.data_dir or get_data_dir()
     t0 = time.time()
     if args.default_corpus:
-        shards = write_default_corpus(data_dir)
+        shards = write_default_corpus(data_dir, source_dir=args.source_dir)
     else:
         shards = download_shards(args.num_shards, data_dir, args.base_url, args.workers)
     print(f"{len(shards)} shards in {data_dir} ({time.time() - t0:.1f}s); val shard: {os.path.basename(shards[-1])}")

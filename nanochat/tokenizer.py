@@ -10,7 +10,6 @@ import base64
 import json
 import os
 
-import rustbpe
 import tiktoken
 import torch
 
@@ -72,6 +71,7 @@ class Tokenizer:
         if vocab_size < min_size:
             raise UserError(f"vocab size {vocab_size} is too small: use --vocab-size {min_size} or more")
         n_ordinary = vocab_size - len(SPECIAL_TOKENS)
+        import rustbpe  # only training needs it
         trainer = rustbpe.Tokenizer()
         trainer.train_from_iterator(text_iter, n_ordinary, pattern=SPLIT_PATTERN)
         mergeable_ranks = {bytes(token): rank for token, rank in trainer.get_mergeable_ranks()}

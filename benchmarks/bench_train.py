@@ -1,0 +1,140 @@
+"""
+End-to-end training throughput: tokens/s, MFU, step time and peak memory of the real trainer
+(nanochat.train.train, compiled) for dense, --sparse, --fp8 and --fp8 --sparse at several depths.
+Each configuration runs in its own process (clean compile caches and memory), steady-state steps only
+(the trainer's average skips the first 10 steps, which include compilation).
+
+    NANOCHAT_BASE_DIR=... python -m benchmarks.bench_train --depths 12 20 --modes dense sparse fp8 fp8_sparse
+
+Needs data shards and a tokenizer under NANOCHAT_BASE_DIR (see benchmarks/gpu_train.sh).
+Writes <out>.json, <out>.md and <out>.png.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+MODES = {"dense": [], "sparse": ["--sparse"], "fp8": ["--fp8"], "fp8_sparse": ["--fp8", "--sparse"]}
+
+
+def trainer_flags(depth, mode, steps, device_batch_size, seq_len, total_batch_size):
+    return ["--depth", str(depth), "--device-batch-size", str(device_batch_size), "--max-seq-len", str(seq_len),
+            "--total-batch-size", str(total_batch_size), "--num-iterations", str(steps), "--warmup-steps", "5",
+            "--eval-every", "-1", "--eval-tokens", str(device_batch_size * seq_len), "--sample-every", "-1",
+            "--save-every", "0", "--model-tag", f"bench_d{depth}_{mode}", *MODES[mode]]
+
+
+def run_one(flags, json_path):
+    """Child process: train with these flags, write the summary as JSON."""
+    from nanochat.train import build_arg_parser, train
+    out = train(build_arg_parser().parse_args(flags))
+    s = out["summary"]
+    h = out["history"]
+    steady = h["tok_per_sec"][10:] or h["tok_per_sec"]
+    total_batch_size = int(flags[flags.index("--total-batch-size") + 1])
+    s["step_time_ms"] = 1000 * sum(total_batch_size / t for t in steady) / len(steady)
+    s["loss_curve"] = h["loss"]
+    with open(json_path, "w") as f:
+        json.dump(s, f)
+
+
+def plot(results, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    depths = sorted({r["depth"] for r in results})
+    modes = [m for m in MODES if any(r["mode"] == m for r in results)]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / max(1, len(modes))
+    for i, mode in enumerate(modes):
+        xs, ys = [], []
+        for j, d in enumerate(depths):
+            r = next((r for r in results if r["depth"] == d and r["mode"] == mode and r.get("tok_per_sec")), None)
+            if r:
+                xs.append(j + i * width)
+                ys.append(r["tok_per_sec"] / 1e3)
+        ax.bar(xs, ys, width, label=mode)
+    ax.set_xticks([j + width * (len(modes) - 1) / 2 for j in range(len(depths))])
+    ax.set_xticklabels([f"d{d}" for d in depths])
+    ax.set_ylabel("thousand tokens/s")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--depths", type=int, nargs="+", default=[12, 20, 26])
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--device-batch-size", type=int, default=16)
+    p.add_argument("--device-batch-size-d26", type=int, default=None, help="override for depth >= 26 (memory)")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step")
+    p.add_argument("--timeout", type=int, default=420, help="seconds per configuration")
+    p.add_argument("--out", default="benchmarks/results/train_bench")
+    p.add_argument("--one", nargs=2, metavar=("FLAGS_JSON", "OUT_JSON"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:
+        run_one(json.loads(args.one[0]), args.one[1])
+        return
+
+    import torch
+    results = []
+    for depth in args.depths:
+        B = args.device_batch_size_d26 if (depth >= 26 and args.device_batch_size_d26) else args.device_batch_size
+        for mode in args.modes:
+            flags = trainer_flags(depth, mode, args.steps, B, args.seq_len, B * args.seq_len * args.grad_accum)
+            row = dict(depth=depth, mode=mode, device_batch_size=B, seq_len=args.seq_len, grad_accum=args.grad_accum,
+                       steps=args.steps, command="python -m scripts.base_train " + " ".join(flags))
+            with tempfile.TemporaryDirectory() as tmp:
+                out_json = os.path.join(tmp, "summary.json")
+                try:
+                    r = subprocess.run([sys.executable, "-m", "benchmarks.bench_train", "--one", json.dumps(flags), out_json],
+                                       capture_output=True, text=True, timeout=args.timeout)
+                    if r.returncode == 0:
+                        with open(out_json) as f:
+                            row.update(json.load(f))
+                        row["log_tail"] = "\n".join(l for l in r.stdout.splitlines() if "sparsity" in l or "fp8" in l.lower() or "kernel" in l)
+                    else:
+                        row["error"] = (r.stderr or r.stdout)[-1500:]
+                except subprocess.TimeoutExpired:
+                    row["error"] = f"timed out after {args.timeout}s"
+            results.append(row)
+            status = f"{row['tok_per_sec']:,.0f} tok/s" if row.get("tok_per_sec") else "FAILED: " + row["error"].strip().splitlines()[-1][:200]
+            print(f"d{depth} {mode}: {status}", flush=True)
+
+    meta = dict(date=datetime.date.today().isoformat(), torch=torch.__version__,
+                gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                cusparselt=torch.backends.cusparselt.version() if torch.cuda.is_available() else None,
+                command="python -m benchmarks.bench_train " + " ".join(sys.argv[1:]))
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out + ".json", "w") as f:
+        json.dump(dict(meta=meta, results=results), f, indent=2)
+    lines = [f"# Training throughput ({meta['gpu']}, torch {meta['torch']}, cuSPARSELt {meta['cusparselt']}, {meta['date']})", "",
+             f"Command: `{meta['command']}`. Compiled, {args.steps} steps, steady state after step 10, "
+             f"sequence {args.seq_len}, {args.grad_accum} micro-batches per step.", "",
+             "| depth | mode | device batch | tok/s | vs dense | MFU (dense FLOPs) | step ms | peak mem GiB |", "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        dense = next((d for d in results if d["depth"] == r["depth"] and d["mode"] == "dense" and d.get("tok_per_sec")), None)
+        if r.get("tok_per_sec"):
+            ratio = f"{r['tok_per_sec'] / dense['tok_per_sec']:.3f}x" if dense else "-"
+            lines.append(f"| {r['depth']} | {r['mode']} | {r['device_batch_size']} | {r['tok_per_sec']:,.0f} | {ratio} | "
+                         f"{r['mfu']:.1f}% | {r['step_time_ms']:.0f} | {r['peak_memory_gib']:.1f} |")
+        else:
+            lines.append(f"| {r['depth']} | {r['mode']} | {r['device_batch_size']} | failed: {r['error'].strip().splitlines()[-1][:120]} | | | | |")
+    with open(args.out + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    if any(r.get("tok_per_sec") for r in results):
+        plot(results, args.out + ".png")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
