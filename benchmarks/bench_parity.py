@@ -1,0 +1,110 @@
+"""
+Accuracy parity: paired training runs (same seed, data, tokens, schedule) of dense vs --sparse
+(and optionally --fp8, --fp8 --sparse), val bits-per-byte curves in one PNG, final numbers in JSON/markdown.
+Each run is its own process through the library trainer (nanochat.train.train).
+
+    NANOCHAT_BASE_DIR=... python -m benchmarks.bench_parity --depth 12 --steps 300 --modes dense sparse
+"""
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+from benchmarks.bench_train import MODES
+
+
+def run_one(flags, json_path):
+    from nanochat.train import build_arg_parser, train
+    out = train(build_arg_parser().parse_args(flags))
+    with open(json_path, "w") as f:
+        json.dump(dict(history=out["history"], summary=out["summary"]), f)
+
+
+def plot(runs, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for mode, r in runs.items():
+        h = r["history"]
+        axes[0].plot(h["val_step"], h["val_bpb"], "o-", label=mode, markersize=3)
+        axes[1].plot(h["step"], h["loss"], label=mode, linewidth=0.8)
+    axes[0].set_xlabel("step"), axes[0].set_ylabel("val bits per byte"), axes[0].set_title("validation")
+    axes[1].set_xlabel("step"), axes[1].set_ylabel("train loss"), axes[1].set_title("training")
+    axes[1].set_ylim(top=min(8, max(max(r["history"]["loss"]) for r in runs.values())))
+    for ax in axes:
+        ax.legend(), ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--depth", type=int, default=12)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--modes", nargs="+", default=["dense", "sparse"], choices=list(MODES))
+    p.add_argument("--device-batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--total-batch-size", type=int, default=131072)
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--eval-tokens", type=int, default=524288)
+    p.add_argument("--extra", default="", help="extra trainer flags for every run, e.g. '--device-type cpu'")
+    p.add_argument("--out", default="benchmarks/results/parity")
+    p.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:
+        run_one(json.loads(args.one[0]), args.one[1])
+        return
+    import torch
+    base = ["--depth", str(args.depth), "--num-iterations", str(args.steps), "--device-batch-size", str(args.device_batch_size),
+            "--max-seq-len", str(args.seq_len), "--total-batch-size", str(args.total_batch_size),
+            "--eval-every", str(args.eval_every), "--eval-tokens", str(args.eval_tokens), "--sample-every", "-1",
+            "--save-every", "0", "--warmup-steps", "20", *args.extra.split()]
+    runs = {}
+    for mode in args.modes:
+        flags = base + ["--model-tag", f"parity_d{args.depth}_{mode}", *MODES[mode]]
+        with tempfile.TemporaryDirectory() as tmp:
+            out_json = os.path.join(tmp, "run.json")
+            r = subprocess.run([sys.executable, "-m", "benchmarks.bench_parity", "--one", json.dumps(flags), out_json],
+                               capture_output=True, text=True)
+            if r.returncode != 0:
+                print(f"{mode}: FAILED\n{r.stderr[-2000:]}", flush=True)
+                continue
+            with open(out_json) as f:
+                runs[mode] = json.load(f)
+            runs[mode]["command"] = "python -m scripts.base_train " + " ".join(flags)
+            runs[mode]["log"] = [l for l in r.stdout.splitlines() if "sparsity" in l or "kernels" in l or "fp8" in l.lower()]
+        s = runs[mode]["summary"]
+        print(f"{mode}: final val bpb {s['val_bpb']:.4f}, {s['tok_per_sec']:,.0f} tok/s", flush=True)
+
+    meta = dict(date=datetime.date.today().isoformat(), torch=torch.__version__,
+                gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                command="python -m benchmarks.bench_parity " + " ".join(sys.argv[1:]),
+                tokens=args.steps * args.total_batch_size)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out + ".json", "w") as f:
+        json.dump(dict(meta=meta, runs=runs), f, indent=2)
+    ref = runs.get("dense", {}).get("summary", {}).get("val_bpb")
+    lines = [f"# Accuracy parity, d{args.depth} ({meta['gpu']}, torch {meta['torch']}, {meta['date']})", "",
+             f"Paired runs: same seed, data and schedule; {args.steps} steps x {args.total_batch_size:,} tokens "
+             f"= {meta['tokens']:,} tokens. Command: `{meta['command']}`.", "",
+             "| mode | final val bpb | vs dense (relative) | tok/s |", "|---|---|---|---|"]
+    for mode, r in runs.items():
+        s = r["summary"]
+        rel = f"{100 * (s['val_bpb'] / ref - 1):+.2f}%" if ref else "-"
+        lines.append(f"| {mode} | {s['val_bpb']:.4f} | {rel} | {s['tok_per_sec']:,.0f} |")
+    with open(args.out + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    if runs:
+        plot(runs, args.out + ".png", f"d{args.depth}: paired runs, {meta['gpu']}")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
