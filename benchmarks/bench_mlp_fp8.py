@@ -1,0 +1,179 @@
+"""MLP forward+backward (c_fc -> relu^2 -> c_proj), compiled, fp32 master weights under bf16
+autocast, as the trainer runs it. Columns: bf16 dense, fp8 dense (torchao float8, tensorwise and
+rowwise), fp8 2:4 (Fp8SparseKernel; grad-weight in bf16, and in fp8). Not a test.
+Static shapes: one compile per (d, T, variant); results are rewritten after every row.
+
+python -m benchmarks.bench_mlp_fp8 [--dims 768,1280,1664,2048] [--tokens 16384,32768,65536]
+Writes benchmarks/results/mlp_fp8_bench.json and .md (or --out-dir).
+"""
+
+import argparse
+import datetime
+import json
+import os
+import sys
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanochat.fp8 import Fp8SparseKernel, convert_to_float8
+
+
+class MLP(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.c_fc = nn.Linear(d, 4 * d, bias=False)
+        self.c_proj = nn.Linear(4 * d, d, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Fp8SparseLinear(nn.Linear):
+    """What SemiSparseLinear does with the fp8 kernel: mask + pack once per step, then linear."""
+
+    def setup(self, **kw):
+        self.kernel = Fp8SparseKernel(self.out_features, self.in_features, self.weight.device, **kw)
+        self.refresh()
+
+    @torch.no_grad()
+    def refresh(self):
+        wb = self.weight.to(torch.bfloat16)
+        *_, bitmask = torch._sparse_semi_structured_tile(wb, algorithm="largest_abs_values_greedy", use_cutlass=True)
+        self.kernel.pack(torch._sparse_semi_structured_apply_dense(wb, bitmask))
+
+    def forward(self, x):
+        return self.kernel.linear(x, self.weight)
+
+
+def make(variant, d, device):
+    torch.manual_seed(0)
+    mlp = MLP(d).to(device)
+    if variant in ("fp8_tensorwise", "fp8_rowwise"):
+        convert_to_float8(mlp, device, log=lambda *a: None, recipe=variant.split("_")[1])
+    elif variant.startswith("fp8_24"):
+        for name in ("c_fc", "c_proj"):
+            old = getattr(mlp, name)
+            new = Fp8SparseLinear(old.in_features, old.out_features, bias=False, device=device)
+            new.weight = old.weight
+            new.setup(fp8_grad_weight=variant.endswith("gwfp8"))
+            setattr(mlp, name, new)
+    return mlp
+
+
+VARIANTS = ["bf16", "fp8_tensorwise", "fp8_rowwise", "fp8_24", "fp8_24_gwfp8"]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dims", default="768,1280,1664,2048")
+    ap.add_argument("--tokens", default="16384,32768,65536")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--out-dir", default="benchmarks/results")
+    ap.add_argument("--profile", action="store_true", help="print a kernel-time breakdown instead of timing")
+    ap.add_argument("--dynamic", action="store_true", help="mark T dynamic (fewer compiles, slower fp8 reductions)")
+    args = ap.parse_args()
+    from triton.testing import do_bench
+    import torchao
+
+    device = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch._dynamo.config.cache_size_limit = 64
+    dims = [int(v) for v in args.dims.split(",")]
+    tokens = [int(v) for v in args.tokens.split(",")]
+    variants = args.variants.split(",")
+    rows = []
+    meta = dict(gpu=torch.cuda.get_device_name(device), torch=torch.__version__, torchao=torchao.__version__,
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                command="python -m benchmarks.bench_mlp_fp8 " + " ".join(sys.argv[1:]),
+                timing="triton.testing.do_bench median, fwd+bwd incl. grad-input of c_fc, torch.compile"
+                       + (", mark_dynamic(T)" if args.dynamic else ", static shapes"))
+    os.makedirs(args.out_dir, exist_ok=True)
+    for d in dims:
+        for variant in variants:
+            mlp = make(variant, d, device)
+            cmlp = torch.compile(mlp, dynamic=False if not args.dynamic else None)
+            pack_ms = None
+            if variant.startswith("fp8_24"):  # per optimizer step: mask + quantize + pack both layers
+                pack_ms = do_bench(lambda: [m.refresh() for m in (mlp.c_fc, mlp.c_proj)], warmup=10, rep=50, return_mode="median")
+            for T in tokens:
+                x = torch.randn(T, d, device=device, dtype=torch.bfloat16, requires_grad=True)
+                if args.dynamic:
+                    torch._dynamo.mark_dynamic(x, 0)
+                gy = torch.randn(T, d, device=device, dtype=torch.bfloat16)
+
+                def step():
+                    x.grad = None
+                    with torch.autocast("cuda", dtype=torch.bfloat16):
+                        y = cmlp(x)
+                    y.backward(gy)
+
+                if args.profile:
+                    profile(step, f"d={d} T={T} {variant}", args.out_dir)
+                    continue
+                try:
+                    ms = do_bench(step, warmup=50, rep=200, return_mode="median")
+                    err = None
+                except Exception as e:  # keep the table going; the error is recorded
+                    ms, err = None, f"{type(e).__name__}: {str(e)[:200]}"
+                    print(f"d={d} T={T} {variant}: {err}", file=sys.stderr)
+                rows.append(dict(d=d, T=T, variant=variant, ms=ms, pack_ms=pack_ms, error=err))
+                print(f"d={d:5d} T={T:6d} {variant:16s} {ms if ms is None else round(ms, 3)} ms", flush=True)
+                del x, gy
+            del mlp, cmlp
+            torch._dynamo.reset()
+            torch.cuda.empty_cache()
+            if not args.profile:
+                write(args.out_dir, meta, rows, dims, tokens, variants)
+    if not args.profile:
+        print(write(args.out_dir, meta, rows, dims, tokens, variants))
+
+
+def profile(step, tag, out_dir):
+    """CUDA kernel time per kernel over 10 steps: where the time goes besides the GEMMs."""
+    from torch.profiler import ProfilerActivity
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            step()
+        torch.cuda.synchronize()
+    text = prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=70)
+    with open(os.path.join(out_dir, "mlp_fp8_profile.txt"), "a") as f:
+        f.write(f"## {tag} (10 steps)\n{text}\n")
+    print(f"## {tag} (10 steps)\n{text}", flush=True)
+
+
+def write(out_dir, meta, rows, dims, tokens, variants):
+    with open(os.path.join(out_dir, "mlp_fp8_bench.json"), "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    md = table(meta, rows, dims, tokens, variants)
+    with open(os.path.join(out_dir, "mlp_fp8_bench.md"), "w") as f:
+        f.write(md)
+    return md
+
+
+def table(meta, rows, dims, tokens, variants):
+    get = {(r["d"], r["T"], r["variant"]): r for r in rows}
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"
+    lines = [f"# MLP fwd+bwd, fp8 ({meta['gpu']}, torch {meta['torch']}, torchao {meta['torchao']}, {meta['date']})", "",
+             f"`{meta['command']}`; {meta['timing']}. ms.", "",
+             "| d | T | " + " | ".join(variants) + " | 2:4 vs fp8 tensorwise | 2:4 vs bf16 | pack ms/step |",
+             "|---" * (len(variants) + 5) + "|"]
+    for d in dims:
+        for T in tokens:
+            ms = {v: get.get((d, T, v), {}).get("ms") for v in variants}
+            sp = [ms[v] for v in ("fp8_24", "fp8_24_gwfp8") if ms.get(v)]
+            best = min(sp) if sp else None
+            r1 = f"{ms['fp8_tensorwise'] / best:.2f}x" if best and ms.get("fp8_tensorwise") else "-"
+            r2 = f"{ms['bf16'] / best:.2f}x" if best and ms.get("bf16") else "-"
+            pk = next((get[(d, T, v)]["pack_ms"] for v in ("fp8_24", "fp8_24_gwfp8") if (d, T, v) in get), None)
+            lines.append(f"| {d} | {T} | " + " | ".join(fmt(ms[v]) for v in variants) + f" | {r1} | {r2} | {fmt(pk)} |")
+    lines += ["", "Ratios use the faster of the two fp8 2:4 columns."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""CPU tests of nanochat/fp8.py: support checks, the fallback warning, the layer filter.
+They do not need torchao or a GPU."""
+
+import torch
+import torch.nn as nn
+
+from nanochat.fp8 import convert_to_float8, fp8_module_filter, fp8_sparse_supported, fp8_supported
+
+
+class SemiSparseLinear(nn.Linear):
+    """Stand-in for nanochat.sparse.SemiSparseLinear: the filter matches by class name."""
+
+
+class SparseSubclass(SemiSparseLinear):
+    pass
+
+
+def tiny_model():
+    d = 64
+    block = nn.Module()
+    block.attn = nn.Module()
+    block.attn.c_q = nn.Linear(d, d, bias=False)
+    block.mlp = nn.Module()
+    block.mlp.c_fc = nn.Linear(d, 4 * d, bias=False)
+    block.mlp.c_proj = SemiSparseLinear(4 * d, d, bias=False)
+    block.mlp.c_odd = nn.Linear(d, 40 + 2, bias=False)  # 42: not a multiple of 16
+    model = nn.Module()
+    model.transformer = nn.Module()
+    model.transformer.h = nn.ModuleList([block])
+    model.lm_head = nn.Linear(d, 100, bias=False)
+    return model
+
+
+def test_fp8_supported_false_on_cpu():
+    ok, reason = fp8_supported("cpu")
+    assert ok is False and "cpu" in reason
+    ok, reason = fp8_sparse_supported(torch.device("cpu"))
+    assert ok is False and reason
+
+
+def test_convert_on_cpu_warns_and_leaves_model():
+    model = tiny_model()
+    before = [(n, type(m)) for n, m in model.named_modules()]
+    lines = []
+    assert convert_to_float8(model, torch.device("cpu"), log=lines.append) == []
+    assert [(n, type(m)) for n, m in model.named_modules()] == before
+    assert len(lines) == 1
+    assert lines[0].startswith("Warning: --fp8 requires a CUDA GPU with compute capability >= 8.9")
+    assert lines[0].endswith("training in bf16")
+
+
+def test_module_filter_picks_the_right_layers():
+    model = tiny_model()
+    skipped = []
+    picked = [n for n, m in model.named_modules() if fp8_module_filter(m, n, skipped)]
+    assert picked == ["transformer.h.0.attn.c_q", "transformer.h.0.mlp.c_fc"]
+    assert skipped == ["transformer.h.0.mlp.c_odd (42x64)"]
+    # SemiSparseLinear subclasses, lm_head anywhere, and non-Linear modules are never picked
+    assert not fp8_module_filter(SparseSubclass(64, 64), "transformer.h.1.mlp.c_fc")
+    assert not fp8_module_filter(nn.Linear(64, 64), "model.lm_head")
+    assert not fp8_module_filter(nn.Embedding(10, 64), "transformer.wte")

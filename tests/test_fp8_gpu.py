@@ -1,0 +1,233 @@
+"""GPU tests of nanochat/fp8.py: Fp8SparseKernel against a float32 masked-dense reference, and a
+few compiled training steps with convert_to_float8. Skipped without CUDA >= 8.9 and torchao.
+
+Tolerances (relative Frobenius error against float32): e4m3 keeps 3 mantissa bits, so rounding
+one operand costs up to 2^-4 = 6% per element (~2% RMS); a product of two quantized operands
+lands at ~2-4% relative error. Outputs and grad-input: 0.06. grad-weight in bf16: 0.01.
+grad-output in e5m2 (2 mantissa bits), or fp8 grad-weight (e5m2 x e4m3, tensorwise): 0.10. Measured values are printed (pytest -s).
+"""
+
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanochat.fp8 import E5M2, Fp8SparseKernel, convert_to_float8, fp8_sparse_supported, fp8_supported
+
+DEV = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+FP8_OK, FP8_WHY = fp8_supported(DEV)
+SPARSE_OK, SPARSE_WHY = fp8_sparse_supported(DEV)
+pytestmark = pytest.mark.skipif(not FP8_OK, reason=f"fp8 not supported: {FP8_WHY}")
+needs_sm90 = pytest.mark.skipif(not SPARSE_OK, reason=f"fp8 2:4 not supported: {SPARSE_WHY}")
+
+TOL_FP8 = 0.06
+TOL_BF16 = 0.01
+TOL_E5M2 = 0.10
+
+
+def rel_err(a, ref):
+    a, ref = a.float(), ref.float()
+    assert torch.isfinite(a).all(), "NaN/inf in result"
+    return ((a - ref).norm() / ref.norm()).item()
+
+
+def masked_weight(out_f, in_f, scale=1.0):
+    """Random bf16 weight with a transposable 2:4 mask (W and W^T both 2:4)."""
+    w = torch.randn(out_f, in_f, device=DEV, dtype=torch.bfloat16) * scale
+    *_, bitmask = torch._sparse_semi_structured_tile(w, algorithm="largest_abs_values_greedy", use_cutlass=True)
+    return torch._sparse_semi_structured_apply_dense(w, bitmask)
+
+
+def assert_transposable_24(wm):
+    nz = (wm != 0).int()
+    assert nz.view(wm.shape[0], -1, 4).sum(-1).max() <= 2
+    assert nz.t().contiguous().view(wm.shape[1], -1, 4).sum(-1).max() <= 2
+
+
+def check_kernel(kern, wm, lead, fn, tol_gx=TOL_FP8, tol_gw=TOL_BF16, tag=""):
+    """Fresh random x, gy; compare y, grad-x, grad-w of fn (kernel.linear) with float32 math."""
+    out_f, in_f = wm.shape
+    weight = nn.Parameter(wm.float().clone())  # fp32 master weight (values unused by the kernel)
+    x = torch.randn(*lead, in_f, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    gy = torch.randn(*lead, out_f, device=DEV, dtype=torch.bfloat16)
+    y = fn(x, weight)
+    y.backward(gy)
+    assert y.dtype == torch.bfloat16 and y.shape == (*lead, out_f)
+    assert x.grad.shape == x.shape and weight.grad.shape == weight.shape and weight.grad.dtype == torch.float32
+    w32, x32, g32 = wm.float(), x.detach().float(), gy.float()
+    e_y = rel_err(y, x32 @ w32.t())
+    e_gx = rel_err(x.grad, g32 @ w32)
+    e_gw = rel_err(weight.grad, g32.reshape(-1, out_f).t() @ x32.reshape(-1, in_f))  # straight-through: unmasked
+    print(f"\nERR {tag} {out_f}x{in_f} lead={tuple(lead)}: y={e_y:.4f} gx={e_gx:.4f} gw={e_gw:.4f}")
+    assert e_y < TOL_FP8 and e_gx < tol_gx and e_gw < tol_gw, (e_y, e_gx, e_gw)
+
+
+SHAPES = [(3072, 768), (768, 3072), (5120, 1280), (1280, 5120), (8192, 2048), (2048, 8192)]
+
+
+@needs_sm90
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"{o}x{i}" for o, i in SHAPES])
+def test_fp8_sparse_kernel_matches_reference(shape, compiled):
+    torch.manual_seed(0)
+    torch._dynamo.reset()  # each kernel object is a new guard on the same code: stay under the recompile limit
+    out_f, in_f = shape
+    wm = masked_weight(out_f, in_f, in_f ** -0.5)
+    assert_transposable_24(wm)
+    kern = Fp8SparseKernel(out_f, in_f, DEV)
+    kern.pack(wm)
+    fn = torch.compile(kern.linear, fullgraph=True) if compiled else kern.linear
+    for lead in [(4096,), (3, 333)]:  # odd token count: padded to the kernel's alignment
+        check_kernel(kern, wm, lead, fn, tag="compiled" if compiled else "eager")
+
+
+@needs_sm90
+def test_fp8_sparse_kernel_variants():
+    """e5m2 grad-output, fp8 grad-weight, and a zero weight (c_proj at init) give finite results."""
+    torch.manual_seed(1)
+    wm = masked_weight(5120, 1280, 1280 ** -0.5)
+    kern = Fp8SparseKernel(5120, 1280, DEV, grad_dtype=E5M2)
+    kern.pack(wm)
+    check_kernel(kern, wm, (4096,), kern.linear, tol_gx=TOL_E5M2, tag="e5m2-grad")
+    kern = Fp8SparseKernel(5120, 1280, DEV, fp8_grad_weight=True)
+    kern.pack(wm)
+    check_kernel(kern, wm, (4096,), kern.linear, tol_gw=TOL_E5M2, tag="fp8-gw")
+    kern.pack(torch.zeros(5120, 1280, device=DEV, dtype=torch.bfloat16))
+    y = kern.linear(torch.randn(64, 1280, device=DEV, dtype=torch.bfloat16), torch.zeros(5120, 1280, device=DEV))
+    assert torch.isfinite(y).all() and (y == 0).all()
+
+
+@needs_sm90
+def test_repack_keeps_buffers_and_does_not_recompile():
+    torch.manual_seed(2)
+    torch._dynamo.reset()
+    kern = Fp8SparseKernel(3072, 768, DEV)
+    kern.pack(masked_weight(3072, 768, 768 ** -0.5))
+    ptrs = [t.data_ptr() for t in (kern.w_packed, kern.w_meta, kern.w_scale, kern.wt_packed, kern.wt_meta, kern.wt_scale)]
+    fn = torch.compile(kern.linear, fullgraph=True)
+    weight = nn.Parameter(torch.zeros(3072, 768, device=DEV))
+    fn(torch.randn(256, 768, device=DEV, dtype=torch.bfloat16, requires_grad=True), weight).sum().backward()
+    wm2 = masked_weight(3072, 768, 768 ** -0.5)
+    kern.pack(wm2)
+    assert ptrs == [t.data_ptr() for t in (kern.w_packed, kern.w_meta, kern.w_scale, kern.wt_packed, kern.wt_meta, kern.wt_scale)]
+    with torch.compiler.set_stance("fail_on_recompile"):
+        check_kernel(kern, wm2, (256,), fn, tag="repacked")
+
+
+# -----------------------------------------------------------------------------
+# Training a few steps, compiled, fp32 master weights + bf16 autocast (as the trainer does)
+
+class SemiSparseLinear(nn.Linear):
+    """Minimal stand-in for nanochat.sparse.SemiSparseLinear (tests must not depend on it)."""
+
+    def refresh(self):
+        with torch.no_grad():
+            self.kernel.pack(masked_weight_of(self.weight))
+
+    def forward(self, x):
+        return self.kernel.linear(x, self.weight)
+
+
+def masked_weight_of(w):
+    wb = w.detach().to(torch.bfloat16)
+    *_, bitmask = torch._sparse_semi_structured_tile(wb, algorithm="largest_abs_values_greedy", use_cutlass=True)
+    return torch._sparse_semi_structured_apply_dense(wb, bitmask)
+
+
+class Block(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.attn = nn.Module()
+        self.attn.c_q = nn.Linear(d, d, bias=False)
+        self.mlp = nn.Module()
+        self.mlp.c_fc = nn.Linear(d, 4 * d, bias=False)
+        self.mlp.c_proj = nn.Linear(4 * d, d, bias=False)
+
+    def forward(self, x):
+        x = x + self.attn.c_q(F.rms_norm(x, (x.size(-1),)))
+        h = self.mlp.c_fc(F.rms_norm(x, (x.size(-1),)))
+        return x + self.mlp.c_proj(F.relu(h).square())
+
+
+class TinyLM(nn.Module):
+    def __init__(self, vocab=512, d=256, n_layer=2):
+        super().__init__()
+        self.transformer = nn.Module()
+        self.transformer.wte = nn.Embedding(vocab, d)
+        self.transformer.h = nn.ModuleList([Block(d) for _ in range(n_layer)])
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, idx, targets):
+        x = self.transformer.wte(idx)
+        for block in self.transformer.h:
+            x = block(x)
+        logits = self.lm_head(F.rms_norm(x, (x.size(-1),))).float()
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+
+
+def train_steps(model, refresh=lambda: None, steps=25, ddp=False):
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    idx = torch.randint(0, 512, (8, 128), device=DEV)
+    targets = torch.roll(idx, -1, dims=1)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    cmodel = torch.compile(model)
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        cmodel = DDP(cmodel, device_ids=[DEV.index or 0])
+    losses = []
+    for _ in range(steps):
+        refresh()  # once per optimizer step, outside compile
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = cmodel(idx, targets)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    print(f"\nLOSSES {losses[0]:.3f} -> {losses[-1]:.3f}")
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < 0.8 * losses[0], losses
+    return losses
+
+
+@pytest.mark.parametrize("ddp", [False, True], ids=["single", "ddp1"])
+def test_convert_to_float8_trains_compiled(ddp):
+    torch.manual_seed(0)
+    model = TinyLM().to(DEV)
+    lines = []
+    names = convert_to_float8(model, DEV, log=lines.append)
+    assert len(names) == 6 and "lm_head" not in names, names
+    assert type(model.transformer.h[0].mlp.c_fc).__name__ == "Float8Linear"
+    assert type(model.lm_head) is nn.Linear
+    if ddp:
+        import torch.distributed as dist
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29517")
+        dist.init_process_group("nccl", rank=0, world_size=1)
+        try:
+            train_steps(model, ddp=True)
+        finally:
+            dist.destroy_process_group()
+    else:
+        train_steps(model)
+
+
+@needs_sm90
+def test_fp8_plus_sparse_trains_compiled():
+    """--fp8 --sparse shape: MLPs through Fp8SparseKernel, the rest through torchao float8."""
+    torch.manual_seed(0)
+    model = TinyLM().to(DEV)
+    sparse = []
+    for block in model.transformer.h:
+        for name in ("c_fc", "c_proj"):
+            old = getattr(block.mlp, name)
+            new = SemiSparseLinear(old.in_features, old.out_features, bias=False, device=DEV)
+            new.weight = old.weight
+            new.kernel = Fp8SparseKernel(old.out_features, old.in_features, DEV)
+            setattr(block.mlp, name, new)
+            sparse.append(new)
+    names = convert_to_float8(model, DEV, log=print)
+    assert names == ["transformer.h.0.attn.c_q", "transformer.h.1.attn.c_q"], names
+    train_steps(model, refresh=lambda: [m.refresh() for m in sparse])
