@@ -1,0 +1,239 @@
+"""CPU tests of nanochat/sparse.py: mask rules, straight-through gradients, conversion, messages,
+checkpoints, once-per-step packing, torch.compile. GPU kernels: tests/test_sparse_gpu.py."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from nanochat.common import UserError
+from nanochat.gpt import GPT, GPTConfig
+from nanochat import sparse
+from nanochat.sparse import (SemiSparseLinear, convert_mlp_to_sparse, refresh_sparse_weights,
+                             transposable_mask_reference)
+
+
+def tiny_gpt(seed=0, n_layer=2, d=64):
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(sequence_len=32, vocab_size=256, n_layer=n_layer, n_head=2, n_kv_head=2, n_embd=d))
+    model.init_weights()
+    return model
+
+
+def group_counts(mask):
+    """Kept entries per group of 4 along rows and along columns."""
+    N, K = mask.shape
+    return mask.reshape(N, K // 4, 4).sum(-1), mask.reshape(N // 4, 4, K).sum(1)
+
+
+def greedy_one_tile(a):
+    """Plain-Python greedy of one 4x4 tile of magnitudes (ties: earlier position first)."""
+    order = sorted(range(16), key=lambda i: (-a[i // 4][i % 4], i))
+    rows, cols, keep = [0] * 4, [0] * 4, set()
+    for i in order:
+        r, c = divmod(i, 4)
+        if rows[r] < 2 and cols[c] < 2:
+            keep.add(i); rows[r] += 1; cols[c] += 1
+    return keep
+
+# -----------------------------------------------------------------------------
+# mask
+
+def test_mask_rules_and_quality():
+    torch.manual_seed(0)
+    w = torch.randn(256, 512)
+    mask = transposable_mask_reference(w)
+    rows, cols = group_counts(mask)
+    assert rows.max() <= 2 and cols.max() <= 2  # transposable: W and W^T both 2:4
+    assert (rows == 2).float().mean() > 0.9 and (cols == 2).float().mean() > 0.9  # greedy rarely stalls
+    assert 0.45 < mask.float().mean() <= 0.5
+    a = w.to(torch.bfloat16).float().abs()
+    kept = (a * mask).sum()
+    # unconstrained row-wise top-2 of 4 (upper bound on what any 2:4 row mask keeps)
+    top2 = a.reshape(256, 128, 4).topk(2, dim=-1).values.sum()
+    assert kept >= 0.85 * top2
+    # naive transposable baseline: the fixed positional pattern (what all-zero weights get)
+    fixed = transposable_mask_reference(torch.zeros_like(w))
+    assert kept > 1.2 * (a * fixed).sum()
+
+
+def test_mask_matches_plain_python_greedy():
+    torch.manual_seed(1)
+    w = torch.randn(16, 32)
+    w[0, :8] = 0.5  # some exact ties
+    mask = transposable_mask_reference(w)
+    a = w.to(torch.bfloat16).float().abs()
+    for ti in range(4):
+        for tj in range(8):
+            tile = a[4 * ti:4 * ti + 4, 4 * tj:4 * tj + 4].tolist()
+            got = {i for i in range(16) if mask[4 * ti + i // 4, 4 * tj + i % 4]}
+            assert got == greedy_one_tile(tile)
+
+
+def test_mask_zero_weights_deterministic():
+    mask = transposable_mask_reference(torch.zeros(16, 32))
+    tile = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]], dtype=torch.bool)
+    assert torch.equal(mask, tile.repeat(4, 8))
+    rows, cols = group_counts(mask)
+    assert (rows == 2).all() and (cols == 2).all()
+
+# -----------------------------------------------------------------------------
+# layer
+
+@pytest.mark.parametrize("backend", ["masked", "cusparselt"])  # cusparselt off CUDA = custom-op path, dense plan
+def test_straight_through_gradients(backend):
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 128, bias=False)
+    layer = SemiSparseLinear.from_linear(lin, backend=backend)
+    assert layer.weight is lin.weight
+    x = torch.randn(3, 7, 64, requires_grad=True)  # odd token count, leading dims
+    y = layer(x)
+    mask = transposable_mask_reference(lin.weight)
+    wm = (lin.weight * mask).detach().requires_grad_()
+    xr = x.detach().clone().requires_grad_()
+    yr = xr @ wm.t()
+    torch.testing.assert_close(y, yr)
+    r = torch.randn_like(y)
+    (y * r).sum().backward()
+    (yr * r).sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad)
+    # dense weight gets the dense gradient of the pruned weight: gy^T x, not masked
+    torch.testing.assert_close(layer.weight.grad, wm.grad)
+    assert (layer.weight.grad[~mask] != 0).float().mean() > 0.99
+
+# -----------------------------------------------------------------------------
+# conversion and messages
+
+def test_convert_masked_counts_names_and_message():
+    model = tiny_gpt()
+    params_before = {n: p for n, p in model.named_parameters()}
+    logs = []
+    n = convert_mlp_to_sparse(model, "cpu", backend="masked", log=logs.append)
+    assert n == 4
+    names = sorted(name for name, m in model.named_modules() if isinstance(m, SemiSparseLinear))
+    assert names == ["transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj",
+                     "transformer.h.1.mlp.c_fc", "transformer.h.1.mlp.c_proj"]
+    assert logs[0] == "✓ 2:4 sparsity enabled - converted 4 MLP layers to SemiSparseLinear"
+    assert any(line.startswith("2:4 kernels: masked: 4 layers") for line in logs[1:])
+    # the very same Parameter objects (optimizer groups built later still work)
+    assert all(p is params_before[n] for n, p in model.named_parameters())
+    assert not isinstance(model.transformer.h[0].attn.c_q, SemiSparseLinear)
+    assert not isinstance(model.lm_head, SemiSparseLinear)
+
+
+@pytest.mark.parametrize("backend", ["auto", "cusparselt"])
+def test_convert_on_cpu_warns_and_stays_dense(backend):
+    model = tiny_gpt()
+    logs = []
+    assert convert_mlp_to_sparse(model, torch.device("cpu"), backend=backend, log=logs.append) == 0
+    assert logs == ["Warning: 2:4 sparsity requires CUDA, ignoring --sparse flag"]
+    assert not any(isinstance(m, SemiSparseLinear) for m in model.modules())
+
+
+def test_convert_old_gpu_warns(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    model = tiny_gpt()
+    logs = []
+    assert convert_mlp_to_sparse(model, torch.device("cuda", 0), log=logs.append) == 0
+    assert len(logs) == 1 and "7.5" in logs[0] and logs[0].startswith("Warning")
+
+
+def test_unknown_backend():
+    with pytest.raises(UserError) as e:
+        convert_mlp_to_sparse(tiny_gpt(), "cpu", backend="cutlass", log=lambda *a: None)
+    assert "\n" not in str(e.value)
+
+# -----------------------------------------------------------------------------
+# checkpoints and once-per-step packing
+
+def train_steps(model, steps, micro=2):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(123)
+    for _ in range(steps):
+        refresh_sparse_weights(model)
+        for _ in range(micro):
+            idx = torch.randint(0, 256, (2, 16), generator=g)
+            model(idx, idx).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return opt
+
+
+def test_checkpoint_round_trip():
+    model = tiny_gpt()
+    convert_mlp_to_sparse(model, "cpu", backend="masked", log=lambda *a: None)
+    train_steps(model, 2)
+    sd = model.state_dict()
+    assert set(sd) == set(tiny_gpt().state_dict())  # dense weights only, no packed buffers
+    idx = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        ref = model(idx)
+    model2 = tiny_gpt(seed=99)
+    convert_mlp_to_sparse(model2, "cpu", backend="masked", log=lambda *a: None)
+    model2.load_state_dict(sd)
+    assert refresh_sparse_weights(model2) == 4  # load bumped the weights' versions: masks recomputed
+    with torch.no_grad():
+        torch.testing.assert_close(model2(idx), ref, rtol=0, atol=0)
+
+
+def test_refresh_once_per_step():
+    model = tiny_gpt()
+    convert_mlp_to_sparse(model, "cpu", backend="masked", log=lambda *a: None)
+    layers = [m for m in model.modules() if isinstance(m, SemiSparseLinear)]
+    assert all(m.num_packs == 1 for m in layers)  # packed at conversion
+    assert refresh_sparse_weights(model) == 0  # unchanged: no-op
+    train_steps(model, 3, micro=3)
+    # 3 optimizer steps: packed at conversion + once after each of the first 2 steps (by the
+    # trainer-style refresh), never per micro-batch; the 3rd step's weights are not packed yet
+    assert all(m.num_packs == 3 for m in layers)
+    assert refresh_sparse_weights(model) == 4
+    assert refresh_sparse_weights(model) == 0
+    # the packed weight follows the new weights
+    m = layers[0]
+    torch.testing.assert_close(m.kernel.wm, m.weight.detach() * transposable_mask_reference(m.weight))
+
+# -----------------------------------------------------------------------------
+# torch.compile
+
+@pytest.mark.parametrize("backend", ["masked", "cusparselt"])
+def test_compile_matches_eager_and_no_recompile(backend):
+    from torch._dynamo.testing import CompileCounterWithBackend
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(64, 256, bias=False), nn.ReLU(), nn.Linear(256, 64, bias=False))
+    holder = nn.Module(); holder.block = nn.Module(); holder.block.mlp = mlp  # names block.mlp.0, block.mlp.2
+    assert convert_mlp_to_sparse(holder, "cpu", backend="masked", log=lambda *a: None) == 2
+    if backend == "cusparselt":  # custom-op path (runs its dense plan off CUDA)
+        for name in ("0", "2"):
+            setattr(mlp, name, SemiSparseLinear.from_linear(getattr(mlp, name), backend="cusparselt"))
+    cnt = CompileCounterWithBackend("aot_eager")
+    cmlp = torch.compile(mlp, backend=cnt)
+    opt = torch.optim.SGD(mlp.parameters(), lr=0.1)
+    for step in range(3):
+        refresh_sparse_weights(holder)
+        x = torch.randn(2, 9, 64)
+        y = cmlp(x)
+        y.square().sum().backward()
+        grads = [p.grad.clone() for p in mlp.parameters()]
+        opt.zero_grad()
+        y_eager = mlp(x)  # eager reference on the same packed weights
+        y_eager.square().sum().backward()
+        torch.testing.assert_close(y, y_eager)
+        for g, p in zip(grads, mlp.parameters()):
+            torch.testing.assert_close(g, p.grad)
+        opt.step()
+        opt.zero_grad()
+    assert cnt.frame_count == 1  # in-place packed buffers: no recompiles across steps
+
+
+def test_compile_inductor_gpt():
+    torch._dynamo.reset()
+    model = tiny_gpt(n_layer=1, d=64)
+    convert_mlp_to_sparse(model, "cpu", backend="masked", log=lambda *a: None)
+    idx = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        ref = model(idx, idx)
+    cmodel = torch.compile(model)
+    loss = cmodel(idx, idx)
+    torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-4)
+    loss.backward()
+    assert model.transformer.h[0].mlp.c_proj.weight.grad.abs().sum() > 0
