@@ -262,10 +262,15 @@ def make_kernel(name, out_features, in_features, device):
         return CusparseltKernel()
     if name == "fp8":
         try:
-            from nanochat.fp8 import Fp8SparseKernel
+            from nanochat.fp8 import Fp8SparseKernel, fp8_sparse_supported
+            ok, reason = fp8_sparse_supported(device)
+            if not ok:
+                raise RuntimeError(reason)
+            if not Fp8SparseKernel.supports(out_features, in_features):
+                raise RuntimeError(f"{out_features}x{in_features} is not a multiple of 32")
             return Fp8SparseKernel(out_features, in_features, device)
-        except Exception as e:  # the fp8 helper's module may be missing or torchao absent
-            _log(f"Warning: fp8 2:4 kernel unavailable ({type(e).__name__}: {e}); using cusparselt (bf16)")
+        except Exception as e:  # no torchao, not Hopper, or a shape the kernel cannot take
+            _log(f"Warning: fp8 2:4 kernel unavailable ({e}); this layer uses bf16 2:4 (cuSPARSELt)")
             return CusparseltKernel()
     raise UserError(f"unknown 2:4 kernel {name!r}: use masked, cusparselt or fp8")
 
