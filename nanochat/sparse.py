@@ -381,3 +381,15 @@ def refresh_sparse_weights(model):
     """Once per optimizer step (before the first micro-batch) and after loading a checkpoint, outside
     torch.compile: re-prune and re-pack every SemiSparseLinear whose weight changed. Returns how many."""
     return sum(int(m.refresh()) for m in model.modules() if isinstance(m, SemiSparseLinear))
+
+
+@torch.no_grad()
+def mask_checksum(model):
+    """An integer fingerprint of every layer's current 2:4 mask (recomputed from the weights).
+    Under DDP all ranks must agree: the trainer compares it across ranks at each evaluation."""
+    total = 0
+    for m in model.modules():
+        if isinstance(m, SemiSparseLinear):
+            kept = transposable_mask(m.weight).view(-1).nonzero().view(-1)
+            total += int((kept % 1_000_003).sum()) + 7 * kept.numel()
+    return total

@@ -114,6 +114,17 @@ def evaluate_bpb(model, loader, steps, token_bytes, autocast_ctx):
     return (total_nats / (math.log(2) * total_bytes.clamp(min=1))).item()
 
 
+def check_masks_agree(model, world_size, log):
+    """Every rank must prune the same 2:4 masks (identical weights after each all-reduce)."""
+    from nanochat.sparse import mask_checksum
+    local = mask_checksum(model)
+    sums = torch.tensor([local, -local], dtype=torch.float64, device=next(model.parameters()).device)
+    dist.all_reduce(sums, op=dist.ReduceOp.MAX)  # max and -min in one call
+    if sums[0].item() != -sums[1].item():
+        raise RuntimeError("ranks pruned different 2:4 masks: the replicas' weights have diverged")
+    log(f"2:4 masks identical on all {world_size} ranks")
+
+
 def sample_text(model, tokenizer, max_tokens=32):
     out = []
     for prompt in SAMPLE_PROMPTS:
@@ -243,6 +254,8 @@ def train(args):
                                                rank=rank, world_size=world_size)
             val_bpb = evaluate_bpb(train_model, val_loader, eval_steps, token_bytes, autocast_ctx)
             model.train()
+            if num_sparse and dist.is_initialized():
+                check_masks_agree(model, world_size, log)
             history["val_step"].append(step)
             history["val_bpb"].append(val_bpb)
             log(f"step {step:05d} | val bpb {val_bpb:.4f}")

@@ -123,3 +123,21 @@ def test_two_process_gloo_run_equals_one_process_reference(data, nanochat_base_d
     assert ref.keys() == ddp_state.keys()
     for k in ref:
         torch.testing.assert_close(ddp_state[k], ref[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_two_process_sparse_run_prunes_identical_masks(data, nanochat_base_dir):
+    """--sparse under torchrun (gloo, masked kernel): every rank holds the same masks at each eval,
+    and the checkpoint resumes across ranks."""
+    env = dict(os.environ, NANOCHAT_BASE_DIR=nanochat_base_dir, OMP_NUM_THREADS="1")
+    root = os.path.dirname(os.path.dirname(__file__))
+    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "scripts.base_train",
+            *TINY, "--num-iterations", "4", "--eval-every", "2", "--save-every", "2", "--model-tag", "ddp_sparse",
+            "--sparse", "--sparse-backend", "masked"]
+    r = subprocess.run(base, capture_output=True, text=True, env=env, timeout=300, cwd=root)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "converted 4 MLP layers to SemiSparseLinear" in r.stdout
+    assert r.stdout.count("2:4 masks identical on all 2 ranks") == 3  # evals at steps 0, 2, 4
+    r2 = subprocess.run(base + ["--resume-from-step", "2"], capture_output=True, text=True, env=env, timeout=300, cwd=root)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    last = [l for l in r.stdout.splitlines() if l.startswith("step 00004 | val bpb")]
+    assert last and last == [l for l in r2.stdout.splitlines() if l.startswith("step 00004 | val bpb")]
