@@ -18,22 +18,15 @@ import sys
 import time
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from triton.testing import do_bench
 
+from nanochat.gpt import MLP as GPTMLP, GPTConfig
 from nanochat import sparse
 from nanochat.sparse import SemiSparseLinear
 
 
-class MLP(nn.Module):
-    def __init__(self, d):
-        super().__init__()
-        self.c_fc = nn.Linear(d, 4 * d, bias=False)
-        self.c_proj = nn.Linear(4 * d, d, bias=False)
-
-    def forward(self, x):
-        return self.c_proj(F.relu(self.c_fc(x)).square())
+def MLP(d):
+    """The model's own MLP block (c_fc -> relu² -> c_proj) at width d."""
+    return GPTMLP(GPTConfig(n_embd=d))
 
 
 def step_ms_model(d, T, micro=4, mfu=0.45, peak=989e12, vocab=32768):
@@ -50,6 +43,7 @@ def bench_fwd_bwd(mlp, x, gy):
     for _ in range(3):  # compile, autotune, warm caches outside the timed region
         fn()
     torch.cuda.synchronize()
+    from triton.testing import do_bench  # GPU-only dependency
     return do_bench(fn, warmup=50, rep=300, grad_to_none=params, return_mode="median")
 
 
@@ -79,6 +73,10 @@ def write_results(meta, rows, outs):
 
 
 def main():
+    import torch
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_mlp needs a CUDA GPU (it times cuSPARSELt against dense GEMMs)")
+    from triton.testing import do_bench
     ap = argparse.ArgumentParser()
     ap.add_argument("--dims", default="2048,1280,1664,768")
     ap.add_argument("--tokens", default="16384,32768,65536")

@@ -15,19 +15,14 @@ import sys
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from nanochat.gpt import MLP as GPTMLP, GPTConfig
 from nanochat.fp8 import Fp8SparseKernel, convert_to_float8
 
 
-class MLP(nn.Module):
-    def __init__(self, d):
-        super().__init__()
-        self.c_fc = nn.Linear(d, 4 * d, bias=False)
-        self.c_proj = nn.Linear(4 * d, d, bias=False)
-
-    def forward(self, x):
-        return self.c_proj(F.relu(self.c_fc(x)).square())
+def MLP(d):
+    """The model's own MLP block (c_fc -> relu² -> c_proj) at width d."""
+    return GPTMLP(GPTConfig(n_embd=d))
 
 
 class Fp8SparseLinear(nn.Linear):

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanochat.gpt import MLP as GPTMLP, GPTConfig
 from nanochat import sparse
 from nanochat.sparse import (SemiSparseLinear, convert_mlp_to_sparse, refresh_sparse_weights,
                              transposable_mask, transposable_mask_reference)
@@ -71,14 +72,9 @@ def test_cusparselt_matches_fp32_reference(d, T, proj, mode):
     assert lin.weight.grad.dtype == torch.float32
 
 
-class MLP(nn.Module):
-    def __init__(self, d):
-        super().__init__()
-        self.c_fc = nn.Linear(d, 4 * d, bias=False)
-        self.c_proj = nn.Linear(4 * d, d, bias=False)
-
-    def forward(self, x):
-        return self.c_proj(F.relu(self.c_fc(x)).square())
+def MLP(d):
+    """The model's own MLP block (c_fc -> relu² -> c_proj) at width d."""
+    return GPTMLP(GPTConfig(n_embd=d))
 
 
 @pytest.mark.parametrize("d", [768, 2048])
