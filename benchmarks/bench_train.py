@@ -68,48 +68,9 @@ def plot(results, path):
     plt.close(fig)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--depths", type=int, nargs="+", default=[12, 20, 26])
-    p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--device-batch-size", type=int, default=16)
-    p.add_argument("--device-batch-size-d26", type=int, default=None, help="override for depth >= 26 (memory)")
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step")
-    p.add_argument("--timeout", type=int, default=420, help="seconds per configuration")
-    p.add_argument("--out", default="benchmarks/results/train_bench")
-    p.add_argument("--one", nargs=2, metavar=("FLAGS_JSON", "OUT_JSON"), help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.one:
-        run_one(json.loads(args.one[0]), args.one[1])
-        return
-
+def write_outputs(results, args):
+    """JSON + markdown (+ PNG) of what has been measured so far; returns the markdown lines."""
     import torch
-    results = []
-    for depth in args.depths:
-        B = args.device_batch_size_d26 if (depth >= 26 and args.device_batch_size_d26) else args.device_batch_size
-        for mode in args.modes:
-            flags = trainer_flags(depth, mode, args.steps, B, args.seq_len, B * args.seq_len * args.grad_accum)
-            row = dict(depth=depth, mode=mode, device_batch_size=B, seq_len=args.seq_len, grad_accum=args.grad_accum,
-                       steps=args.steps, command="python -m scripts.base_train " + " ".join(flags))
-            with tempfile.TemporaryDirectory() as tmp:
-                out_json = os.path.join(tmp, "summary.json")
-                try:
-                    r = subprocess.run([sys.executable, "-m", "benchmarks.bench_train", "--one", json.dumps(flags), out_json],
-                                       capture_output=True, text=True, timeout=args.timeout)
-                    if r.returncode == 0:
-                        with open(out_json) as f:
-                            row.update(json.load(f))
-                        row["log_tail"] = "\n".join(l for l in r.stdout.splitlines() if "sparsity" in l or "fp8" in l.lower() or "kernel" in l)
-                    else:
-                        row["error"] = (r.stderr or r.stdout)[-1500:]
-                except subprocess.TimeoutExpired:
-                    row["error"] = f"timed out after {args.timeout}s"
-            results.append(row)
-            status = f"{row['tok_per_sec']:,.0f} tok/s" if row.get("tok_per_sec") else "FAILED: " + row["error"].strip().splitlines()[-1][:200]
-            print(f"d{depth} {mode}: {status}", flush=True)
-
     meta = dict(date=datetime.date.today().isoformat(), torch=torch.__version__,
                 gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                 cusparselt=torch.backends.cusparselt.version() if torch.cuda.is_available() else None,
@@ -133,7 +94,53 @@ def main():
         f.write("\n".join(lines) + "\n")
     if any(r.get("tok_per_sec") for r in results):
         plot(results, args.out + ".png")
-    print("\n".join(lines))
+    return lines
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--depths", type=int, nargs="+", default=[12, 20, 26])
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--device-batch-size", type=int, default=16)
+    p.add_argument("--device-batch-size-d26", type=int, default=None, help="override for depth >= 26 (memory)")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step")
+    p.add_argument("--timeout", type=int, default=420, help="seconds per configuration")
+    p.add_argument("--out", default="benchmarks/results/train_bench")
+    p.add_argument("--one", nargs=2, metavar=("FLAGS_JSON", "OUT_JSON"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:
+        run_one(json.loads(args.one[0]), args.one[1])
+        return
+
+    results = []
+    for depth in args.depths:
+        B = args.device_batch_size_d26 if (depth >= 26 and args.device_batch_size_d26) else args.device_batch_size
+        for mode in args.modes:
+            flags = trainer_flags(depth, mode, args.steps, B, args.seq_len, B * args.seq_len * args.grad_accum)
+            row = dict(depth=depth, mode=mode, device_batch_size=B, seq_len=args.seq_len, grad_accum=args.grad_accum,
+                       steps=args.steps, command="python -m scripts.base_train " + " ".join(flags))
+            with tempfile.TemporaryDirectory() as tmp:
+                out_json = os.path.join(tmp, "summary.json")
+                try:
+                    r = subprocess.run([sys.executable, "-m", "benchmarks.bench_train", "--one", json.dumps(flags), out_json],
+                                       capture_output=True, text=True, timeout=args.timeout)
+                    if r.returncode == 0:
+                        with open(out_json) as f:
+                            row.update(json.load(f))
+                        row["log_tail"] = "\n".join(l for l in r.stdout.splitlines() if "sparsity" in l or "fp8" in l.lower() or "kernel" in l)
+                    else:
+                        row["error"] = (r.stderr or r.stdout)[-1500:]
+                except subprocess.TimeoutExpired:
+                    row["error"] = f"timed out after {args.timeout}s"
+            results.append(row)
+            status = f"{row['tok_per_sec']:,.0f} tok/s" if row.get("tok_per_sec") else "FAILED: " + row["error"].strip().splitlines()[-1][:200]
+            print(f"d{depth} {mode}: {status}", flush=True)
+            write_outputs(results, args)  # after every configuration: a cut-off run keeps what it measured
+
+    print("\n".join(write_outputs(results, args)))
+
 
 
 if __name__ == "__main__":

@@ -141,3 +141,11 @@ def test_two_process_sparse_run_prunes_identical_masks(data, nanochat_base_dir):
     assert r2.returncode == 0, r2.stderr[-3000:]
     last = [l for l in r.stdout.splitlines() if l.startswith("step 00004 | val bpb")]
     assert last and last == [l for l in r2.stdout.splitlines() if l.startswith("step 00004 | val bpb")]
+
+
+def test_fp8_and_sparse_on_cpu_warn_and_train_dense(data, capsys):
+    out = run("--num-iterations", "2", "--model-tag", "fp8cpu", "--fp8", "--sparse")
+    log = capsys.readouterr().out
+    assert "Warning: 2:4 sparsity requires CUDA, ignoring --sparse flag" in log
+    assert "Warning: --fp8 requires a CUDA GPU" in log
+    assert out["summary"]["num_sparse_layers"] == 0 and len(out["history"]["loss"]) == 2
