@@ -14,32 +14,15 @@ import os
 import sys
 
 import torch
-import torch.nn as nn
 
 from nanochat.gpt import MLP as GPTMLP, GPTConfig
 from nanochat.fp8 import Fp8SparseKernel, convert_to_float8
+from nanochat.sparse import SemiSparseLinear
 
 
 def MLP(d):
     """The model's own MLP block (c_fc -> relu² -> c_proj) at width d."""
     return GPTMLP(GPTConfig(n_embd=d))
-
-
-class Fp8SparseLinear(nn.Linear):
-    """What SemiSparseLinear does with the fp8 kernel: mask + pack once per step, then linear."""
-
-    def setup(self, **kw):
-        self.kernel = Fp8SparseKernel(self.out_features, self.in_features, self.weight.device, **kw)
-        self.refresh()
-
-    @torch.no_grad()
-    def refresh(self):
-        wb = self.weight.to(torch.bfloat16)
-        *_, bitmask = torch._sparse_semi_structured_tile(wb, algorithm="largest_abs_values_greedy", use_cutlass=True)
-        self.kernel.pack(torch._sparse_semi_structured_apply_dense(wb, bitmask))
-
-    def forward(self, x):
-        return self.kernel.linear(x, self.weight)
 
 
 def make(variant, d, device):
@@ -48,12 +31,12 @@ def make(variant, d, device):
     if variant in ("fp8_tensorwise", "fp8_rowwise"):
         convert_to_float8(mlp, device, log=lambda *a: None, recipe=variant.split("_")[1])
     elif variant.startswith("fp8_24"):
-        for name in ("c_fc", "c_proj"):
-            old = getattr(mlp, name)
-            new = Fp8SparseLinear(old.in_features, old.out_features, bias=False, device=device)
-            new.weight = old.weight
-            new.setup(fp8_grad_weight=variant.endswith("gwfp8"))
-            setattr(mlp, name, new)
+        for name in ("c_fc", "c_proj"):  # the trainer's own layer with the fp8 2:4 kernel
+            layer = SemiSparseLinear.from_linear(getattr(mlp, name), fp8=True)
+            if variant.endswith("gwfp8"):
+                layer.kernel = Fp8SparseKernel(layer.out_features, layer.in_features, device, fp8_grad_weight=True)
+            layer.refresh(force=True)  # pack before compiling: the compiled forward does not refresh
+            setattr(mlp, name, layer)
     return mlp
 
 
@@ -91,7 +74,7 @@ def main():
             cmlp = torch.compile(mlp, dynamic=False if not args.dynamic else None)
             pack_ms = None
             if variant.startswith("fp8_24"):  # per optimizer step: mask + quantize + pack both layers
-                pack_ms = do_bench(lambda: [m.refresh() for m in (mlp.c_fc, mlp.c_proj)], warmup=10, rep=50, return_mode="median")
+                pack_ms = do_bench(lambda: [m.refresh(force=True) for m in (mlp.c_fc, mlp.c_proj)], warmup=10, rep=50, return_mode="median")
             for T in tokens:
                 x = torch.randn(T, d, device=device, dtype=torch.bfloat16, requires_grad=True)
                 if args.dynamic:

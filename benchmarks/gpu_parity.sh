@@ -5,12 +5,8 @@
 set -uo pipefail
 modes=${1:-"dense sparse"}
 shift || true
-export PYTHONUNBUFFERED=1
 OUT=${OUT:-benchmarks/results}
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
+source benchmarks/gpu_env.sh
 export NANOCHAT_BASE_DIR=/tmp/parity_base
 mkdir -p $NANOCHAT_BASE_DIR
 [ -d $NANOCHAT_BASE_DIR/tokenizer ] || cp -r .gpu_base/tokenizer $NANOCHAT_BASE_DIR/  # 32768-token BPE trained on the stdlib

@@ -8,12 +8,9 @@ set -uo pipefail
 depths=${1:-"12 20"}
 modes=${2:-"dense"}
 shift 2 || true
-export PYTHONUNBUFFERED=1 NANOCHAT_BASE_DIR=${NANOCHAT_BASE_DIR:-$PWD/.gpu_base}
+export NANOCHAT_BASE_DIR=${NANOCHAT_BASE_DIR:-$PWD/.gpu_base}
 OUT=${OUT:-benchmarks/results}
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
+source benchmarks/gpu_env.sh
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, 'cusparselt', torch.backends.cusparselt.version())"
 python3 -m nanochat.dataset --default-corpus

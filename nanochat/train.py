@@ -176,7 +176,7 @@ def train(args):
     # Sparse first, then fp8 on what is left dense: the sparse MLP layers carry their own fp8 kernel.
     num_sparse = 0
     if args.sparse:
-        from nanochat.sparse import convert_mlp_to_sparse
+        from nanochat.sparse import convert_mlp_to_sparse, refresh_sparse_weights
         num_sparse = convert_mlp_to_sparse(model, device, backend=args.sparse_backend, fp8=args.fp8, log=print0)
     if args.fp8:
         from nanochat.fp8 import convert_to_float8
@@ -247,8 +247,7 @@ def train(args):
         last_step = step == num_iterations
         if args.eval_every > 0 and (step % args.eval_every == 0) or last_step:
             if num_sparse:
-                from nanochat.sparse import refresh_sparse_weights
-                refresh_sparse_weights(model)
+                refresh_sparse_weights(model)  # the compiled eval forward does not refresh by itself
             model.eval()
             val_loader = DistributedDataLoader(tokenizer, args.device_batch_size, args.max_seq_len, "val", device,
                                                rank=rank, world_size=world_size)
@@ -281,7 +280,6 @@ def train(args):
         sync()
         t0 = time.time()
         if num_sparse:
-            from nanochat.sparse import refresh_sparse_weights
             refresh_sparse_weights(model)  # prune + pack once per step, outside the compiled graph
         step_loss = 0.0
         for micro_step in range(grad_accum_steps):

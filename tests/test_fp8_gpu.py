@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanochat.sparse import convert_mlp_to_sparse, refresh_sparse_weights
 from nanochat.fp8 import E5M2, Fp8SparseKernel, convert_to_float8, fp8_sparse_supported, fp8_supported
 
 DEV = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -119,23 +120,6 @@ def test_repack_keeps_buffers_and_does_not_recompile():
 # -----------------------------------------------------------------------------
 # Training a few steps, compiled, fp32 master weights + bf16 autocast (as the trainer does)
 
-class SemiSparseLinear(nn.Linear):
-    """Minimal stand-in for nanochat.sparse.SemiSparseLinear (tests must not depend on it)."""
-
-    def refresh(self):
-        with torch.no_grad():
-            self.kernel.pack(masked_weight_of(self.weight))
-
-    def forward(self, x):
-        return self.kernel.linear(x, self.weight)
-
-
-def masked_weight_of(w):
-    wb = w.detach().to(torch.bfloat16)
-    *_, bitmask = torch._sparse_semi_structured_tile(wb, algorithm="largest_abs_values_greedy", use_cutlass=True)
-    return torch._sparse_semi_structured_apply_dense(wb, bitmask)
-
-
 class Block(nn.Module):
     def __init__(self, d):
         super().__init__()
@@ -219,15 +203,10 @@ def test_fp8_plus_sparse_trains_compiled():
     """--fp8 --sparse shape: MLPs through Fp8SparseKernel, the rest through torchao float8."""
     torch.manual_seed(0)
     model = TinyLM().to(DEV)
-    sparse = []
-    for block in model.transformer.h:
-        for name in ("c_fc", "c_proj"):
-            old = getattr(block.mlp, name)
-            new = SemiSparseLinear(old.in_features, old.out_features, bias=False, device=DEV)
-            new.weight = old.weight
-            new.kernel = Fp8SparseKernel(old.out_features, old.in_features, DEV)
-            setattr(block.mlp, name, new)
-            sparse.append(new)
+    # the trainer's order: sparse MLPs first (fp8 2:4 kernel), then torchao float8 on what is left
+    assert convert_mlp_to_sparse(model, DEV, backend="auto", fp8=True, log=print) == 4
+    assert all(type(model.get_submodule(f"transformer.h.{i}.mlp.{n}").kernel).__name__ == "Fp8SparseKernel"
+               for i in range(2) for n in ("c_fc", "c_proj"))
     names = convert_to_float8(model, DEV, log=print)
     assert names == ["transformer.h.0.attn.c_q", "transformer.h.1.attn.c_q"], names
-    train_steps(model, refresh=lambda: [m.refresh() for m in sparse])
+    train_steps(model, refresh=lambda: refresh_sparse_weights(model))
