@@ -14,6 +14,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -24,8 +25,7 @@ MODES = {"dense": [], "sparse": ["--sparse"], "fp8": ["--fp8"], "fp8_sparse": ["
 def trainer_flags(depth, mode, steps, device_batch_size, seq_len, total_batch_size):
     return ["--depth", str(depth), "--device-batch-size", str(device_batch_size), "--max-seq-len", str(seq_len),
             "--total-batch-size", str(total_batch_size), "--num-iterations", str(steps), "--warmup-steps", "5",
-            "--eval-every", "-1", "--eval-tokens", str(device_batch_size * seq_len), "--sample-every", "-1",
-            "--save-every", "0", "--model-tag", f"bench_d{depth}_{mode}", *MODES[mode]]
+            "--eval-every", "0", "--sample-every", "0", "--save-every", "0", "--model-tag", f"bench_d{depth}_{mode}", *MODES[mode]]
 
 
 def run_one(flags, json_path):
@@ -40,6 +40,22 @@ def run_one(flags, json_path):
     s["loss_curve"] = h["loss"]
     with open(json_path, "w") as f:
         json.dump(s, f)
+
+
+STEP_LINE = re.compile(r"step (\d+)/\d+ \|.*\| dt ([\d.]+)ms \| tok/s ([\d,]+) \| mfu ([\d.]+%|-) \| mem ([\d.]+)GiB")
+
+
+def steady_from_log(log, skip=10):
+    """The same steady-state numbers as run_one, from the trainer's step lines: for a run cut off after
+    training (a timeout in eval, sampling or exit) or rebuilt with --from-logs. None if no steady step."""
+    steps = [m.groups() for m in STEP_LINE.finditer(log)]
+    steady = [(float(dt), float(tps.replace(",", "")), mfu) for i, dt, tps, mfu, _ in steps if int(i) > skip]
+    if not steady:
+        return None
+    n = len(steady)
+    mfus = [float(m[:-1]) for _, _, m in steady if m != "-"]
+    return dict(tok_per_sec=sum(t for _, t, _ in steady) / n, step_time_ms=sum(d for d, _, _ in steady) / n,
+                mfu=sum(mfus) / len(mfus) if mfus else None, peak_memory_gib=float(steps[-1][4]), steps_logged=len(steps))
 
 
 def plot(results, path):
@@ -75,6 +91,9 @@ def write_outputs(results, args):
                 gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                 cusparselt=torch.backends.cusparselt.version() if torch.cuda.is_available() else None,
                 command="python -m benchmarks.bench_train " + " ".join(sys.argv[1:]))
+    if args.from_logs and os.path.exists(args.out + ".json"):
+        with open(args.out + ".json") as f:  # the machine, versions and command of the run that wrote the logs
+            meta = dict(json.load(f)["meta"], rebuilt_from_logs=meta["date"])
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out + ".json", "w") as f:
         json.dump(dict(meta=meta, results=results), f, indent=2)
@@ -86,15 +105,37 @@ def write_outputs(results, args):
         dense = next((d for d in results if d["depth"] == r["depth"] and d["mode"] == "dense" and d.get("tok_per_sec")), None)
         if r.get("tok_per_sec"):
             ratio = f"{r['tok_per_sec'] / dense['tok_per_sec']:.3f}x" if dense else "-"
-            lines.append(f"| {r['depth']} | {r['mode']} | {r['device_batch_size']} | {r['tok_per_sec']:,.0f} | {ratio} | "
-                         f"{r['mfu']:.1f}% | {r['step_time_ms']:.0f} | {r['peak_memory_gib']:.1f} |")
+            mark = " †" if r.get("note") else ""
+            lines.append(f"| {r['depth']} | {r['mode']} | {r['device_batch_size']} | {r['tok_per_sec']:,.0f}{mark} | {ratio} | "
+                         f"{'-' if r.get('mfu') is None else format(r['mfu'], '.1f') + '%'} | {r['step_time_ms']:.0f} | {r['peak_memory_gib']:.1f} |")
         else:
             lines.append(f"| {r['depth']} | {r['mode']} | {r['device_batch_size']} | failed: {r['error'].strip().splitlines()[-1][:120]} | | | | |")
+    notes = sorted({r["note"] for r in results if r.get("note")})
+    if notes:
+        lines += ["", "† steps 11 and later, " + "; ".join(notes) + "."]
     with open(args.out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     if any(r.get("tok_per_sec") for r in results):
         plot(results, args.out + ".png")
     return lines
+
+
+def run_child(flags, log_path, timeout, row):
+    """One configuration in a fresh process; fills `row` from its summary. Returns an error text or None."""
+    os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp, open(log_path, "w") as log_file:
+        out_json = os.path.join(tmp, "summary.json")
+        try:
+            r = subprocess.run([sys.executable, "-m", "benchmarks.bench_train", "--one", json.dumps(flags), out_json],
+                               stdout=log_file, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return f"timed out after {timeout}s"
+        if r.returncode != 0:
+            with open(log_path) as f:
+                return f.read()[-1500:]
+        with open(out_json) as f:
+            row.update(json.load(f))
+    return None
 
 
 def main():
@@ -108,12 +149,18 @@ def main():
     p.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step")
     p.add_argument("--timeout", type=int, default=420, help="seconds per configuration")
     p.add_argument("--out", default="benchmarks/results/train_bench")
+    p.add_argument("--from-logs", action="store_true",
+                   help="run nothing: rebuild the results from the <out>_d<depth>_<mode>.log files of an earlier run")
     p.add_argument("--one", nargs=2, metavar=("FLAGS_JSON", "OUT_JSON"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
         run_one(json.loads(args.one[0]), args.one[1])
         return
 
+    earlier = {}
+    if args.from_logs and os.path.exists(args.out + ".json"):
+        with open(args.out + ".json") as f:
+            earlier = {(r["depth"], r["mode"]): r for r in json.load(f)["results"]}
     results = []
     for depth in args.depths:
         B = args.device_batch_size_d26 if (depth >= 26 and args.device_batch_size_d26) else args.device_batch_size
@@ -121,26 +168,29 @@ def main():
             flags = trainer_flags(depth, mode, args.steps, B, args.seq_len, B * args.seq_len * args.grad_accum)
             row = dict(depth=depth, mode=mode, device_batch_size=B, seq_len=args.seq_len, grad_accum=args.grad_accum,
                        steps=args.steps, command="python -m scripts.base_train " + " ".join(flags))
-            with tempfile.TemporaryDirectory() as tmp:
-                out_json = os.path.join(tmp, "summary.json")
-                try:
-                    r = subprocess.run([sys.executable, "-m", "benchmarks.bench_train", "--one", json.dumps(flags), out_json],
-                                       capture_output=True, text=True, timeout=args.timeout)
-                    if r.returncode == 0:
-                        with open(out_json) as f:
-                            row.update(json.load(f))
-                        row["log_tail"] = "\n".join(l for l in r.stdout.splitlines() if "sparsity" in l or "fp8" in l.lower() or "kernel" in l)
-                    else:
-                        row["error"] = (r.stderr or r.stdout)[-1500:]
-                except subprocess.TimeoutExpired:
-                    row["error"] = f"timed out after {args.timeout}s"
+            log_path = f"{args.out}_d{depth}_{mode}.log"  # the child's full output, kept even if it times out
+            if args.from_logs:
+                if not os.path.exists(log_path):
+                    continue
+                # the flags that actually ran are in the earlier JSON, if the run got to write its row
+                row.update(earlier.get((depth, mode), dict(command=None)))
+                row["error"] = row.get("error") or "the log ends before step 11"
+            else:
+                row["error"] = run_child(flags, log_path, args.timeout, row)
+            with open(log_path) as f:
+                log = f.read()
+            if row["error"] and steady_from_log(log):
+                # trained past step 10, then stopped (e.g. timed out in the final eval): the step lines hold the numbers
+                row.update(steady_from_log(log), note="from the step lines of the log: " + row["error"].strip().splitlines()[-1][:100])
+            if row["error"] is None or row.get("note"):
+                row.pop("error")
+            row["log_tail"] = "\n".join(l for l in log.splitlines() if "sparsity" in l or "fp8" in l.lower() or "kernel" in l)
             results.append(row)
             status = f"{row['tok_per_sec']:,.0f} tok/s" if row.get("tok_per_sec") else "FAILED: " + row["error"].strip().splitlines()[-1][:200]
             print(f"d{depth} {mode}: {status}", flush=True)
             write_outputs(results, args)  # after every configuration: a cut-off run keeps what it measured
 
     print("\n".join(write_outputs(results, args)))
-
 
 
 if __name__ == "__main__":

@@ -12,6 +12,9 @@ Sparse kernel: the 2:4 CUTLASS kernel takes row-wise scales only (one per token,
 row), so the sparse path is row-wise by construction.
 """
 
+import types
+from contextlib import contextmanager
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -114,6 +117,21 @@ def convert_to_float8(model, device, log=print0, recipe="tensorwise"):
     if skipped:
         log(f"fp8: kept in bf16 (dims not multiples of 16): {', '.join(skipped)}")
     return converted
+
+
+@contextmanager
+def bf16_linears(model):
+    """Inside this block torchao Float8Linear layers run as plain nn.Linear (bf16 under autocast).
+    For eager sampling: a Float8 tensor rejects autocast's casts (aten.to.dtype) and fp8 GEMMs need
+    token counts that are multiples of 16, while generation feeds one token at a time."""
+    swapped = [m for m in model.modules() if type(m).__name__ == "Float8Linear"]
+    for m in swapped:
+        m.forward = types.MethodType(nn.Linear.forward, m)  # instance attribute shadows the class method
+    try:
+        yield len(swapped)
+    finally:
+        for m in swapped:
+            del m.forward
 
 
 # -----------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from nanochat import checkpoint
 from nanochat.common import (UserError, autodetect_device_type, compute_cleanup, compute_init, get_base_dir,
                              gpu_peak_flops, print0)
+from nanochat.fp8 import bf16_linears
 from nanochat.gpt import GPT, config_from_depth
 from nanochat.optim import lr_multiplier, muon_momentum, setup_optimizers
 
@@ -49,9 +50,9 @@ def build_arg_parser():
     p.add_argument("--warmdown-ratio", type=float, default=0.65, help="fraction of steps of linear lr warmdown at the end")
     p.add_argument("--final-lr-frac", type=float, default=0.05, help="lr multiplier at the last step")
     # evaluation, sampling, checkpoints
-    p.add_argument("--eval-every", type=int, default=250, help="val bpb every N steps (-1 = only at the end)")
+    p.add_argument("--eval-every", type=int, default=250, help="val bpb every N steps (-1 = only at the end, 0 = never)")
     p.add_argument("--eval-tokens", type=int, default=20 * 524288, help="tokens per val bpb evaluation")
-    p.add_argument("--sample-every", type=int, default=2000, help="print samples every N steps (-1 = only at the end)")
+    p.add_argument("--sample-every", type=int, default=2000, help="print samples every N steps (-1 = only at the end, 0 = never)")
     p.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end, 0 = never)")
     p.add_argument("--resume-from-step", type=int, default=-1, help="resume from this saved step (-1 = fresh run)")
     p.add_argument("--model-tag", type=str, default="", help="checkpoint directory name (default d<depth>)")
@@ -177,7 +178,8 @@ def train(args):
     num_sparse = 0
     if args.sparse:
         from nanochat.sparse import convert_mlp_to_sparse, refresh_sparse_weights
-        num_sparse = convert_mlp_to_sparse(model, device, backend=args.sparse_backend, fp8=args.fp8, log=print0)
+        num_sparse = convert_mlp_to_sparse(model, device, backend=args.sparse_backend, fp8=args.fp8, log=print0,
+                                           micro_batches=grad_accum_steps)
     if args.fp8:
         from nanochat.fp8 import convert_to_float8
         convert_to_float8(model, device, log=print0)
@@ -245,7 +247,7 @@ def train(args):
     step = start_step
     while True:
         last_step = step == num_iterations
-        if args.eval_every > 0 and (step % args.eval_every == 0) or last_step:
+        if (args.eval_every > 0 and step % args.eval_every == 0) or (last_step and args.eval_every != 0):
             if num_sparse:
                 refresh_sparse_weights(model)  # the compiled eval forward does not refresh by itself
             model.eval()
@@ -260,9 +262,11 @@ def train(args):
             log(f"step {step:05d} | val bpb {val_bpb:.4f}")
             if wandb_run:
                 wandb_run.log({"step": step, "val/bpb": val_bpb})
-        if master and ((args.sample_every > 0 and step % args.sample_every == 0 and step > start_step) or last_step):
+        sample_due = (args.sample_every > 0 and step % args.sample_every == 0 and step > start_step) or \
+            (last_step and args.sample_every != 0)
+        if master and sample_due:
             model.eval()
-            with autocast_ctx:
+            with autocast_ctx, bf16_linears(model):  # fp8 layers sample in bf16 (one token at a time)
                 samples = sample_text(model, tokenizer)
             model.train()
             for s in samples:
@@ -280,7 +284,7 @@ def train(args):
         sync()
         t0 = time.time()
         if num_sparse:
-            refresh_sparse_weights(model)  # prune + pack once per step, outside the compiled graph
+            refresh_sparse_weights(model)  # first step / after eval or resume; otherwise packed already (no-op)
         step_loss = 0.0
         for micro_step in range(grad_accum_steps):
             sync_ctx = ddp_model.no_sync() if (ddp_model is not None and micro_step < grad_accum_steps - 1) else nullcontext()
@@ -298,6 +302,11 @@ def train(args):
         for opt in optimizers:
             opt.step()
         model.zero_grad(set_to_none=True)
+        if num_sparse:
+            # Re-prune and re-pack for the next step now, while the GPU still runs this step's backward
+            # and optimizer: its ~1 ms of host time per layer hides behind that work, instead of leaving
+            # the GPU idle after the sync below (d20: 0.98x of dense when packing after the sync).
+            refresh_sparse_weights(model)
         step_loss = step_loss / grad_accum_steps
         if dist.is_initialized():
             dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
@@ -341,7 +350,8 @@ def train(args):
         torch_version=torch.__version__, checkpoint_dir=checkpoint_dir, samples=samples,
         total_train_time=total_train_time,
     )
-    print0(f"done: val bpb {val_bpb:.4f} | peak memory {summary['peak_memory_gib']:.2f}GiB | "
+    val_str = f"{val_bpb:.4f}" if val_bpb is not None else "-"
+    print0(f"done: val bpb {val_str} | peak memory {summary['peak_memory_gib']:.2f}GiB | "
            f"train time {total_train_time / 60:.2f}m (after the first 10 steps)")
     if master:
         from nanochat.report import write_train_report

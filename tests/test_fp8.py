@@ -1,6 +1,7 @@
 """CPU tests of nanochat/fp8.py: support checks, the fallback warning, the layer filter.
 They do not need torchao or a GPU."""
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -59,3 +60,23 @@ def test_module_filter_picks_the_right_layers():
     assert not fp8_module_filter(SparseSubclass(64, 64), "transformer.h.1.mlp.c_fc")
     assert not fp8_module_filter(nn.Linear(64, 64), "model.lm_head")
     assert not fp8_module_filter(nn.Embedding(10, 64), "transformer.wte")
+
+
+def test_bf16_linears_bypasses_float8_forward_for_sampling():
+    """Sampling runs Float8Linear layers as plain nn.Linear, and restores them afterwards."""
+    from nanochat.fp8 import bf16_linears
+
+    class Float8Linear(nn.Linear):  # stands in for torchao's class (matched by name)
+        def forward(self, x):
+            raise RuntimeError("fp8 path used")
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Float8Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+    x = torch.randn(3, 16)
+    with bf16_linears(model) as n:
+        y = model(x)
+    assert n == 1
+    ref = model[2](torch.relu(x @ model[0].weight.t() + model[0].bias))
+    torch.testing.assert_close(y, ref)
+    with pytest.raises(RuntimeError, match="fp8 path used"):
+        model(x)

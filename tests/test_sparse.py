@@ -7,7 +7,6 @@ import torch.nn as nn
 
 from nanochat.common import UserError
 from nanochat.gpt import GPT, GPTConfig
-from nanochat import sparse
 from nanochat.sparse import (SemiSparseLinear, convert_mlp_to_sparse, refresh_sparse_weights,
                              transposable_mask_reference)
 

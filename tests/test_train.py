@@ -47,6 +47,14 @@ def test_resume_continues_exactly(data):
     assert resumed["summary"]["val_bpb"] == full["summary"]["val_bpb"]
 
 
+def test_eval_and_sample_every_zero_skip_them(data):
+    # benchmarks time training alone: no final eval (a recompile in eval mode) and no sampling
+    out = run("--num-iterations", "3", "--model-tag", "noeval", "--eval-every", "0", "--sample-every", "0")
+    assert out["summary"]["val_bpb"] is None and out["history"]["val_step"] == []
+    assert out["summary"]["samples"] == []
+    assert len(out["history"]["loss"]) == 3
+
+
 def test_checkpoint_from_another_config_is_refused(data, nanochat_base_dir):
     run("--num-iterations", "2", "--model-tag", "cfg")
     ckpt = os.path.join(nanochat_base_dir, "base_checkpoints", "cfg")
