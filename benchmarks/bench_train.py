@@ -174,14 +174,17 @@ def main():
                     continue
                 # the flags that actually ran are in the earlier JSON, if the run got to write its row
                 row.update(earlier.get((depth, mode), dict(command=None)))
-                row["error"] = row.get("error") or "the log ends before step 11"
+                if not row.get("tok_per_sec"):  # a row the run completed stays as it was
+                    row["error"] = row.get("error") or "the log ends before step 11"
+                row.setdefault("error", None)
             else:
                 row["error"] = run_child(flags, log_path, args.timeout, row)
             with open(log_path) as f:
                 log = f.read()
-            if row["error"] and steady_from_log(log):
+            steady = steady_from_log(log) if row["error"] else None
+            if steady:
                 # trained past step 10, then stopped (e.g. timed out in the final eval): the step lines hold the numbers
-                row.update(steady_from_log(log), note="from the step lines of the log: " + row["error"].strip().splitlines()[-1][:100])
+                row.update(steady, note="from the step lines of the log: " + row["error"].strip().splitlines()[-1][:100])
             if row["error"] is None or row.get("note"):
                 row.pop("error")
             row["log_tail"] = "\n".join(l for l in log.splitlines() if "sparsity" in l or "fp8" in l.lower() or "kernel" in l)
