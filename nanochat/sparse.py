@@ -324,7 +324,7 @@ class SemiSparseLinear(nn.Linear):
         mask = transposable_mask(wb)
         # CUDA computes in bf16 (like nn.Linear under autocast); elsewhere in the weight's dtype
         self.kernel.pack(torch.where(mask, wb, 0) if w.is_cuda else torch.where(mask, w.detach(), 0))
-        self._packed_key = (w._version, w.data_ptr(), w.device)
+        self._packed_key = key
         self.num_packs += 1
         return True
 
@@ -392,8 +392,8 @@ def convert_mlp_to_sparse(model, device, backend="auto", fp8=False, log=print0, 
 
 
 def refresh_sparse_weights(model):
-    """Once per optimizer step (before the first micro-batch) and after loading a checkpoint, outside
-    torch.compile: re-prune and re-pack every SemiSparseLinear whose weight changed. Returns how many."""
+    """Outside torch.compile, after each optimizer step and after loading a checkpoint: re-prune and
+    re-pack every SemiSparseLinear whose weight changed (compiled forwards never do). Returns how many."""
     return sum(int(m.refresh()) for m in model.modules() if isinstance(m, SemiSparseLinear))
 
 

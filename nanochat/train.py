@@ -247,9 +247,11 @@ def train(args):
     step = start_step
     while True:
         last_step = step == num_iterations
+        if num_sparse:
+            # no-op in steady state (the step below re-packs behind the optimizer); packs after a
+            # checkpoint load or DDP's initial broadcast, before eval or the first step uses the weights
+            refresh_sparse_weights(model)
         if (args.eval_every > 0 and step % args.eval_every == 0) or (last_step and args.eval_every != 0):
-            if num_sparse:
-                refresh_sparse_weights(model)  # the compiled eval forward does not refresh by itself
             model.eval()
             val_loader = DistributedDataLoader(tokenizer, args.device_batch_size, args.max_seq_len, "val", device,
                                                rank=rank, world_size=world_size)
@@ -283,8 +285,6 @@ def train(args):
         # one optimizer step
         sync()
         t0 = time.time()
-        if num_sparse:
-            refresh_sparse_weights(model)  # first step / after eval or resume; otherwise packed already (no-op)
         step_loss = 0.0
         for micro_step in range(grad_accum_steps):
             sync_ctx = ddp_model.no_sync() if (ddp_model is not None and micro_step < grad_accum_steps - 1) else nullcontext()
