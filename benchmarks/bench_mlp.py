@@ -20,8 +20,8 @@ import time
 import torch
 
 from nanochat.gpt import MLP as GPTMLP, GPTConfig
-from nanochat import sparse
-from nanochat.sparse import SemiSparseLinear
+from nanochat.sparse import DENSE, SparseConfig, convert_mlp_to_sparse
+from nanochat.sparse.cusparselt import pick_impl
 
 
 def MLP(d):
@@ -50,16 +50,16 @@ def bench_fwd_bwd(mlp, x, gy):
 def write_results(meta, rows, outs):
     """Markdown table + JSON, rewritten after every row so a cut-off run keeps what it measured."""
     head = ("| d | T | dense ms | 2:4 ms | speedup | kernels fwd/dgrad (S=cuSPARSELt, D=dense) | all-cuSPARSELt ms (x) "
-            "| refresh ms (GPU / wall) | refresh % of step |")
+            "| refresh ms (GPU / wall) | refresh % of step | host us per 2:4 GEMM |")
     lines = [f"# MLP fwd+bwd, dense vs 2:4, both torch.compile'd, bf16",
-             "", f"GPU {meta['gpu']}, torch {meta['torch']}, cuSPARSELt {meta['cusparselt']}, {meta['date']}",
+             "", f"GPU {meta['gpu']}, torch {meta['torch']}, cuSPARSELt {meta['cusparselt']} via {meta['impl']}, {meta['date']}",
              f"Command: `{meta['command']}`. Median of triton.testing.do_bench. Refresh = prune + pack of c_fc and c_proj.",
              "Step model: 4 micro-batches of T tokens, full model of width d (depth d/64), 45% MFU of 989 TFLOP/s.",
-             "", head, "|" + "---|" * 9]
+             "", head, "|" + "---|" * 10]
     for r in rows:
         lines.append(f"| {r['d']} | {r['T']} | {r['dense_ms']:.3f} | {r['sparse_ms']:.3f} | {r['speedup']:.2f}x | {r['kernels']} "
                      f"| {r['forced_sparse_ms']:.3f} ({r['forced_speedup']:.2f}x) | {r['refresh_ms']:.3f} / {r['refresh_wall_ms']:.3f} "
-                     f"| {100 * r['refresh_step_frac']:.2f}% / {100 * r['refresh_wall_step_frac']:.2f}% |")
+                     f"| {100 * r['refresh_step_frac']:.2f}% / {100 * r['refresh_wall_step_frac']:.2f}% | {r['spmm_host_us']:.1f} |")
     md = "\n".join(lines) + "\n"
     for out in outs:
         os.makedirs(out, exist_ok=True)
@@ -72,8 +72,34 @@ def write_results(meta, rows, outs):
 
 
 
+def convert(mlp, T, force=None):
+    """The MLP's layers as SemiSparseLinear, kernels chosen for T tokens (an isolated layer: one
+    micro-batch per step, so each op's saving must pay for one compression of its operand)."""
+    holder = torch.nn.Module()
+    holder.block = torch.nn.Module()
+    holder.block.mlp = mlp  # names block.mlp.c_fc / c_proj: under `.mlp.` like the model's
+    config = SparseConfig(tokens=T, micro_batches=1, force=force, log=lambda msg: print("  " + msg, flush=True))
+    convert_mlp_to_sparse(holder, mlp.c_fc.weight.device, config)
+    return holder
+
+
+def spmm_host_us(layer, T, calls=50):
+    """Host microseconds per cuSPARSELt call (queued behind a GPU sleep, so the GPU never waits)."""
+    k = layer.kernel
+    x = torch.randn(T, layer.in_features, device="cuda", dtype=torch.bfloat16)
+    op = torch.ops.nanochat_sparse.spmm
+    op(x, k.c, layer.out_features, k.fwd_alg, k.impl)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(200_000_000)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        op(x, k.c, layer.out_features, k.fwd_alg, k.impl)
+    host = (time.perf_counter() - t0) / calls * 1e6
+    torch.cuda.synchronize()
+    return host
+
+
 def main():
-    import torch
     if not torch.cuda.is_available():
         raise SystemExit("bench_mlp needs a CUDA GPU (it times cuSPARSELt against dense GEMMs)")
     from triton.testing import do_bench
@@ -86,9 +112,8 @@ def main():
     tokens = [int(v) for v in args.tokens.split(",")]
     dev = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = True
-    sparse._log = lambda msg: print("  " + msg, flush=True)
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
-                cusparselt=torch.backends.cusparselt.version(),
+                cusparselt=torch.backends.cusparselt.version(), impl=pick_impl()[0],
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 command="python -m benchmarks.bench_mlp " + " ".join(sys.argv[1:]))
     print(meta, flush=True)
@@ -98,40 +123,36 @@ def main():
         dense = MLP(d).to(dev, torch.bfloat16)
         with torch.no_grad():
             dense.c_proj.weight.normal_(0, 0.02)  # real training weights are never zero: neither here
-        sp = MLP(d).to(dev, torch.bfloat16)
-        sp.load_state_dict(dense.state_dict())
-        sp.c_fc = SemiSparseLinear.from_linear(sp.c_fc, backend="cusparselt")
-        sp.c_proj = SemiSparseLinear.from_linear(sp.c_proj, backend="cusparselt")
-        sparse._SHAPE_LAYERS.update({(4 * d, d): ["mlp.c_fc"], (d, 4 * d): ["mlp.c_proj"]})
-        layers = [sp.c_fc, sp.c_proj]
-        refresh = lambda: [m.refresh(force=True) for m in layers]
-        cdense, csp = torch.compile(dense, dynamic=True), torch.compile(sp, dynamic=True)  # one compile per d
+        cdense = torch.compile(dense, dynamic=True)  # one compile per d
         for T in tokens:
             x = torch.randn(T, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
             gy = torch.randn(T, d, device=dev, dtype=torch.bfloat16)
-            sparse._SPARSE_OPS.clear()  # as in a training run at this T: its first forward decides the kernels
-            refresh()
             t_dense = bench_fwd_bwd(cdense, x, gy)
-            bench_fwd_bwd(csp, x, gy)  # autotune; then repack only what the plan uses, as each step does
-            refresh()
-            t_sparse = bench_fwd_bwd(csp, x, gy)
-            # per-step prune+pack of both layers: GPU time (events) and host wall time (synchronized)
+            result = {}
+            for force in (None, "sparse"):
+                torch._dynamo.reset()
+                sp = MLP(d).to(dev, torch.bfloat16)
+                sp.load_state_dict(dense.state_dict())
+                holder = convert(sp, T, force)
+                layers = [sp.c_fc, sp.c_proj]
+                result[force] = (bench_fwd_bwd(torch.compile(sp, dynamic=False), x, gy), layers, holder)
+            t_sparse, layers, holder = result[None]
+            t_forced, forced_layers, _ = result["sparse"]
+            refresh = lambda: [m.refresh(force=True) for m in forced_layers]
+            # per-step prune+pack of both layers, every op sparse: GPU time (events) and host wall time
             refresh_ms = do_bench(refresh, warmup=20, rep=200, return_mode="median")
             torch.cuda.synchronize(); t0 = time.perf_counter()
             for _ in range(20):
                 refresh()
             torch.cuda.synchronize(); refresh_wall_ms = (time.perf_counter() - t0) / 20 * 1e3
-            sparse.FORCE = "sparse"  # the same with every op forced onto cuSPARSELt (no fallback)
-            refresh()
-            t_forced = bench_fwd_bwd(csp, x, gy)
-            sparse.FORCE = None
+            host_us = spmm_host_us(forced_layers[0], T)
             step_ms, depth = step_ms_model(d, T)
-            plan = {name: sparse._PLANS.get((torch.cuda.current_device(), m.out_features, m.in_features, sparse._bucket(T)))
-                    for name, m in (("c_fc", sp.c_fc), ("c_proj", sp.c_proj))}
-            kern = " ".join(f"{n}:{'S' if p and p['fwd'] is not None else 'D'}{'S' if p and p['dgrad'] is not None else 'D'}"
-                            for n, p in plan.items())
+            kern = " ".join(f"{n}:{'D' if m.kernel.fwd_alg == DENSE else 'S'}{'D' if m.kernel.dgrad_alg == DENSE else 'S'}"
+                            for n, m in zip(("c_fc", "c_proj"), layers))
             row = dict(d=d, T=T, dense_ms=t_dense, sparse_ms=t_sparse, speedup=t_dense / t_sparse,
-                       forced_sparse_ms=t_forced, forced_speedup=t_dense / t_forced, kernels=kern, plans=plan,
+                       forced_sparse_ms=t_forced, forced_speedup=t_dense / t_forced, kernels=kern,
+                       algs={n: (m.kernel.fwd_alg, m.kernel.dgrad_alg) for n, m in zip(("c_fc", "c_proj"), layers)},
+                       compressor=forced_layers[0].kernel.compress_w.name, spmm_host_us=host_us,
                        refresh_ms=refresh_ms, refresh_wall_ms=refresh_wall_ms, model_depth=depth,
                        model_step_ms=step_ms, refresh_step_frac=depth * refresh_ms / step_ms,
                        refresh_wall_step_frac=depth * refresh_wall_ms / step_ms)
@@ -139,9 +160,10 @@ def main():
             md = write_results(meta, rows, [o for o in (args.out, os.environ.get("OUT")) if o])  # after every row
             print(f"d={d} T={T}: dense {t_dense:.3f} ms, 2:4 {t_sparse:.3f} ms ({row['speedup']:.2f}x, {kern}), "
                   f"forced cuSPARSELt {t_forced:.3f} ms ({row['forced_speedup']:.2f}x), refresh {refresh_ms:.3f} ms "
-                  f"(wall {refresh_wall_ms:.3f}) = {100 * row['refresh_step_frac']:.2f}% of a modeled step", flush=True)
-            del x, gy
-        del dense, sp, cdense, csp
+                  f"(wall {refresh_wall_ms:.3f}, {row['compressor']}) = {100 * row['refresh_step_frac']:.2f}% of a modeled step, "
+                  f"{host_us:.1f} us host per cuSPARSELt call", flush=True)
+            del x, gy, result, layers, forced_layers, holder
+        del dense, cdense
         torch.cuda.empty_cache()
     print(md)
 

@@ -16,8 +16,9 @@ import sys
 import torch
 
 from nanochat.gpt import MLP as GPTMLP, GPTConfig
-from nanochat.fp8 import Fp8SparseKernel, convert_to_float8
+from nanochat.fp8 import convert_to_float8
 from nanochat.sparse import SemiSparseLinear
+from nanochat.sparse.fp8 import Fp8SparseKernel
 
 
 def MLP(d):
@@ -32,9 +33,9 @@ def make(variant, d, device):
         convert_to_float8(mlp, device, log=lambda *a: None, recipe=variant.split("_")[1])
     elif variant.startswith("fp8_24"):
         for name in ("c_fc", "c_proj"):  # the trainer's own layer with the fp8 2:4 kernel
-            layer = SemiSparseLinear.from_linear(getattr(mlp, name), fp8=True)
-            if variant.endswith("gwfp8"):
-                layer.kernel = Fp8SparseKernel(layer.out_features, layer.in_features, device, fp8_grad_weight=True)
+            layer = SemiSparseLinear.from_linear(getattr(mlp, name), Fp8SparseKernel(
+                getattr(mlp, name).out_features, getattr(mlp, name).in_features, device,
+                fp8_grad_weight=variant.endswith("gwfp8")))
             layer.refresh(force=True)  # pack before compiling: the compiled forward does not refresh
             setattr(mlp, name, layer)
     return mlp

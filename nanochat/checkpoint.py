@@ -115,9 +115,9 @@ def load_model_for_inference(checkpoint_dir, step=None, device="cpu"):
     model.to(device)
     model.init_weights()  # buffers (rotary tables); weights are overwritten below
     if meta.get("sparse"):
-        from nanochat.sparse import convert_mlp_to_sparse
+        from nanochat.sparse import SparseConfig, convert_mlp_to_sparse
         backend = meta.get("sparse_backend", "auto") if torch.device(device).type == "cuda" else "masked"
-        convert_mlp_to_sparse(model, torch.device(device), backend=backend, log=lambda *a, **k: None)
+        convert_mlp_to_sparse(model, torch.device(device), SparseConfig(backend=backend, log=lambda *a, **k: None))
     model.load_state_dict(model_state, strict=True)
     model.eval()
     return model, meta

@@ -177,15 +177,21 @@ def train(args):
     # Sparse first, then fp8 on what is left dense: the sparse MLP layers carry their own fp8 kernel.
     num_sparse = 0
     if args.sparse:
-        from nanochat.sparse import convert_mlp_to_sparse, refresh_sparse_weights
-        num_sparse = convert_mlp_to_sparse(model, device, backend=args.sparse_backend, fp8=args.fp8, log=print0,
-                                           micro_batches=grad_accum_steps)
+        from nanochat.sparse import SparseConfig, convert_mlp_to_sparse
+        # kernels are chosen for this micro-batch's token count, weighing their saving over the step's
+        # micro-batches against one re-pack per step
+        sparse_config = SparseConfig(backend=args.sparse_backend, fp8=args.fp8, log=print0,
+                                     tokens=args.device_batch_size * args.max_seq_len, micro_batches=grad_accum_steps)
+        num_sparse = convert_mlp_to_sparse(model, device, sparse_config)
     if args.fp8:
         from nanochat.fp8 import convert_to_float8
         convert_to_float8(model, device, log=print0)
 
     optimizers = setup_optimizers(model, args.embedding_lr, args.unembedding_lr, args.matrix_lr,
                                   args.weight_decay, device_type)
+    if num_sparse:
+        from nanochat.sparse import install_refresh_hooks, refresh_sparse_weights
+        install_refresh_hooks(model, optimizers)  # re-pack after each optimizer step and checkpoint load
     model_tag = args.model_tag or f"d{args.depth}"
     checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", model_tag)
     run_meta = dict(model_config=config.to_dict(), args=vars(args), world_size=world_size,
@@ -210,6 +216,8 @@ def train(args):
         from torch.nn.parallel import DistributedDataParallel as DDP
         ddp_model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
         train_model = ddp_model
+    if num_sparse:
+        refresh_sparse_weights(model)  # DDP's initial broadcast wrote the weights in place
     if use_compile:
         train_model = torch.compile(train_model, dynamic=False)
 
@@ -247,10 +255,6 @@ def train(args):
     step = start_step
     while True:
         last_step = step == num_iterations
-        if num_sparse:
-            # no-op in steady state (the step below re-packs behind the optimizer); packs after a
-            # checkpoint load or DDP's initial broadcast, before eval or the first step uses the weights
-            refresh_sparse_weights(model)
         if (args.eval_every > 0 and step % args.eval_every == 0) or (last_step and args.eval_every != 0):
             model.eval()
             val_loader = DistributedDataLoader(tokenizer, args.device_batch_size, args.max_seq_len, "val", device,
@@ -302,11 +306,6 @@ def train(args):
         for opt in optimizers:
             opt.step()
         model.zero_grad(set_to_none=True)
-        if num_sparse:
-            # Re-prune and re-pack for the next step now, while the GPU still runs this step's backward
-            # and optimizer: its ~1 ms of host time per layer hides behind that work, instead of leaving
-            # the GPU idle after the sync below (d20: 0.98x of dense when packing after the sync).
-            refresh_sparse_weights(model)
         step_loss = step_loss / grad_accum_steps
         if dist.is_initialized():
             dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)

@@ -1,4 +1,4 @@
-"""GPU tests of nanochat/fp8.py: Fp8SparseKernel against a float32 masked-dense reference, and a
+"""GPU tests of nanochat/fp8.py and nanochat/sparse/fp8.py: Fp8SparseKernel against a float32 masked-dense reference, and a
 few compiled training steps with convert_to_float8. Skipped without CUDA >= 8.9 and torchao.
 
 Tolerances (relative Frobenius error against float32): e4m3 keeps 3 mantissa bits, so rounding
@@ -14,8 +14,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.sparse import convert_mlp_to_sparse, refresh_sparse_weights
-from nanochat.fp8 import E5M2, Fp8SparseKernel, convert_to_float8, fp8_sparse_supported, fp8_supported
+from nanochat.fp8 import convert_to_float8, fp8_sparse_supported, fp8_supported
+from nanochat.sparse import SparseConfig, convert_mlp_to_sparse, refresh_sparse_weights
+from nanochat.sparse.fp8 import E5M2, Fp8SparseKernel
 
 DEV = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 FP8_OK, FP8_WHY = fp8_supported(DEV)
@@ -204,7 +205,7 @@ def test_fp8_plus_sparse_trains_compiled():
     torch.manual_seed(0)
     model = TinyLM().to(DEV)
     # the trainer's order: sparse MLPs first (fp8 2:4 kernel), then torchao float8 on what is left
-    assert convert_mlp_to_sparse(model, DEV, backend="auto", fp8=True, log=print) == 4
+    assert convert_mlp_to_sparse(model, DEV, SparseConfig(fp8=True, tokens=8 * 128, log=print)) == 4
     assert all(type(model.get_submodule(f"transformer.h.{i}.mlp.{n}").kernel).__name__ == "Fp8SparseKernel"
                for i in range(2) for n in ("c_fc", "c_proj"))
     names = convert_to_float8(model, DEV, log=print)

@@ -1,5 +1,7 @@
-"""CPU tests of nanochat/sparse.py: mask rules, straight-through gradients, conversion, messages,
+"""CPU tests of nanochat/sparse/: mask rules, straight-through gradients, conversion, messages,
 checkpoints, once-per-step packing, torch.compile. GPU kernels: tests/test_sparse_gpu.py."""
+
+import json
 
 import pytest
 import torch
@@ -7,8 +9,12 @@ import torch.nn as nn
 
 from nanochat.common import UserError
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.sparse import (SemiSparseLinear, convert_mlp_to_sparse, refresh_sparse_weights,
-                             transposable_mask_reference)
+from nanochat.sparse import (CusparseltKernel, SemiSparseLinear, SparseConfig, convert_mlp_to_sparse,
+                             install_refresh_hooks, refresh_sparse_weights, transposable_mask_reference)
+
+
+def convert(model, device="cpu", log=None, **settings):
+    return convert_mlp_to_sparse(model, device, SparseConfig(log=log or (lambda *a: None), **settings))
 
 
 def tiny_gpt(seed=0, n_layer=2, d=64):
@@ -78,11 +84,11 @@ def test_mask_zero_weights_deterministic():
 # -----------------------------------------------------------------------------
 # layer
 
-@pytest.mark.parametrize("backend", ["masked", "cusparselt"])  # cusparselt off CUDA = custom-op path, dense plan
-def test_straight_through_gradients(backend):
+@pytest.mark.parametrize("kernel", ["masked", "cusparselt"])  # an untuned cuSPARSELt kernel runs both ops dense
+def test_straight_through_gradients(kernel):
     torch.manual_seed(0)
     lin = nn.Linear(64, 128, bias=False)
-    layer = SemiSparseLinear.from_linear(lin, backend=backend)
+    layer = SemiSparseLinear.from_linear(lin, CusparseltKernel("torch") if kernel == "cusparselt" else None)
     assert layer.weight is lin.weight
     x = torch.randn(3, 7, 64, requires_grad=True)  # odd token count, leading dims
     y = layer(x)
@@ -106,7 +112,7 @@ def test_convert_masked_counts_names_and_message():
     model = tiny_gpt()
     params_before = {n: p for n, p in model.named_parameters()}
     logs = []
-    n = convert_mlp_to_sparse(model, "cpu", backend="masked", log=logs.append)
+    n = convert(model, backend="masked", log=logs.append)
     assert n == 4
     names = sorted(name for name, m in model.named_modules() if isinstance(m, SemiSparseLinear))
     assert names == ["transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj",
@@ -123,7 +129,7 @@ def test_convert_masked_counts_names_and_message():
 def test_convert_on_cpu_warns_and_stays_dense(backend):
     model = tiny_gpt()
     logs = []
-    assert convert_mlp_to_sparse(model, torch.device("cpu"), backend=backend, log=logs.append) == 0
+    assert convert(model, torch.device("cpu"), backend=backend, log=logs.append) == 0
     assert logs == ["Warning: 2:4 sparsity requires CUDA, ignoring --sparse flag"]
     assert not any(isinstance(m, SemiSparseLinear) for m in model.modules())
 
@@ -132,13 +138,13 @@ def test_convert_old_gpu_warns(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     model = tiny_gpt()
     logs = []
-    assert convert_mlp_to_sparse(model, torch.device("cuda", 0), log=logs.append) == 0
+    assert convert(model, torch.device("cuda", 0), log=logs.append) == 0
     assert len(logs) == 1 and "7.5" in logs[0] and logs[0].startswith("Warning")
 
 
 def test_unknown_backend():
     with pytest.raises(UserError) as e:
-        convert_mlp_to_sparse(tiny_gpt(), "cpu", backend="cutlass", log=lambda *a: None)
+        convert(tiny_gpt(), backend="cutlass")
     assert "\n" not in str(e.value)
 
 # -----------------------------------------------------------------------------
@@ -159,7 +165,7 @@ def train_steps(model, steps, micro=2):
 
 def test_checkpoint_round_trip():
     model = tiny_gpt()
-    convert_mlp_to_sparse(model, "cpu", backend="masked", log=lambda *a: None)
+    convert(model, backend="masked")
     train_steps(model, 2)
     sd = model.state_dict()
     assert set(sd) == set(tiny_gpt().state_dict())  # dense weights only, no packed buffers
@@ -167,7 +173,7 @@ def test_checkpoint_round_trip():
     with torch.no_grad():
         ref = model(idx)
     model2 = tiny_gpt(seed=99)
-    convert_mlp_to_sparse(model2, "cpu", backend="masked", log=lambda *a: None)
+    convert(model2, backend="masked")
     model2.load_state_dict(sd)
     assert refresh_sparse_weights(model2) == 4  # load bumped the weights' versions: masks recomputed
     with torch.no_grad():
@@ -176,7 +182,7 @@ def test_checkpoint_round_trip():
 
 def test_refresh_once_per_step():
     model = tiny_gpt()
-    convert_mlp_to_sparse(model, "cpu", backend="masked", log=lambda *a: None)
+    convert(model, backend="masked")
     layers = [m for m in model.modules() if isinstance(m, SemiSparseLinear)]
     assert all(m.num_packs == 1 for m in layers)  # packed at conversion
     assert refresh_sparse_weights(model) == 0  # unchanged: no-op
@@ -200,10 +206,10 @@ def test_compile_matches_eager_and_no_recompile(backend):
     torch.manual_seed(0)
     mlp = nn.Sequential(nn.Linear(64, 256, bias=False), nn.ReLU(), nn.Linear(256, 64, bias=False))
     holder = nn.Module(); holder.block = nn.Module(); holder.block.mlp = mlp  # names block.mlp.0, block.mlp.2
-    assert convert_mlp_to_sparse(holder, "cpu", backend="masked", log=lambda *a: None) == 2
-    if backend == "cusparselt":  # custom-op path (runs its dense plan off CUDA)
+    assert convert(holder, backend="masked") == 2
+    if backend == "cusparselt":  # the cuSPARSELt kernel object (untuned: both ops dense off CUDA)
         for name in ("0", "2"):
-            setattr(mlp, name, SemiSparseLinear.from_linear(getattr(mlp, name), backend="cusparselt"))
+            setattr(mlp, name, SemiSparseLinear.from_linear(getattr(mlp, name), CusparseltKernel("torch")))
     cnt = CompileCounterWithBackend("aot_eager")
     cmlp = torch.compile(mlp, backend=cnt)
     opt = torch.optim.SGD(mlp.parameters(), lr=0.1)
@@ -227,7 +233,7 @@ def test_compile_matches_eager_and_no_recompile(backend):
 def test_compile_inductor_gpt():
     torch._dynamo.reset()
     model = tiny_gpt(n_layer=1, d=64)
-    convert_mlp_to_sparse(model, "cpu", backend="masked", log=lambda *a: None)
+    convert(model, backend="masked")
     idx = torch.randint(0, 256, (2, 16))
     with torch.no_grad():
         ref = model(idx, idx)
@@ -236,3 +242,87 @@ def test_compile_inductor_gpt():
     torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-4)
     loss.backward()
     assert model.transformer.h[0].mlp.c_proj.weight.grad.abs().sum() > 0
+
+# -----------------------------------------------------------------------------
+# re-pack hooks: after each optimizer step and after load_state_dict, never per micro-batch
+
+def test_refresh_hooks_pack_once_per_optimizer_step():
+    from nanochat.optim import setup_optimizers
+    model = tiny_gpt()
+    convert(model, backend="masked")
+    opts = setup_optimizers(model, 0.2, 0.004, 0.02, 0.0, "cpu")  # AdamW + Muon (the MLP weights)
+    install_refresh_hooks(model, opts)
+    layers = [m for m in model.modules() if isinstance(m, SemiSparseLinear)]
+    g = torch.Generator().manual_seed(0)
+    for step in range(2):
+        for _ in range(3):  # micro-batches: no packs
+            idx = torch.randint(0, 256, (2, 16), generator=g)
+            model(idx, idx).backward()
+        assert all(m.num_packs == 1 + step for m in layers)
+        for opt in opts:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        assert all(m.num_packs == 2 + step for m in layers)  # the step's hook re-packed each layer once
+        torch.testing.assert_close(layers[0].kernel.wm, layers[0].weight.detach() * transposable_mask_reference(layers[0].weight))
+    assert refresh_sparse_weights(model) == 0
+    # load_state_dict re-packs from the loaded weights
+    other = tiny_gpt(seed=5)
+    model.load_state_dict(other.state_dict())
+    assert all(m.num_packs == 4 for m in layers)
+    w = layers[1].weight
+    torch.testing.assert_close(layers[1].kernel.wm, w.detach() * transposable_mask_reference(w))
+
+# -----------------------------------------------------------------------------
+# settings, fallbacks, the timing cache and the decision rule (no GPU needed)
+
+def test_pick_impl_without_nvmath(monkeypatch):
+    import builtins
+    from nanochat.sparse import cusparselt
+    real_import = builtins.__import__
+
+    def no_nvmath(name, *args, **kwargs):
+        if name.startswith("nvmath"):
+            raise ImportError("No module named 'nvmath'")
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, "__import__", no_nvmath)
+    impl, reason = cusparselt.pick_impl("auto")
+    assert impl == "torch" and "nvmath-python unavailable" in reason and "\n" not in reason
+    assert cusparselt.pick_impl("torch")[0] == "torch"
+    with pytest.raises(RuntimeError, match="pip install nvmath-python"):
+        cusparselt.pick_impl("nvmath")
+    with pytest.raises(ValueError):
+        cusparselt.pick_impl("cublas")
+
+
+def test_timing_cache_round_trip_and_bad_files(tmp_path):
+    from nanochat.sparse.tune import TimingCache
+    path = str(tmp_path / "timings.json")
+    key = TimingCache.key("NVIDIA H100 80GB HBM3", 800, "nvmath", 5120, 1280, 32768, "fwd")
+    cache = TimingCache(path)
+    assert cache.get(key) is None
+    entry = dict(alg=17, sparse_ms=0.42, dense_ms=0.59, num_algs=21)
+    cache.put(key, entry)
+    cache.save()
+    assert TimingCache(path).get(key) == entry
+    other = TimingCache.key("NVIDIA H200", 800, "nvmath", 5120, 1280, 32768, "fwd")
+    assert TimingCache(path).get(other) is None  # another GPU: measured again
+    for bad in ("{not json", '{"version": 999, "entries": {}}', "[1, 2]"):
+        with open(path, "w") as f:
+            f.write(bad)
+        logs = []
+        cache = TimingCache(path, log=logs.append)
+        assert cache.entries == {} and len(logs) == 1 and logs[0].startswith("Warning: ignoring the cuSPARSELt timing cache")
+    with open(path, "w") as f:  # a malformed entry is dropped, the good one kept
+        json.dump({"version": 1, "entries": {key: entry, "x": {"alg": "17"}}}, f)
+    assert TimingCache(path).entries == {key: entry}
+
+
+def test_decide_weighs_saving_per_step_against_compression():
+    from nanochat.sparse.tune import decide
+    gemm = dict(alg=17, sparse_ms=0.42, dense_ms=0.58)  # saves 0.16 ms per call
+    assert decide(gemm, compress_ms=0.10, micro_batches=1) == 17
+    assert decide(gemm, compress_ms=0.30, micro_batches=1) is None
+    assert decide(gemm, compress_ms=0.30, micro_batches=4) == 17
+    slower = dict(alg=3, sparse_ms=0.6, dense_ms=0.5)
+    assert decide(slower, 0.0, 16) is None
+    assert decide(slower, 0.0, 1, force="sparse") == 3 and decide(gemm, 0.0, 1, force="dense") is None

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The one launcher for work on a GPU machine, by named stage; extra arguments go to the stage's script.
+#   bash benchmarks/gpu.sh tests [pytest args]       GPU tests: sparse (cuSPARSELt, compressor, CUDA graphs) and fp8
+#   bash benchmarks/gpu.sh mlp [bench_mlp args]      one MLP fwd+bwd, dense vs 2:4, compiled
+#   bash benchmarks/gpu.sh mlp_fp8 [args]            the same for the fp8 variants
+#   bash benchmarks/gpu.sh train [bench_train args]  trainer tokens/s per depth x mode
+#   bash benchmarks/gpu.sh parity [bench_parity args]  paired val-bpb runs (corpus: stdlib + site-packages)
+#   bash benchmarks/gpu.sh memory [bench_memory args]  peak memory per mode
+#   bash benchmarks/gpu.sh smoke                     d4 train, save, resume
+# The GPU machine has no package registry: carry .whl (../shared/gpu/wheels.sh: torchao, rustbpe,
+# nvmath-python) and .gpu_base (NANOCHAT_BASE_DIR=.gpu_base python -m nanochat.dataset --default-corpus
+# && python -m scripts.tok_train). Results and logs go to $OUT (default benchmarks/results).
+set -uo pipefail
+stage=${1:?usage: gpu.sh tests|mlp|mlp_fp8|train|parity|memory|smoke [args]}
+shift
+OUT=${OUT:-benchmarks/results}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if [ -d .whl ] && [ ! -f /tmp/site/.installed ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && touch /tmp/site/.installed
+fi
+[ -d /tmp/site ] && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+export NANOCHAT_BASE_DIR=${NANOCHAT_BASE_DIR:-$PWD/.gpu_base}
+python3 - <<'PY'
+import torch
+from nanochat.sparse.cusparselt import pick_impl
+print(torch.cuda.get_device_name(), "| torch", torch.__version__, "| cuSPARSELt", torch.backends.cusparselt.version(),
+      "| 2:4 GEMMs via", pick_impl()[0])
+PY
+case $stage in
+  tests)
+    python3 -m pytest tests/test_sparse_gpu.py tests/test_fp8_gpu.py tests/test_sparse.py -q -s -rfEs --tb=short \
+      -p no:cacheprovider "$@" > "$OUT/gpu_tests.log" 2>&1
+    rc=$?
+    grep -E "^(FAILED|ERROR)|^E  |passed|failed" "$OUT/gpu_tests.log" | head -40
+    exit $rc ;;
+  mlp) python3 -m benchmarks.bench_mlp --out "$OUT" "$@" 2>&1 | tee "$OUT/mlp_bench.log" ;;
+  mlp_fp8) python3 -m benchmarks.bench_mlp_fp8 --out-dir "$OUT" "$@" 2>&1 | tee "$OUT/mlp_fp8_bench.log" | grep -v "^d=" ;;
+  train) python3 -m benchmarks.bench_train "$@" 2>&1 | tee -a "$OUT/train_bench.log" ;;
+  memory) python3 -m benchmarks.bench_memory "$@" 2>&1 | tee -a "$OUT/memory_bench.log" ;;
+  parity)
+    # a larger corpus than the stdlib alone, in its own base dir (the tokenizer is the carried one)
+    export NANOCHAT_BASE_DIR=/tmp/parity_base
+    mkdir -p $NANOCHAT_BASE_DIR
+    [ -d $NANOCHAT_BASE_DIR/tokenizer ] || cp -r .gpu_base/tokenizer $NANOCHAT_BASE_DIR/
+    python3 -m nanochat.dataset --default-corpus --source-dir "$(python3 -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")"
+    python3 -m benchmarks.bench_parity "$@" 2>&1 | tee -a "$OUT/parity.log" ;;
+  smoke)
+    smoke="--depth 4 --device-batch-size 8 --max-seq-len 512 --total-batch-size 8192 --num-iterations 20 --eval-every 10 --eval-tokens 16384 --sample-every 20 --model-tag gpu_smoke"
+    python3 -m scripts.base_train $smoke --save-every 10 2>&1 | tee "$OUT/smoke_full.log" | grep -E "step 000(1[1-9]|20)/|val bpb|error|Error" | tail -12
+    python3 -m scripts.base_train $smoke --resume-from-step 10 2>&1 | tee "$OUT/smoke_resume.log" | grep -E "step 000(1[1-9]|20)/|val bpb|resumed|error|Error" | tail -12 ;;
+  *) echo "unknown stage $stage"; exit 2 ;;
+esac

@@ -1,0 +1,195 @@
+"""
+Turning a model's MLP layers into 2:4 sparse layers, choosing their kernels, and keeping their packed
+weights in step with the dense master weights (optimizer step hooks, checkpoint loads).
+"""
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from nanochat.common import UserError, get_base_dir, print0
+from nanochat.sparse.linear import DENSE, CusparseltKernel, MaskedKernel, SemiSparseLinear
+from nanochat.sparse.mask import masks_checksum, transposable_mask
+
+
+@dataclass
+class SparseConfig:
+    """Settings of the 2:4 path. The kernels keep what they need of it; nothing is process-global."""
+    backend: str = "auto"        # auto (cuSPARSELt on CUDA) | cusparselt | masked (dense GEMM on the masked weight)
+    fp8: bool = False            # fp8 2:4 kernel (Hopper) for --fp8 --sparse
+    tokens: Optional[int] = None  # tokens per micro-batch to choose kernels for (None: ops run dense until tuned)
+    micro_batches: int = 1       # micro-batches per optimizer step: GEMM savings are weighed against one pack per step
+    impl: str = "auto"           # cuSPARSELt calls: auto (nvmath-python if installed) | nvmath | torch
+    compressor: str = "auto"     # auto (learned GPU-speed compressor where it matches cuSPARSELt) | learned | cusparselt
+    force: Optional[str] = None  # None | "sparse" | "dense": every op on cuSPARSELt / dense (tests, benchmarks)
+    timing_cache: Optional[str] = None  # JSON of measured GEMM timings; None = <base dir>/cusparselt_timings.json
+    log: Callable = field(default=print0, repr=False)
+
+
+def _kernel_kind(config, device):
+    """'masked', 'cusparselt', 'fp8', or None when --sparse must be ignored here (with the warning logged)."""
+    if config.backend not in ("auto", "cusparselt", "masked"):
+        raise UserError(f"unknown --sparse-backend {config.backend!r}: use auto, cusparselt or masked")
+    if config.force not in (None, "sparse", "dense"):
+        raise ValueError(f"force must be None, 'sparse' or 'dense', got {config.force!r}")
+    if config.backend == "masked":
+        return "masked"
+    if device.type != "cuda":
+        config.log("Warning: 2:4 sparsity requires CUDA, ignoring --sparse flag")
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        config.log(f"Warning: 2:4 sparsity requires compute capability 8.0+, this GPU has {major}.{minor}; ignoring --sparse flag")
+        return None
+    if not torch.backends.cusparselt.is_available():
+        config.log("Warning: this torch has no cuSPARSELt; 2:4 sparsity uses the masked dense kernel (no speedup)")
+        return "masked"
+    if config.fp8:
+        from nanochat.fp8 import fp8_sparse_supported
+        ok, reason = fp8_sparse_supported(device)
+        if ok:
+            return "fp8"
+        config.log(f"Warning: fp8 2:4 kernel unavailable ({reason}); the MLP layers use bf16 2:4 (cuSPARSELt)")
+    return "cusparselt"
+
+
+def _make_kernel(kind, impl, out_features, in_features, device, log):
+    if kind == "fp8":
+        from nanochat.sparse.fp8 import Fp8SparseKernel
+        if Fp8SparseKernel.supports(out_features, in_features):
+            return Fp8SparseKernel(out_features, in_features, device)
+        log(f"Warning: fp8 2:4 kernel needs dims divisible by 32, {out_features}x{in_features} uses bf16 2:4 (cuSPARSELt)")
+        kind = "cusparselt"
+    return CusparseltKernel(impl) if kind == "cusparselt" else MaskedKernel()
+
+
+def _short_names(names):
+    return ",".join(sorted({n.split(".")[-1] for n in names})) or "-"
+
+
+def _tune(layers, config, impl, device):
+    """Choose each (shape, op)'s kernel from GEMM timings (cached on disk) and the measured cost of
+    compressing its operand once per step; configure every cuSPARSELt kernel accordingly."""
+    from nanochat.sparse.compress import make_compressor
+    from nanochat.sparse.cusparselt import TOKEN_PAD, library
+    from nanochat.sparse.tune import TimingCache, decide, gemm_timings, time_compress_ms
+    lib = library(impl, device)
+    cache = TimingCache(config.timing_cache or os.path.join(get_base_dir(), "cusparselt_timings.json"), log=config.log)
+    by_shape = {}
+    for name, layer in layers:
+        by_shape.setdefault((layer.out_features, layer.in_features), []).append((name, layer))
+    compressors = {}
+
+    def compressor(m, k):
+        if (m, k) not in compressors:
+            compressors[(m, k)] = make_compressor(lib, m, k, device, config.compressor, log=config.log)
+        return compressors[(m, k)]
+
+    T = config.tokens
+    Tp = -(-T // TOKEN_PAD) * TOKEN_PAD if T else None
+    for (N, K), members in by_shape.items():
+        choice, info = {}, []
+        for op, (m, k), transposed in (("fwd", (N, K), False), ("dgrad", (K, N), True)):
+            if T is None or config.force == "dense":
+                choice[op] = 0 if config.force == "sparse" else DENSE
+                continue
+            gemm = gemm_timings(impl, device, m, k, T, op, cache)
+            comp = compressor(m, k)
+            pack_ms = time_compress_ms(comp, lib.empty_compressed(m, k), m, k, transposed, device)
+            alg = decide(gemm, pack_ms, config.micro_batches, config.force)
+            choice[op] = DENSE if alg is None else alg
+            info.append(f"{op} {'dense' if alg is None else f'cuSPARSELt alg {alg}'} (sparse {gemm['sparse_ms']:.3f} ms, "
+                        f"dense {gemm['dense_ms']:.3f} ms; compress {pack_ms:.3f} ms/step, {comp.name})")
+        for _, layer in members:
+            kernel = layer.kernel
+            fwd_sparse, dgrad_sparse = choice["fwd"] != DENSE, choice["dgrad"] != DENSE
+            kernel.configure(choice["fwd"], choice["dgrad"],
+                             compressor(N, K) if fwd_sparse else None, compressor(K, N) if dgrad_sparse else None,
+                             lib.empty_compressed(N, K) if fwd_sparse else None,
+                             lib.empty_compressed(K, N) if dgrad_sparse else None)
+            for alg, (m, k) in ((choice["fwd"], (N, K)), (choice["dgrad"], (K, N))):
+                if Tp and alg != DENSE and hasattr(lib, "prepare"):
+                    lib.prepare(m, k, Tp, alg)  # build the plan now, not inside the first compiled step
+        names = [n for n, _ in members]
+        detail = ", ".join(info) if info else members[0][1].kernel.describe() + " (not tuned: no token count)"
+        config.log(f"2:4 kernels for {len(members)} layers of weight {N}x{K} ({_short_names(names)})"
+                   f"{f' at T={T}' if T else ''}: {detail}")
+    cache.save()
+
+
+def convert_mlp_to_sparse(model, device, config=None):
+    """Swap every nn.Linear under `.mlp.` with both dims divisible by 16 for a SemiSparseLinear
+    (in place, same Parameters), choose kernels and pack. Returns the number converted (0: the
+    model stays dense, e.g. --sparse on CPU). Call before torch.compile and DDP."""
+    config = config or SparseConfig()
+    device = torch.device(device)
+    kind = _kernel_kind(config, device)
+    if kind is None:
+        return 0
+    impl = None
+    if kind in ("cusparselt", "fp8"):
+        from nanochat.sparse.cusparselt import pick_impl
+        impl, reason = pick_impl(config.impl)
+        config.log(f"2:4 GEMMs through cuSPARSELt via {'nvmath-python (plans built once)' if impl == 'nvmath' else 'torch._cslt_*'}: {reason}")
+    targets = [(name, mod) for name, mod in model.named_modules()
+               if isinstance(mod, nn.Linear) and not isinstance(mod, SemiSparseLinear) and ".mlp." in name
+               and mod.in_features % 16 == 0 and mod.out_features % 16 == 0]
+    layers = []
+    for name, mod in targets:
+        parent_name, _, child = name.rpartition(".")
+        kernel = _make_kernel(kind, impl, mod.out_features, mod.in_features, mod.weight.device, config.log)
+        new = SemiSparseLinear.from_linear(mod, kernel)
+        setattr(model.get_submodule(parent_name), child, new)
+        layers.append((name, new))
+    config.log(f"✓ 2:4 sparsity enabled - converted {len(targets)} MLP layers to SemiSparseLinear")
+    sparse_gemm_layers = [(n, m) for n, m in layers if isinstance(m.kernel, CusparseltKernel)]
+    if sparse_gemm_layers:
+        _tune(sparse_gemm_layers, config, impl, device)
+    for _, layer in layers:
+        layer.refresh()  # pack now, before anything compiles the model
+    kinds = {}
+    for _, layer in layers:
+        kinds.setdefault(layer.kernel.name, set()).add(f"{layer.out_features}x{layer.in_features}")
+    summary = "; ".join(f"{k}: {sum(1 for _, l in layers if l.kernel.name == k)} layers ({', '.join(sorted(v))})"
+                        for k, v in kinds.items())
+    config.log(f"2:4 kernels: {summary or 'none'}")
+    return len(targets)
+
+
+def sparse_layers(model):
+    return [m for m in model.modules() if isinstance(m, SemiSparseLinear)]
+
+
+def refresh_sparse_weights(model):
+    """Re-prune and re-pack every SemiSparseLinear whose weight changed (a no-op otherwise). Outside
+    torch.compile. Returns how many packed. The hooks of install_refresh_hooks call it for you."""
+    return sum(int(m.refresh()) for m in sparse_layers(model))
+
+
+def install_refresh_hooks(model, optimizers):
+    """Re-pack the sparse layers right after each optimizer step that updates them (once per step,
+    never per micro-batch) and after model.load_state_dict. Returns the hook handles."""
+    layers = sparse_layers(model)
+    handles = []
+    def refresher(mine):
+        def hook(*_):
+            for m in mine:
+                m.refresh()
+        return hook
+    for opt in optimizers:
+        params = {id(p) for group in opt.param_groups for p in group["params"]}
+        mine = [m for m in layers if id(m.weight) in params]
+        if mine:
+            handles.append(opt.register_step_post_hook(refresher(mine)))
+    handles.append(model.register_load_state_dict_post_hook(refresher(layers)))
+    return handles
+
+
+@torch.no_grad()
+def mask_checksum(model):
+    """An integer fingerprint of every sparse layer's current 2:4 mask (recomputed from the weights).
+    Under DDP all ranks must agree: the trainer compares it across ranks at each evaluation."""
+    return masks_checksum(transposable_mask(m.weight) for m in sparse_layers(model))

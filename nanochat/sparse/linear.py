@@ -1,0 +1,161 @@
+"""
+SemiSparseLinear: an nn.Linear whose forward uses its transposable-2:4-pruned weight.
+
+- The Parameter stays the dense fp32 master weight. Once per optimizer step (refresh(), outside
+  torch.compile) its bf16 copy is pruned with the transposable mask and handed to the kernel's pack().
+- Gradients are straight-through: y = x Wm^T, grad_x = gy Wm, grad_W = gy^T x (dense, not masked).
+- Kernels: MaskedKernel (dense matmul on the masked weight, any device: CPU tests, accuracy studies),
+  CusparseltKernel (cuSPARSELt for the forward and grad-input GEMMs on W and W^T compressed once per
+  step, each op dense where that was measured faster), Fp8SparseKernel (nanochat/sparse/fp8.py).
+  Packed tensors are non-persistent buffers updated in place, so compiled graphs see the same tensors
+  every step (no recompiles) and checkpoints hold only the dense weights.
+"""
+
+import torch
+import torch.nn as nn
+
+from nanochat.sparse.cusparselt import spmm
+from nanochat.sparse.mask import transposable_mask
+
+DENSE = -1  # algorithm id of an op that runs dense on the masked weight
+
+
+class _SparseLinearFn(torch.autograd.Function):
+    """y = x Wm^T, grad_x = gy Wm, grad_W = gy^T x: the dense master weight gets the dense gradient
+    of the pruned weight (straight-through). x (T, K) is already in the compute dtype.
+    wm: the masked weight (None when both ops run on cuSPARSELt); c, ct: compressed Wm and Wm^T."""
+
+    @staticmethod
+    def forward(ctx, x, weight, wm, c, ct, fwd_alg, dgrad_alg, impl):
+        ctx.save_for_backward(x, wm, ct)
+        ctx.wdtype, ctx.dgrad_alg, ctx.impl = weight.dtype, dgrad_alg, impl
+        if fwd_alg == DENSE:
+            return x @ wm.t()
+        return spmm(x, c, weight.shape[0], fwd_alg, impl)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, wm, ct = ctx.saved_tensors
+        gx = gw = None
+        if ctx.needs_input_grad[0]:
+            if ctx.dgrad_alg == DENSE:
+                gx = gy @ wm
+            else:
+                gx = spmm(gy.contiguous(), ct, x.shape[1], ctx.dgrad_alg, ctx.impl)
+        if ctx.needs_input_grad[1]:
+            gw = (gy.t() @ x).to(ctx.wdtype)
+        return gx, gw, None, None, None, None, None, None
+
+
+def _update(buf, new):
+    """Write new into buf in place when it fits (compiled graphs keep pointing at buf)."""
+    if buf is None or buf.shape != new.shape or buf.dtype != new.dtype or buf.device != new.device:
+        return new
+    return buf.copy_(new)
+
+
+class MaskedKernel(nn.Module):
+    """Dense matmul on the masked weight: any device (fp32 on CPU, bf16 on CUDA)."""
+    name = "masked"
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("wm", None, persistent=False)
+
+    def pack(self, wm, mask):
+        self.wm = _update(self.wm, wm)
+
+    def linear(self, x, weight):
+        return _SparseLinearFn.apply(x, weight, self.wm, None, None, DENSE, DENSE, "")
+
+
+class CusparseltKernel(nn.Module):
+    """cuSPARSELt for fwd (x Wm^T, Wm compressed) and dgrad (gy Wm, Wm^T compressed), dense wgrad.
+    Each op runs dense on the masked weight until configure() gives it an algorithm id."""
+    name = "cusparselt"
+
+    def __init__(self, impl):
+        super().__init__()
+        self.impl = impl
+        self.fwd_alg = self.dgrad_alg = DENSE
+        self.compress_w = self.compress_wt = None
+        self.register_buffer("wm", None, persistent=False)
+        self.register_buffer("c", None, persistent=False)
+        self.register_buffer("ct", None, persistent=False)
+
+    def configure(self, fwd_alg, dgrad_alg, compress_w, compress_wt, empty_c, empty_ct):
+        """Algorithm ids (DENSE = dense kernel), the compressors of W and W^T, and their buffers."""
+        self.fwd_alg, self.dgrad_alg = fwd_alg, dgrad_alg
+        self.compress_w, self.compress_wt = compress_w, compress_wt
+        self.c = empty_c if fwd_alg != DENSE else None
+        self.ct = empty_ct if dgrad_alg != DENSE else None
+
+    def pack(self, wm, mask):
+        # the dense masked copy is kept only for ops that multiply with it
+        self.wm = _update(self.wm, wm) if DENSE in (self.fwd_alg, self.dgrad_alg) else None
+        if self.fwd_alg != DENSE:
+            self.compress_w(wm, mask, self.c)
+        if self.dgrad_alg != DENSE:
+            self.compress_wt(wm.t(), mask.t(), self.ct)
+
+    def linear(self, x, weight):
+        return _SparseLinearFn.apply(x, weight, self.wm, self.c, self.ct, self.fwd_alg, self.dgrad_alg, self.impl)
+
+    def describe(self):
+        def op(alg):
+            return "dense" if alg == DENSE else f"cuSPARSELt alg {alg}"
+        return f"fwd {op(self.fwd_alg)}, dgrad {op(self.dgrad_alg)}"
+
+
+class SemiSparseLinear(nn.Linear):
+    """nn.Linear whose forward uses the transposable-2:4-pruned weight; the Parameter stays dense."""
+
+    def __init__(self, in_features, out_features, bias=False, device=None, dtype=None, kernel=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.kernel = kernel if kernel is not None else MaskedKernel()
+        self._packed_key = None  # (weight._version, data_ptr, device) at the last pack
+        self.num_packs = 0
+
+    @classmethod
+    def from_linear(cls, linear, kernel=None):
+        """Wrap an existing nn.Linear, keeping the very same Parameter objects (optimizer groups)."""
+        new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        new.kernel = kernel if kernel is not None else MaskedKernel()
+        new.weight = linear.weight
+        if linear.bias is not None:
+            new.bias = linear.bias
+        return new
+
+    @torch.inference_mode(False)  # sampling runs under inference_mode: keep the packed buffers normal tensors
+    @torch.no_grad()
+    def refresh(self, force=False):
+        """Re-prune and re-pack if the weight changed since the last pack (optimizer step, checkpoint
+        load, .to()). Returns True if it packed. Runs outside torch.compile."""
+        w = self.weight
+        if w.device.type == "meta":
+            return False
+        key = (w._version, w.data_ptr(), w.device)
+        if key == self._packed_key and not force:
+            return False
+        mask = transposable_mask(w)
+        # CUDA computes in bf16 (like nn.Linear under autocast); elsewhere in the weight's dtype
+        wm = torch.where(mask, w.detach().to(torch.bfloat16) if w.is_cuda else w.detach(), 0)
+        self.kernel.pack(wm, mask)
+        self._packed_key = key
+        self.num_packs += 1
+        return True
+
+    def forward(self, x):
+        if not torch.compiler.is_compiling():
+            self.refresh()  # eager use (eval, sampling) just works; a no-op when the weight is unchanged
+        dev = x.device.type
+        out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        x2 = x.to(torch.bfloat16 if x.is_cuda else self.weight.dtype).reshape(-1, x.shape[-1])
+        y = self.kernel.linear(x2, self.weight)
+        y = y.reshape(*x.shape[:-1], y.shape[-1])
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.to(out_dtype)
+
+    def extra_repr(self):
+        return super().extra_repr() + f", kernel={getattr(self.kernel, 'name', type(self.kernel).__name__)}"

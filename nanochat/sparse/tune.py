@@ -1,0 +1,147 @@
+"""
+Choosing the kernel of each 2:4 op before training, from measured GPU time.
+
+For a GEMM y = x @ A^T with A (m x k) 2:4 at T tokens, time dense (cuBLAS on the masked weight, the
+layout the fallback uses) against every cuSPARSELt algorithm id, on random data (never zeros), with
+CUDA events around a batch of calls queued behind a GPU sleep (so host launch cost does not count).
+cuSPARSELt's own search sometimes picks a slower id, so we time them all.
+
+The timings are cached in a JSON file (default <base dir>/cusparselt_timings.json) keyed by GPU name,
+cuSPARSELt version, implementation, shape, token count and op, so the next run starts without
+searching. A bad or unreadable cache file is ignored with a one-line warning.
+
+Decision rule (decide): an op runs on cuSPARSELt iff its GPU-time saving over the micro-batches of
+one optimizer step pays for compressing its operand once per step.
+"""
+
+import json
+import os
+import statistics
+
+import torch
+
+from nanochat.sparse.cusparselt import TOKEN_PAD, library
+from nanochat.sparse.mask import transposable_mask
+
+CACHE_VERSION = 1
+
+
+def time_gpu_ms(fn, reps=5, batch=5):
+    """Median GPU ms per call of fn, calls queued back to back behind a GPU sleep."""
+    fn()
+    torch.cuda.synchronize()  # warm-up, and surfaces invalid algorithm ids as errors here
+    times = []
+    for _ in range(reps):
+        torch.cuda._sleep(10_000_000)  # a few ms of GPU spin while the host queues the batch
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(batch):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / batch)
+    return statistics.median(times)
+
+
+class TimingCache:
+    """GEMM timings on disk. Keys name everything the numbers depend on."""
+
+    def __init__(self, path, log=print):
+        self.path, self.log, self.entries = path, log, {}
+        if path and os.path.exists(path):
+            try:
+                with open(path) as f:
+                    data = json.load(f)
+                if data.get("version") != CACHE_VERSION or not isinstance(data.get("entries"), dict):
+                    raise ValueError(f"version {data.get('version')!r}, expected {CACHE_VERSION}")
+                self.entries = {k: v for k, v in data["entries"].items() if _valid_entry(v)}
+            except (OSError, ValueError, AttributeError) as e:
+                log(f"Warning: ignoring the cuSPARSELt timing cache {path} ({type(e).__name__}: {e}); it will be rewritten")
+
+    @staticmethod
+    def key(gpu, version, impl, m, k, T, op):
+        return f"{gpu}|cusparselt {version}|{impl}|{m}x{k}|T{T}|{op}"
+
+    def get(self, key):
+        return self.entries.get(key)
+
+    def put(self, key, entry):
+        self.entries[key] = entry
+
+    def save(self):
+        if not self.path:
+            return
+        try:
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+            tmp = f"{self.path}.tmp{os.getpid()}"
+            with open(tmp, "w") as f:
+                json.dump({"version": CACHE_VERSION, "entries": self.entries}, f, indent=1, sort_keys=True)
+            os.replace(tmp, self.path)
+        except OSError as e:
+            self.log(f"Warning: could not write the cuSPARSELt timing cache {self.path} ({e})")
+
+
+def _valid_entry(v):
+    return (isinstance(v, dict) and isinstance(v.get("alg"), int) and v["alg"] >= 0
+            and all(isinstance(v.get(f), (int, float)) for f in ("sparse_ms", "dense_ms")))
+
+
+def time_gemm(lib, m, k, T, op, device):
+    """{alg, sparse_ms, dense_ms, num_algs} for y = x @ A^T, A (m x k) 2:4, x (T x k).
+    op "fwd": the dense fallback is x @ W^T with W = A row-major; "dgrad": x @ W with W = A^T row-major."""
+    g = torch.Generator(device=device).manual_seed(m * 131 + k)
+    w = torch.randn(m, k, device=device, dtype=torch.bfloat16, generator=g)
+    a = torch.where(transposable_mask(w), w, 0)
+    x = torch.randn(T, k, device=device, dtype=torch.bfloat16, generator=g)
+    if op == "fwd":
+        dense_ms = time_gpu_ms(lambda: x @ a.t())
+    else:
+        at = a.t().contiguous()
+        dense_ms = time_gpu_ms(lambda: x @ at)
+    c = lib.compress(a, lib.empty_compressed(m, k))
+    Tp = -(-T // TOKEN_PAD) * TOKEN_PAD
+    xp = torch.nn.functional.pad(x, (0, 0, 0, Tp - T)) if Tp != T else x
+    n = lib.num_algs(m, k, Tp) or 64  # the torch implementation does not expose the count: probe
+    best, best_ms, tried = None, float("inf"), 0
+    for alg in range(n):
+        try:
+            ms = time_gpu_ms(lambda: lib.matmul(c, xp, m, alg))
+        except (RuntimeError, ValueError):
+            if tried:
+                break  # past the last valid id
+            raise
+        tried += 1
+        if ms < best_ms:
+            best, best_ms = alg, ms
+    return dict(alg=best, sparse_ms=best_ms, dense_ms=dense_ms, num_algs=tried)
+
+
+def time_compress_ms(compressor, out, m, k, transposed, device):
+    """GPU ms to compress one (m x k) 2:4 operand into out with this compressor, W or W^T memory order."""
+    w = torch.randn(k, m, device=device, dtype=torch.bfloat16).t() if transposed else \
+        torch.randn(m, k, device=device, dtype=torch.bfloat16)
+    mask = transposable_mask(w.contiguous())
+    wm = torch.where(mask, w, 0)
+    if transposed:
+        mask, wm = mask.t().contiguous().t(), wm.t().contiguous().t()
+    return time_gpu_ms(lambda: compressor(wm, mask, out), reps=3, batch=3)
+
+
+def decide(gemm, compress_ms, micro_batches, force=None):
+    """The algorithm id to run this op with, or None for the dense kernel on the masked weight."""
+    if force == "sparse":
+        return gemm["alg"]
+    if force == "dense":
+        return None
+    return gemm["alg"] if (gemm["dense_ms"] - gemm["sparse_ms"]) * micro_batches > compress_ms else None
+
+
+def gemm_timings(impl, device, m, k, T, op, cache):
+    """Cached or freshly measured timings of one GEMM (see time_gemm)."""
+    lib = library(impl, device)
+    key = TimingCache.key(torch.cuda.get_device_name(device), lib.version, impl, m, k, T, op)
+    entry = cache.get(key)
+    if entry is None:
+        entry = time_gemm(lib, m, k, T, op, device)
+        cache.put(key, entry)
+    return entry
