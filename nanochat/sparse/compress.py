@@ -56,7 +56,7 @@ class LibraryCompressor:
     def __init__(self, lib, m, k):
         self.lib, self.m, self.k = lib, m, k
 
-    def __call__(self, wm, mask, out):
+    def __call__(self, wm, out):
         return self.lib.compress(wm.contiguous(), out)
 
 
@@ -64,20 +64,33 @@ class CompressorMismatch(Exception):
     """The learned layout does not reproduce the library's bytes: keep the library's compress."""
 
 
-def _learned_compress(wm, mask, out_values, out_meta, lut_a, lut_b, src_group, src_field, const_meta):
-    """Values and metadata of the 2:4 matrix wm (m x k, any strides) under mask, written into out_*."""
+def _values_and_fields(wm, lut_a, lut_b):
+    """The stored values (m, k/2) and per-group fields (a | b << 2, uint8) of the 2:4 matrix wm.
+    The kept entries are its non-zeros (a kept exact zero stores as zero wherever it sits)."""
     m, k = wm.shape
-    mk = mask.reshape(m, k // 4, 4).to(torch.int64)
-    code = mk[..., 0] | (mk[..., 1] << 1) | (mk[..., 2] << 2) | (mk[..., 3] << 3)  # (m, k/4) in 0..15
+    nz = (wm.reshape(m, k // 4, 4) != 0).to(torch.int64)
+    code = nz[..., 0] | (nz[..., 1] << 1) | (nz[..., 2] << 2) | (nz[..., 3] << 3)  # (m, k/4) in 0..15
     a, b = lut_a[code], lut_b[code]
     w4 = wm.reshape(m, k // 4, 4)
     values = torch.stack([w4.gather(-1, a.unsqueeze(-1)), w4.gather(-1, b.unsqueeze(-1))], dim=-1)
-    out_values.copy_(values.reshape(-1))
-    fields = (a | (b << 2)).to(torch.uint8).reshape(-1)  # (G,): bit f is field f
-    bits = (fields[src_group] >> src_field) & 1  # src_field 4 (not a field bit) reads 0
+    return values.reshape(-1), (a | (b << 2)).to(torch.uint8).reshape(-1)
+
+
+def _compress_nibbles(wm, out_values, out_meta, lut_a, lut_b, nibble_group):
+    """Metadata whose every nibble is one group's 4 fields in order: one gather per nibble."""
+    values, fields = _values_and_fields(wm, lut_a, lut_b)
+    out_values.copy_(values)
+    nib = fields[nibble_group].view(-1, 2)
+    out_meta.copy_(nib[:, 0] | (nib[:, 1] << 4))
+
+
+def _compress_bits(wm, out_values, out_meta, lut_a, lut_b, src_group, src_field, const_meta):
+    """Any bit order: one gather per metadata bit (src_field 4 marks a constant bit, which reads 0)."""
+    values, fields = _values_and_fields(wm, lut_a, lut_b)
+    out_values.copy_(values)
+    bits = (fields[src_group] >> src_field) & 1
     shifts = torch.arange(8, device=wm.device, dtype=torch.int32)
-    meta = (bits.view(-1, 8).to(torch.int32) << shifts).sum(-1).to(torch.uint8) | const_meta
-    out_meta.copy_(meta)
+    out_meta.copy_((bits.view(-1, 8).to(torch.int32) << shifts).sum(-1).to(torch.uint8) | const_meta)
 
 
 class LearnedCompressor:
@@ -131,14 +144,22 @@ class LearnedCompressor:
             lut_a[code], lut_b[code] = ab & 3, ab >> 2
         const_bits = _bits(meta_of(ones * _pattern((0, 1)))) & ~field_bits
         # int32 / uint8 tables: the compressor reads them every step, so their bytes count
-        self.tables = (lut_a, lut_b, src_group.to(torch.int32), src_field.to(torch.uint8), _pack_bits(const_bits))
+        fields_in_nibbles = (nbits == 4 * G and torch.equal(src_field.view(-1, 4), torch.arange(4, device=device).expand(G, 4))
+                             and bool((src_group.view(-1, 4) == src_group.view(-1, 4)[:, :1]).all()))
+        if fields_in_nibbles:
+            fn, self.tables = _compress_nibbles, (lut_a, lut_b, src_group.view(-1, 4)[:, 0].to(torch.int32))
+        else:
+            fn, self.tables = _compress_bits, (lut_a, lut_b, src_group.to(torch.int32), src_field.to(torch.uint8),
+                                               _pack_bits(const_bits))
+        self.layout = "nibbles" if fields_in_nibbles else "bits"
         # dynamic shapes: one compiled graph serves every (m, k) (per memory order) instead of one
         # recompile per shape, which would soon hit dynamo's recompile limit and fall back to eager
-        self.fn = torch.compile(_learned_compress, dynamic=True) if compile else _learned_compress
+        self.fn = torch.compile(fn, dynamic=True) if compile else fn
         self._check(lib, device, check_rounds)
 
-    def __call__(self, wm, mask, out):
-        self.fn(wm, mask, out[:self.value_bytes].view(torch.bfloat16), out[self.value_bytes:], *self.tables)
+    def __call__(self, wm, out):
+        """Compress wm (m x k bf16, 2:4 along rows, any strides) into out (lib.empty_compressed(m, k))."""
+        self.fn(wm, out[:self.value_bytes].view(torch.bfloat16), out[self.value_bytes:], *self.tables)
         return out
 
     def _check(self, lib, device, rounds):
@@ -157,7 +178,7 @@ class LearnedCompressor:
             want = lib.compress(dense, lib.empty_compressed(m, k))
             for layout in ("contiguous", "transposed"):
                 wm = dense if layout == "contiguous" else dense.t().contiguous().t()
-                got = self(wm, wm != 0, torch.empty_like(want))
+                got = self(wm, torch.empty_like(want))
                 if not torch.equal(got, want):
                     bad = (got != want).nonzero().view(-1)
                     raise CompressorMismatch(f"{(got != want).sum().item()} of {want.numel()} bytes differ "

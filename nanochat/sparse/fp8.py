@@ -116,7 +116,7 @@ class Fp8SparseKernel:
 
     @torch.compiler.disable
     @torch.no_grad()
-    def pack(self, w_masked, mask=None):
+    def pack(self, w_masked):
         """w_masked: (out, in) weight with a transposable 2:4 mask already applied."""
         assert w_masked.shape == (self.out_features, self.in_features), w_masked.shape
         w = w_masked.detach()

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from nanochat.sparse.cusparselt import spmm
-from nanochat.sparse.mask import transposable_mask
+from nanochat.sparse.mask import masked_bf16, transposable_mask
 
 DENSE = -1  # algorithm id of an op that runs dense on the masked weight
 
@@ -62,7 +62,7 @@ class MaskedKernel(nn.Module):
         super().__init__()
         self.register_buffer("wm", None, persistent=False)
 
-    def pack(self, wm, mask):
+    def pack(self, wm):
         self.wm = _update(self.wm, wm)
 
     def linear(self, x, weight):
@@ -90,13 +90,13 @@ class CusparseltKernel(nn.Module):
         self.c = empty_c if fwd_alg != DENSE else None
         self.ct = empty_ct if dgrad_alg != DENSE else None
 
-    def pack(self, wm, mask):
+    def pack(self, wm):
         # the dense masked copy is kept only for ops that multiply with it
         self.wm = _update(self.wm, wm) if DENSE in (self.fwd_alg, self.dgrad_alg) else None
         if self.fwd_alg != DENSE:
-            self.compress_w(wm, mask, self.c)
+            self.compress_w(wm, self.c)
         if self.dgrad_alg != DENSE:
-            self.compress_wt(wm.t(), mask.t(), self.ct)
+            self.compress_wt(wm.t(), self.ct)
 
     def linear(self, x, weight):
         return _SparseLinearFn.apply(x, weight, self.wm, self.c, self.ct, self.fwd_alg, self.dgrad_alg, self.impl)
@@ -137,10 +137,9 @@ class SemiSparseLinear(nn.Linear):
         key = (w._version, w.data_ptr(), w.device)
         if key == self._packed_key and not force:
             return False
-        mask = transposable_mask(w)
         # CUDA computes in bf16 (like nn.Linear under autocast); elsewhere in the weight's dtype
-        wm = torch.where(mask, w.detach().to(torch.bfloat16) if w.is_cuda else w.detach(), 0)
-        self.kernel.pack(wm, mask)
+        wm = masked_bf16(w) if w.is_cuda else torch.where(transposable_mask(w), w.detach(), 0)
+        self.kernel.pack(wm)
         self._packed_key = key
         self.num_packs += 1
         return True

@@ -51,6 +51,16 @@ def transposable_mask(w):
     return transposable_mask_reference(wb)
 
 
+def masked_bf16(w):
+    """w's bf16 copy with its transposable 2:4 mask applied: on CUDA the tile kernel and one apply
+    (three launches in all, the per-step re-pack's hot path), elsewhere the reference mask."""
+    wb = w.detach().to(torch.bfloat16).contiguous()
+    if tile_kernel_applies(wb):
+        bitmask = torch._sparse_semi_structured_tile(wb, algorithm="largest_abs_values_greedy", use_cutlass=True)[4]
+        return torch._sparse_semi_structured_apply_dense(wb, bitmask)
+    return torch.where(transposable_mask_reference(wb), wb, 0)
+
+
 @torch.no_grad()
 def masks_checksum(masks):
     """An integer fingerprint of masks (an iterable of bool tensors). Under DDP all ranks must agree: the trainer

@@ -21,7 +21,7 @@ import statistics
 import torch
 
 from nanochat.sparse.cusparselt import TOKEN_PAD, library
-from nanochat.sparse.mask import transposable_mask
+from nanochat.sparse.mask import masked_bf16, transposable_mask
 
 CACHE_VERSION = 1
 
@@ -118,13 +118,11 @@ def time_gemm(lib, m, k, T, op, device):
 
 def time_compress_ms(compressor, out, m, k, transposed, device):
     """GPU ms to compress one (m x k) 2:4 operand into out with this compressor, W or W^T memory order."""
-    w = torch.randn(k, m, device=device, dtype=torch.bfloat16).t() if transposed else \
+    w = torch.randn(k, m, device=device, dtype=torch.bfloat16) if transposed else \
         torch.randn(m, k, device=device, dtype=torch.bfloat16)
-    mask = transposable_mask(w.contiguous())
-    wm = torch.where(mask, w, 0)
-    if transposed:
-        mask, wm = mask.t().contiguous().t(), wm.t().contiguous().t()
-    return time_gpu_ms(lambda: compressor(wm, mask, out), reps=3, batch=3)
+    wm = masked_bf16(w)
+    wm = wm.t() if transposed else wm
+    return time_gpu_ms(lambda: compressor(wm, out), reps=3, batch=3)
 
 
 def decide(gemm, compress_ms, micro_batches, force=None):
