@@ -1,0 +1,153 @@
+"""
+Profile (not a test): where one optimizer step's time goes, per mode, from torch.profiler. The model,
+conversions, optimizers and re-pack hooks are the trainer's; the data are random tokens (no loader).
+
+    python -m benchmarks.profile_step --depth 20 --modes dense sparse --grad-accum 4 [--out DIR]
+
+For each mode: wall ms per step, GPU busy ms per step (kernel time, one stream), the GPU time of each
+kernel class (dense GEMMs, 2:4 GEMMs, the re-pack, fp8 casts and scales, attention, Triton
+elementwise, the optimizer, other) and the top kernels. Writes profile_<depth>.json/.md under --out.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+
+import torch
+
+from nanochat.gpt import GPT, config_from_depth
+from nanochat.optim import setup_optimizers
+
+# kernel-name fragments of each class, first match wins
+CLASSES = [
+    ("2:4 GEMM (cuSPARSELt / CUTLASS sparse)", ("sparse", "sp_gemm", "spmma", "_sp_")),
+    ("re-pack (mask, compress)", ("semi_structured", "compress", "tile", "gather")),
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("dense GEMM", ("gemm", "nvjet", "xmma", "cutlass", "sm90_", "matmul", "wgmma")),
+    ("fp8 casts / amax / scales", ("amax", "float8", "fp8", "scale")),
+    ("optimizer", ("foreach", "multi_tensor", "adam", "lerp", "_fused_")),
+    ("Triton / elementwise", ("triton", "elementwise", "vectorized", "reduce")),
+]
+
+
+def kernel_class(name):
+    low = name.lower()
+    for cls, keys in CLASSES:
+        if any(k in low for k in keys):
+            return cls
+    return "other"
+
+
+def build(depth, mode, tokens, grad_accum, device, vocab=32768, seq_len=2048):
+    from nanochat.fp8 import convert_to_float8
+    from nanochat.sparse import SparseConfig, convert_mlp_to_sparse, install_refresh_hooks
+    torch.manual_seed(0)
+    config = config_from_depth(depth, vocab, seq_len)
+    with torch.device(device):
+        model = GPT(config)
+    model.init_weights()
+    sparse = mode in ("sparse", "fp8_sparse")
+    fp8 = mode in ("fp8", "fp8_sparse")
+    if sparse:
+        convert_mlp_to_sparse(model, device, SparseConfig(fp8=fp8, tokens=tokens, micro_batches=grad_accum,
+                                                          log=lambda m: print("  " + m, flush=True)))
+    if fp8:
+        convert_to_float8(model, device, log=lambda m: print("  " + m, flush=True))
+    opts = setup_optimizers(model, 0.2, 0.004, 0.02, 0.0, "cuda")
+    if sparse:
+        install_refresh_hooks(model, opts)
+    return model, opts
+
+
+def profile_mode(depth, mode, B, grad_accum, warmup_steps, steps, seq_len=2048):
+    from torch.profiler import ProfilerActivity, profile
+    device = torch.device("cuda")
+    model, opts = build(depth, mode, B * seq_len, grad_accum, device, seq_len=seq_len)
+    cmodel = torch.compile(model, dynamic=False)
+    vocab = model.config.vocab_size
+    x = torch.randint(0, vocab, (B, seq_len), device=device)
+    y = torch.randint(0, vocab, (B, seq_len), device=device)
+
+    def step():
+        for _ in range(grad_accum):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = cmodel(x, y)
+            (loss / grad_accum).backward()
+        for opt in opts:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        return loss.item()  # the trainer syncs once per step too
+
+    for _ in range(warmup_steps):
+        step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    wall_ms = (time.perf_counter() - t0) * 1e3 / steps
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            step()
+    kernels = {}
+    for e in prof.key_averages():
+        t = e.self_device_time_total
+        if t > 0 and e.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[e.key] = (t / 2e3, e.count / 2)  # ms and calls per step
+    busy = sum(t for t, _ in kernels.values())
+    classes = {}
+    for name, (t, _) in kernels.items():
+        c = kernel_class(name)
+        classes[c] = classes.get(c, 0.0) + t
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:15]
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    del model, opts, cmodel
+    torch._dynamo.reset()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return dict(depth=depth, mode=mode, device_batch_size=B, micro_batches=grad_accum, wall_ms=wall_ms,
+                tok_per_sec=B * seq_len * grad_accum / wall_ms * 1e3, gpu_busy_ms=busy,
+                classes=dict(sorted(classes.items(), key=lambda kv: -kv[1])),
+                top_kernels=[dict(name=n[:120], ms=t, calls=c) for n, (t, c) in top], peak_memory_gib=peak)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--depth", type=int, default=20)
+    p.add_argument("--modes", nargs="+", default=["dense", "sparse"])
+    p.add_argument("--device-batch-size", type=int, default=16)
+    p.add_argument("--grad-accum", type=int, default=4)
+    p.add_argument("--warmup-steps", type=int, default=4)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--out", default="benchmarks/results")
+    args = p.parse_args()
+    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, date=datetime.date.today().isoformat(),
+                command="python -m benchmarks.profile_step " + " ".join(sys.argv[1:]))
+    rows = []
+    name = f"profile_d{args.depth}_mb{args.grad_accum}"
+    for mode in args.modes:
+        r = profile_mode(args.depth, mode, args.device_batch_size, args.grad_accum, args.warmup_steps, args.steps)
+        rows.append(r)
+        lines = [f"# Step profile, d{args.depth}, device batch {args.device_batch_size}, {args.grad_accum} micro-batches "
+                 f"({meta['gpu']}, torch {meta['torch']}, {meta['date']})", "", f"Command: `{meta['command']}`", ""]
+        for r2 in rows:
+            lines += [f"## {r2['mode']}: {r2['wall_ms']:.1f} ms wall per step ({r2['tok_per_sec']:,.0f} tok/s), "
+                      f"GPU busy {r2['gpu_busy_ms']:.1f} ms ({100 * r2['gpu_busy_ms'] / r2['wall_ms']:.1f}%), "
+                      f"peak {r2['peak_memory_gib']:.1f} GiB", "", "| kernel class | GPU ms per step |", "|---|---|"]
+            lines += [f"| {c} | {t:.2f} |" for c, t in r2["classes"].items()]
+            lines += ["", "| top kernels | ms per step | calls per step |", "|---|---|---|"]
+            lines += [f"| `{k['name'][:90]}` | {k['ms']:.2f} | {k['calls']:.0f} |" for k in r2["top_kernels"]]
+            lines.append("")
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, name + ".json"), "w") as f:
+            json.dump(dict(meta=meta, results=rows), f, indent=1)
+        with open(os.path.join(args.out, name + ".md"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+        print(f"{mode}: wall {r['wall_ms']:.1f} ms, GPU busy {r['gpu_busy_ms']:.1f} ms; " +
+              ", ".join(f"{c} {t:.1f}" for c, t in r["classes"].items()), flush=True)
+
+
+if __name__ == "__main__":
+    main()
