@@ -11,9 +11,13 @@ step 2 on, so the default 3 steps reach the steady peak.
         --modes dense sparse fp8 fp8_sparse --loss chunked reference --out benchmarks/results/memory_d26
 
 Peak = torch.cuda.max_memory_allocated (and max_memory_reserved, what the allocator held) on CUDA,
-the process's peak RSS elsewhere. --snapshot DEPTH:MODE:BATCH[:LOSS] also records the allocator's
-history for that one configuration and writes <out>_snapshot_*.txt: torch.cuda.memory_summary and the
-largest live allocations at the peak, by source line (add --snapshot-pickle for the full
+the process's peak RSS elsewhere. --partitioner measures variants of torch._functorch.config for the
+compiled model: ban_recompute_materialized_backward=False lets it recompute relu^2, the bf16 casts of
+the norm outputs and of q/k in backward instead of saving them (-18 bytes per token x dim per layer in
+the CPU analysis below, about -24 GiB of saved activations at d26 device batch 16).
+--snapshot DEPTH:MODE:BATCH[:LOSS[:PARTITIONER]] also records the allocator's
+history of the matching configuration and writes <out>_snapshot_<config>_peak.md (the largest live
+allocations at the peak, by source line) and _summary.txt (torch.cuda.memory_summary) (add --snapshot-pickle for the full
 torch.cuda.memory._snapshot(), readable at https://pytorch.org/memory_viz).
 --saved-activations runs nothing on the GPU: it compiles a 2-layer model of a given width on CPU
 (bf16 autocast, inductor's decompositions and partitioner) and lists what the forward keeps for the
@@ -55,15 +59,43 @@ def _use_loss(loss):
                                                  else nanochat.loss.reference_linear_softcap_cross_entropy)
 
 
-def measure(flags, loss="chunked", snapshot_prefix=None, snapshot_pickle=False):
+def parse_partitioner(variant):
+    """'default' -> {}; 'key=value,key=value' -> torch._functorch.config settings, e.g.
+    ban_recompute_materialized_backward=False (let the partitioner recompute cheap elementwise ops,
+    such as relu^2 and the bf16 casts of norm outputs, in backward instead of saving them)."""
+    import ast
+    if variant in (None, "", "default"):
+        return {}
+    out = {}
+    for item in variant.split(","):
+        key, _, value = item.partition("=")
+        out[key.strip()] = ast.literal_eval(value.strip())
+    return out
+
+
+def _set_partitioner(settings):
+    """Apply torch._functorch.config settings; returns the previous values (to restore)."""
+    import torch._functorch.config as fconfig
+    old = {}
+    for key, value in settings.items():
+        if not hasattr(fconfig, key):
+            raise ValueError(f"torch._functorch.config has no setting {key!r}")
+        old[key] = getattr(fconfig, key)
+        setattr(fconfig, key, value)
+    return old
+
+
+def measure(flags, loss="chunked", snapshot_prefix=None, snapshot_pickle=False, partitioner=None):
     """Train with these flags in this process and return the row's measured fields: peak_memory_gib,
     peak_reserved_gib (CUDA), oom, error, tok_per_sec (rough: mean of steps 2+, the first compiles),
-    final_loss. On CPU the peak is the process's peak RSS (meaningful in a fresh process only)."""
+    final_loss. On CPU the peak is the process's peak RSS (meaningful in a fresh process only).
+    partitioner: torch._functorch.config settings for the compiled model (see parse_partitioner)."""
     import torch
     from nanochat.train import build_arg_parser, peak_memory_gib, train
     args = build_arg_parser().parse_args(flags)
     cuda = (args.device_type or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
     _use_loss(loss)
+    old_partitioner = _set_partitioner(partitioner or {})
     row = dict(oom=False, error=None, tok_per_sec=None, final_loss=None)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -79,6 +111,7 @@ def measure(flags, loss="chunked", snapshot_prefix=None, snapshot_pickle=False):
         row.update(oom=True, error=str(e).strip().splitlines()[0][:300])
     finally:
         _use_loss("chunked")
+        _set_partitioner(old_partitioner)
     if cuda:
         row.update(peak_memory_gib=torch.cuda.max_memory_allocated() / GIB,
                    peak_reserved_gib=torch.cuda.max_memory_reserved() / GIB,
@@ -105,17 +138,23 @@ def _site(frames):
 def peak_allocations(snapshot, top=25):
     """Replay the allocator's trace (recorded from the start of the run) to the moment allocated bytes
     peaked; returns (peak bytes, [(site, bytes, count, largest)]) of the allocations live then."""
-    live, cur, peak, at_peak = {}, 0, 0, {}
-    for trace in snapshot.get("device_traces", []):
-        for ev in trace:
-            action, addr, size = ev.get("action"), ev.get("addr"), ev.get("size", 0)
+    events = [ev for trace in snapshot.get("device_traces", []) for ev in trace]
+
+    def replay(stop):
+        live, cur, peak, peak_at = {}, 0, 0, -1
+        for i, ev in enumerate(events[:stop]):
+            action, addr = ev.get("action"), ev.get("addr")
             if action == "alloc":
-                live[addr] = (size, ev.get("frames", []))
-                cur += size
+                live[addr] = (ev.get("size", 0), ev.get("frames", []))
+                cur += live[addr][0]
                 if cur > peak:
-                    peak, at_peak = cur, dict(live)
+                    peak, peak_at = cur, i
             elif action == "free_completed" and addr in live:
                 cur -= live.pop(addr)[0]
+        return live, peak, peak_at
+
+    _, peak, peak_at = replay(len(events))
+    at_peak = replay(peak_at + 1)[0]  # the allocations live right after the peak's allocation
     sites = {}
     for size, frames in at_peak.values():
         s = sites.setdefault(_site(frames), [0, 0, 0])
@@ -147,11 +186,13 @@ def write_snapshot(prefix, with_pickle=False):
 # -----------------------------------------------------------------------------
 # What the compiled forward saves for the backward (CPU, no GPU needed)
 
-def saved_activations(n_embd=1664, seq_len=512, vocab_size=32768, head_dim=128, loss="chunked"):
+def saved_activations(n_embd=1664, seq_len=512, vocab_size=32768, head_dim=128, loss="chunked", partitioner=None):
     """Compile a 2-layer GPT of width n_embd on CPU under bf16 autocast with inductor's decompositions
     and min-cut partitioner (no code generation) and list the tensors its forward saves for the
     backward. Returns dict(rows=[(name, shape, dtype, bytes per token x dim)] of one block,
-    per_layer=bytes per token x dim per layer, vocab_bytes_per_token, weight_bytes).
+    per_layer=bytes per token x dim per layer, vocab_bytes_per_token, weight_bytes: the rest, e.g. bf16
+    copies of the weights and the lm_head gradient; the graph's own inputs, such as the fp32 weights,
+    are not counted: saving them costs nothing).
     CPU autocast and CPU attention differ a little from CUDA: a guide, the GPU peak is the measure."""
     import torch
     from torch._dynamo.backends.common import aot_autograd
@@ -171,19 +212,21 @@ def saved_activations(n_embd=1664, seq_len=512, vocab_size=32768, head_dim=128, 
         out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
         for node in out:
             v = getattr(node, "meta", {}).get("val")
-            if isinstance(v, torch.Tensor):
+            if isinstance(v, torch.Tensor) and node.op != "placeholder":  # inputs (weights, idx) cost nothing extra
                 saved.append((node.name, tuple(v.shape), str(v.dtype).replace("torch.", ""), v.numel() * v.element_size()))
         return gm.forward
 
     backend = aot_autograd(fw_compiler=fw_compiler, bw_compiler=lambda gm, _: gm.forward,
                            partition_fn=min_cut_rematerialization_partition, decompositions=select_decomp_table())
     _use_loss(loss)
+    old_partitioner = _set_partitioner(partitioner or {})
     try:
         idx = torch.randint(0, vocab_size, (1, seq_len))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             torch.compile(model, backend=backend, dynamic=False)(idx, idx)
     finally:
         _use_loss("chunked")
+        _set_partitioner(old_partitioner)
         torch._dynamo.reset()
     N, d = seq_len, n_embd
     assert N not in (n_embd, 4 * n_embd, vocab_size, head_dim), "seq_len must differ from every width"
@@ -212,11 +255,11 @@ def write_outputs(results, out, meta):
              "a few optimizer steps; peak = torch.cuda.max_memory_allocated (reserved: what the caching allocator "
              "held); on CPU the process's peak RSS. loss: chunked = nanochat/loss.py, reference = the old "
              "full-logits formula.", "",
-             "| depth | mode | loss | device batch | micro-batches | peak GiB | reserved GiB | vs reference | tok/s (rough) | status |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| depth | mode | loss | partitioner | device batch | micro-batches | peak GiB | reserved GiB | vs reference | tok/s (rough) | status |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         ref = next((x for x in results if x["loss"] == "reference" and not x.get("oom") and x.get("peak_memory_gib")
-                    and all(x[k] == r[k] for k in ("depth", "mode", "device_batch_size"))), None)
+                    and all(x[k] == r[k] for k in ("depth", "mode", "device_batch_size", "partitioner"))), None)
         vs = (f"{r['peak_memory_gib'] - ref['peak_memory_gib']:+.2f} GiB"
               if ref and r["loss"] != "reference" and r.get("peak_memory_gib") and not r.get("oom") else "-")
         peak = f"{r['peak_memory_gib']:.2f}" if r.get("peak_memory_gib") is not None else "-"
@@ -224,7 +267,7 @@ def write_outputs(results, out, meta):
         tps = f"{r['tok_per_sec']:,.0f}" if r.get("tok_per_sec") else "-"
         status = "OOM (peak before the failure)" if r.get("oom") else ("ok" if not r.get("error") else
                                                                    "failed: " + r["error"].strip().splitlines()[-1][:100])
-        lines.append(f"| {r['depth']} | {r['mode']} | {r['loss']} | {r['device_batch_size']} | {r['micro_batches']} | "
+        lines.append(f"| {r['depth']} | {r['mode']} | {r['loss']} | {r['partitioner']} | {r['device_batch_size']} | {r['micro_batches']} | "
                      f"{peak} | {res} | {vs} | {tps} | {status} |")
     with open(out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -251,18 +294,19 @@ def run_child(spec, timeout, log_path):
 def run_one(spec, out_json):
     """Child process: measure one configuration and write its fields as JSON (also after an OOM)."""
     try:
-        row = measure(spec["flags"], spec["loss"], spec.get("snapshot_prefix"), spec.get("snapshot_pickle", False))
+        row = measure(spec["flags"], spec["loss"], spec.get("snapshot_prefix"), spec.get("snapshot_pickle", False),
+                      parse_partitioner(spec.get("partitioner")))
     except Exception:
         row = dict(error=traceback.format_exc()[-1500:])
     with open(out_json, "w") as f:
         json.dump(row, f)
 
 
-def print_saved_activations(n_embd, seq_len):
+def print_saved_activations(n_embd, seq_len, partitioner=None):
     for loss in LOSSES:
-        r = saved_activations(n_embd=n_embd, seq_len=seq_len, loss=loss)
-        print(f"\nloss={loss}: saved for backward, per layer: {r['per_layer']:.2f} bytes per token x dim; "
-              f"vocab-sized: {r['vocab_bytes_per_token']:.0f} bytes per token; weight copies: {r['weight_bytes'] / 1e6:.1f} MB (2 layers)")
+        r = saved_activations(n_embd=n_embd, seq_len=seq_len, loss=loss, partitioner=parse_partitioner(partitioner))
+        print(f"\nloss={loss}, partitioner={partitioner or 'default'}: saved for backward, per layer: {r['per_layer']:.2f} bytes per token x dim; "
+              f"vocab-sized: {r['vocab_bytes_per_token']:.0f} bytes per token; other (weight-sized: bf16 weight copies, lm_head grad): {r['weight_bytes'] / 1e6:.1f} MB (2 layers)")
         if loss == "chunked":
             print("per-token tensors saved (both blocks, then the loss), bytes per token x dim:")
             for name, shape, dtype, b in r["rows"]:
@@ -275,12 +319,15 @@ def main():
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     p.add_argument("--device-batch-sizes", type=int, nargs="+", default=[16])
     p.add_argument("--loss", nargs="+", default=["chunked"], choices=LOSSES, help="chunked (the model's) and/or reference (old)")
+    p.add_argument("--partitioner", nargs="+", default=["default"], metavar="default|KEY=VALUE[,KEY=VALUE]",
+                   help="torch._functorch.config variants to measure, e.g. default ban_recompute_materialized_backward=False")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--micro-batches", type=int, default=2, help="micro-batches per optimizer step (>= 2: grads live during fwd/bwd)")
     p.add_argument("--timeout", type=int, default=300, help="seconds per configuration")
     p.add_argument("--out", default="benchmarks/results/memory")
-    p.add_argument("--snapshot", default=None, metavar="DEPTH:MODE:BATCH[:LOSS]", help="record the allocator history of this one configuration")
+    p.add_argument("--snapshot", default=None, metavar="DEPTH:MODE:BATCH[:LOSS[:PARTITIONER]]",
+                   help="record the allocator history of the matching configuration(s)")
     p.add_argument("--snapshot-pickle", action="store_true", help="with --snapshot: also dump the full snapshot pickle (large)")
     p.add_argument("--saved-activations", nargs="?", const=1664, type=int, metavar="N_EMBD",
                    help="CPU only: list what the compiled forward saves for backward at this width (default 1664 = d26), then exit")
@@ -291,7 +338,10 @@ def main():
         run_one(json.loads(args.one[0]), args.one[1])
         return
     if args.saved_activations:
-        print_saved_activations(args.saved_activations, 512)
+        for variant in args.partitioner:
+            # 4000 tokens: more than 2x the width, as in training (with fewer, the partitioner may rather
+            # keep a chunk's bf16 grad-logits than the lm_head grad); ~20 s per variant and loss on 2 cores
+            print_saved_activations(args.saved_activations, 4000, variant)
         return
 
     import torch
@@ -302,13 +352,14 @@ def main():
     for depth in args.depths:
         for B in args.device_batch_sizes:
             for mode in args.modes:
-                for loss in args.loss:
+                for loss, variant in [(l, v) for v in args.partitioner for l in args.loss]:
                     flags = config_flags(depth, mode, B, args.steps, args.seq_len, args.micro_batches, args.trainer_flags)
-                    tag = f"d{depth}_{mode}_b{B}_{loss}"
-                    spec = dict(flags=flags, loss=loss)
-                    if args.snapshot and args.snapshot.split(":") in ([str(depth), mode, str(B)], [str(depth), mode, str(B), loss]):
+                    tag = f"d{depth}_{mode}_b{B}_{loss}" + ("" if variant == "default" else "_" + variant.replace("=", "-").replace(",", "_"))
+                    spec = dict(flags=flags, loss=loss, partitioner=variant)
+                    key = [str(depth), mode, str(B), loss, variant]
+                    if args.snapshot and args.snapshot.split(":") == key[:len(args.snapshot.split(":"))]:
                         spec.update(snapshot_prefix=f"{args.out}_snapshot_{tag}", snapshot_pickle=args.snapshot_pickle)
-                    row = dict(depth=depth, mode=mode, loss=loss, device_batch_size=B, micro_batches=args.micro_batches,
+                    row = dict(depth=depth, mode=mode, loss=loss, partitioner=variant, device_batch_size=B, micro_batches=args.micro_batches,
                                seq_len=args.seq_len, steps=args.steps, gpu=meta["gpu"], torch=meta["torch"], date=meta["date"],
                                command=("python -m scripts.base_train " + " ".join(flags)
                                         + ("" if loss == "chunked" else "  # with the old full-logits loss patched in")))

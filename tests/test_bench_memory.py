@@ -12,7 +12,9 @@ import pytest
 
 import nanochat.gpt
 import nanochat.loss
-from benchmarks.bench_memory import config_flags, measure, peak_allocations, saved_activations
+import torch._functorch.config
+
+from benchmarks.bench_memory import config_flags, measure, parse_partitioner, peak_allocations, saved_activations
 
 TINY = ["--device-type", "cpu", "--aspect-ratio", "32", "--head-dim", "32"]
 
@@ -48,7 +50,7 @@ def test_command_line_writes_json_and_table(data, tmp_path):
     assert rows[0]["final_loss"] == pytest.approx(rows[1]["final_loss"], rel=1e-4)
     with open(out + ".md") as f:
         table = f.read()
-    assert "| 2 | dense | chunked | 4 | 2 |" in table and "| 2 | dense | reference | 4 | 2 |" in table
+    assert "| 2 | dense | chunked | default | 4 | 2 |" in table and "| 2 | dense | reference | default | 4 | 2 |" in table
     assert os.path.exists(out + "_d2_dense_b4_chunked.log")
 
 
@@ -76,3 +78,14 @@ def test_compiled_forward_saves_no_vocab_sized_tensor():
     assert ref["vocab_bytes_per_token"] >= 2 * 1000
     assert 30 < chunked["per_layer"] < 80 and 30 < ref["per_layer"] < 80  # bytes per token x dim per layer
     assert nanochat.gpt.linear_softcap_cross_entropy is nanochat.loss.linear_softcap_cross_entropy
+
+
+def test_partitioner_variant_recomputes_elementwise_ops_instead_of_saving_them():
+    assert parse_partitioner("default") == {}
+    knob = parse_partitioner("ban_recompute_materialized_backward=False")
+    assert knob == {"ban_recompute_materialized_backward": False}
+    before = torch._functorch.config.ban_recompute_materialized_backward
+    base = saved_activations(n_embd=128, seq_len=640, vocab_size=1000, head_dim=32)
+    less = saved_activations(n_embd=128, seq_len=640, vocab_size=1000, head_dim=32, partitioner=knob)
+    assert less["per_layer"] < base["per_layer"] - 8  # relu^2 (8 bytes per token x dim) and more
+    assert torch._functorch.config.ban_recompute_materialized_backward == before  # restored
