@@ -48,7 +48,9 @@ def _chunk(x, w, targets, softcap, ignore_index, row_scale=None):
     if row_scale is None:
         return loss, None
     dz = (z - lse[:, None]).exp_()  # softmax
-    dz.scatter_add_(1, tgt, torch.full_like(tgt, -1.0, dtype=dz.dtype))  # softmax - onehot
+    # softmax - onehot, as an elementwise op (not a scatter) so that inductor fuses the whole chunk's
+    # grad-logits into one kernel reading the bf16 logits and writing the bf16 result
+    dz = torch.where(torch.arange(w.shape[0], device=dz.device) == tgt, dz - 1.0, dz)
     dz *= (row_scale * valid)[:, None]
     dz *= t.mul_(t).neg_().add_(1.0)  # through the soft-cap: d(softcap * tanh(l / softcap))/dl = 1 - tanh^2
     return loss, dz.to(x.dtype)

@@ -93,7 +93,7 @@ def test_never_holds_the_whole_batch_of_logits():
     """Peak memory of forward + backward (eager, CPU, torch's MemTracker): the plain formula holds
     several full fp32 logits tensors at once; the chunked one less than one."""
     mem_tracker = pytest.importorskip("torch.distributed._tools.mem_tracker")
-    n, d, v = 2048, 64, 1024
+    n, d, v = 4096, 32, 2048
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, d, generator=g, requires_grad=True)
     w = torch.randn(v, d, generator=g, requires_grad=True)
