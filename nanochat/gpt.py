@@ -5,6 +5,7 @@ The GPT model, nanochat's architecture:
 - causal attention through F.scaled_dot_product_attention, optional grouped-query heads
 - MLP c_fc (d -> 4d) -> relu² -> c_proj (4d -> d), under a module named `mlp`
 - no biases, untied lm_head, fp32 logits with a tanh soft-cap, zero-init output projections
+- the loss never materializes the whole batch's logits (nanochat/loss.py: chunked linear + cross-entropy)
 """
 
 import math
@@ -13,6 +14,10 @@ from dataclasses import dataclass, asdict
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from nanochat.loss import linear_softcap_cross_entropy
+
+SOFTCAP = 15.0  # logits = SOFTCAP * tanh(logits / SOFTCAP)
 
 
 @dataclass
@@ -181,13 +186,12 @@ class GPT(nn.Module):
         x = norm(x)
         if kv_cache is not None:
             kv_cache.pos += T
-        softcap = 15.0
-        logits = self.lm_head(x).float()
-        logits = softcap * torch.tanh(logits / softcap)
         if targets is None:
-            return logits
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
-                               ignore_index=-1, reduction=loss_reduction)
+            logits = self.lm_head(x).float()
+            return SOFTCAP * torch.tanh(logits / SOFTCAP)
+        # The loss walks the tokens in chunks: the fp32 logits of the whole batch never exist at once.
+        return linear_softcap_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1), SOFTCAP,
+                                            ignore_index=-1, reduction=loss_reduction)
 
     @torch.inference_mode()
     def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):

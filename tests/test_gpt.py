@@ -112,3 +112,54 @@ def test_tiny_overfit_loss_falls():
         model.zero_grad(set_to_none=True)
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def _nontrivial_model():
+    model = make_model()
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.attn.c_proj.weight.normal_(0, 0.05)
+            block.mlp.c_proj.weight.normal_(0, 0.05)
+        model.lm_head.weight.normal_(0, 0.5)  # logits large enough for the soft-cap to bend them
+    return model
+
+
+def test_training_loss_and_grads_match_the_full_logits_formula():
+    """The model's loss (chunked, nanochat/loss.py) against the old formula on its full logits."""
+    import torch.nn.functional as F
+    model = _nontrivial_model()
+    idx, y = torch.randint(0, 96, (3, 16)), torch.randint(0, 96, (3, 16))
+    y[0, :4] = -1  # ignored targets count neither in the sum nor in the mean's denominator
+    loss = model(idx, y)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    old = F.cross_entropy(model(idx).view(-1, 96), y.view(-1), ignore_index=-1)
+    old.backward()
+    torch.testing.assert_close(loss, old, rtol=1e-6, atol=0)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-7, msg=n)
+    with torch.no_grad():
+        per_token = model(idx, y, loss_reduction="none")
+        old_per_token = F.cross_entropy(model(idx).view(-1, 96), y.view(-1), ignore_index=-1, reduction="none")
+    torch.testing.assert_close(per_token, old_per_token, rtol=1e-6, atol=1e-6)
+
+
+def test_compiled_model_gives_the_eager_loss_and_grads():
+    """torch.compile (inductor on CPU, one graph) of the model with the chunked loss: same training
+    loss and gradients as eager, and the per-token eval losses under no_grad."""
+    model = _nontrivial_model()
+    idx, y = torch.randint(0, 96, (4, 32)), torch.randint(0, 96, (4, 32))
+    eager = model(idx, y)
+    eager.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    compiled = torch.compile(model, dynamic=False, fullgraph=True)
+    loss = compiled(idx, y)
+    loss.backward()
+    torch.testing.assert_close(loss, eager, rtol=1e-5, atol=0)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-6, msg=n)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(idx, y, loss_reduction="none"), model(idx, y, loss_reduction="none"),
+                                   rtol=1e-5, atol=1e-5)
