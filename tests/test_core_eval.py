@@ -270,3 +270,34 @@ def test_batches_split_across_ranks_cover_the_single_process_batches(bundle, tin
         interleaved = [split[i % world][i // world] for i in range(len(one))]
         assert [[(e.task, e.gold, [r.tolist() for r in e.rows], e.spans) for e in b] for b in interleaved] == \
                [[(e.task, e.gold, [r.tolist() for r in e.rows], e.spans) for e in b] for b in one]
+
+# -----------------------------------------------------------------------------
+# The bundle: missing, downloaded
+
+
+def test_missing_bundle_is_one_line_error(tmp_path):
+    with pytest.raises(UserError, match=r"no CORE eval bundle in .*run `python -m scripts.base_eval --download-bundle`"):
+        load_tasks(str(tmp_path / "nothing"))
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(tmp_path))
+    r = subprocess.run([sys.executable, "-m", "scripts.base_eval", "--model-tag", "x", "--device-type", "cpu"],
+                       capture_output=True, text=True, env=env, cwd=ROOT)
+    assert r.returncode == 2
+    assert r.stderr.strip() == (f"error: no CORE eval bundle in {tmp_path}/eval_bundle (missing core.yaml): "
+                                f"run `python -m scripts.base_eval --download-bundle`")
+
+
+def test_download_bundle_unpacks_a_zip(tmp_path):
+    src = write_bundle(str(tmp_path / "src" / "eval_bundle"))
+    zip_path = tmp_path / "eval_bundle.zip"
+    with zipfile.ZipFile(zip_path, "w") as z:
+        for d, _, files in os.walk(src):
+            for name in files:
+                full = os.path.join(d, name)
+                z.write(full, os.path.relpath(full, os.path.dirname(src)))  # entries under eval_bundle/, like upstream's
+    from scripts.base_eval import build_arg_parser, evaluate
+    dest = str(tmp_path / "base" / "eval_bundle")
+    evaluate(build_arg_parser().parse_args(["--download-bundle", "--bundle-url", f"file://{zip_path}", "--bundle-dir", dest]))
+    assert [t.examples for t in load_tasks(dest)] == [t.examples for t in load_tasks(src)]
+    assert sorted(os.listdir(tmp_path / "base")) == ["eval_bundle"]  # no zip or temp dir left behind
+    with pytest.raises(UserError, match="could not download the eval bundle"):
+        core_eval.download_bundle(str(tmp_path / "other"), url=f"file://{tmp_path}/missing.zip", log=lambda *a: None)
