@@ -301,3 +301,85 @@ def test_download_bundle_unpacks_a_zip(tmp_path):
     assert sorted(os.listdir(tmp_path / "base")) == ["eval_bundle"]  # no zip or temp dir left behind
     with pytest.raises(UserError, match="could not download the eval bundle"):
         core_eval.download_bundle(str(tmp_path / "other"), url=f"file://{tmp_path}/missing.zip", log=lambda *a: None)
+
+# -----------------------------------------------------------------------------
+# Real checkpoints: the trainer's --core-metric-every and scripts.base_eval
+
+TINY = ["--device-type", "cpu", "--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", "32",
+        "--device-batch-size", "4", "--total-batch-size", "256", "--warmup-steps", "2", "--eval-tokens", "512",
+        "--sample-every", "0", "--eval-every", "-1", "--matrix-lr", "0.04", "--core-metric-max-per-task", "-1"]
+
+
+def train_tiny(*extra):
+    from nanochat.train import build_arg_parser, train
+    return train(build_arg_parser().parse_args(TINY + list(extra)))
+
+
+def base_eval(*flags):
+    from scripts.base_eval import build_arg_parser, evaluate
+    return evaluate(build_arg_parser().parse_args(["--device-type", "cpu", *flags]))
+
+
+@pytest.fixture(scope="module")
+def trained(bundle, tiny_data_dir, tiny_tokenizer, nanochat_base_dir):
+    return train_tiny("--num-iterations", "12", "--core-metric-every", "6", "--model-tag", "core_e2e")
+
+
+def test_trainer_logs_core_and_reports_it(trained, nanochat_base_dir):
+    h, s = trained["history"], trained["summary"]
+    assert h["core_step"] == [6, 12] and len(h["core_metric"]) == 2
+    assert s["core_metric"] == h["core_metric"][-1] and -1 <= s["core_metric"] <= 1
+    assert set(s["core"]["tasks"]) == set(FIRST_CHOICE) and s["core_step"] == 12
+    report = open(os.path.join(nanochat_base_dir, "report", "core_e2e.md")).read()
+    assert "## CORE at step 12" in report and "| **CORE** |" in report and f"| core_metric | {s['core_metric']:,.4f} |" in report
+
+
+def test_base_eval_matches_what_the_trainer_measured(trained, tmp_path):
+    out = base_eval("--model-tag", "core_e2e", "--out-dir", str(tmp_path))
+    s = trained["summary"]
+    assert out["step"] == 12 and out["core"]["tasks"] == s["core"]["tasks"]
+    assert out["core"]["core_metric"] == s["core_metric"]
+    assert out["bpb"]["val"] == s["val_bpb"]  # same batches, same eval steps: the trainer's number
+    assert len(out["samples"]) == 3
+    saved = json.load(open(tmp_path / "core_e2e_eval_000012.json"))
+    assert saved["core"]["core_metric"] == out["core"]["core_metric"]
+    md = open(tmp_path / "core_e2e_eval_000012.md").read()
+    assert "| lm_task | language_modeling | 2 | 6 |" in md and "GPT-2 1.5B's 0.2565" in md and "val bpb" in md
+
+
+def test_two_process_gloo_core_equals_one_process(trained, nanochat_base_dir, tmp_path):
+    env = dict(os.environ, NANOCHAT_BASE_DIR=nanochat_base_dir, OMP_NUM_THREADS="1")
+    args = ["-m", "scripts.base_eval", "--model-tag", "core_e2e", "--device-type", "cpu", "--eval", "core",
+            "--device-batch-size", "2"]  # 64-token batches: several per rank
+    runs = {1: [sys.executable], 2: [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]}
+    results = {}
+    for n, launcher in runs.items():
+        r = subprocess.run(launcher + args + ["--out-dir", str(tmp_path / str(n))], capture_output=True, text=True,
+                           env=env, timeout=300, cwd=ROOT)
+        assert r.returncode == 0, r.stderr[-3000:]
+        results[n] = json.load(open(tmp_path / str(n) / "core_e2e_eval_000012.json"))
+    assert results[2]["world_size"] == 2
+    assert results[2]["core"]["tasks"] == results[1]["core"]["tasks"]
+    assert results[2]["core"]["core_metric"] == results[1]["core"]["core_metric"]
+
+
+@pytest.mark.parametrize("mode", [["--sparse", "--sparse-backend", "masked"], ["--fp8"]], ids=["sparse", "fp8"])
+def test_sparse_and_fp8_checkpoints_evaluate(bundle, tiny_data_dir, tiny_tokenizer, mode, tmp_path):
+    tag = "core_" + mode[0].strip("-")
+    s = train_tiny("--num-iterations", "4", "--core-metric-every", "-1", "--model-tag", tag, *mode)["summary"]
+    out = base_eval("--model-tag", tag, "--eval", "core,bpb", "--out-dir", str(tmp_path))
+    assert out[mode[0].strip("-")] is True
+    # the sparse checkpoint's 2:4 masks are recomputed from its weights: bpb and CORE are the trainer's
+    assert out["bpb"]["val"] == s["val_bpb"] and out["core"]["core_metric"] == s["core_metric"]
+
+
+def test_trainer_without_bundle_fails_at_startup(tmp_path, monkeypatch, tiny_tokenizer):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    with pytest.raises(UserError, match="missing core.yaml.*--download-bundle"):
+        train_tiny("--num-iterations", "2", "--core-metric-every", "5")
+    assert os.listdir(tmp_path) == []  # nothing started: no checkpoints, no report
+
+
+def test_unknown_eval_is_one_clear_error():
+    with pytest.raises(UserError, match="unknown --eval perplexity"):
+        base_eval("--model-tag", "x", "--eval", "core,perplexity")
