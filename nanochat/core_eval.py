@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import yaml
 import torch.distributed as dist
 import torch.nn.functional as F
 
@@ -72,7 +73,6 @@ class Task:
 def load_tasks(bundle_dir=None, max_per_task=-1):
     """The tasks of <bundle_dir>/core.yaml with their examples and random baselines.
     A missing bundle or file is a UserError that says how to get it."""
-    import yaml
     bundle_dir = bundle_dir or default_bundle_dir()
     config_path = os.path.join(bundle_dir, "core.yaml")
     meta_path = os.path.join(bundle_dir, "eval_meta_data.csv")
@@ -147,11 +147,13 @@ def centered(accuracy, baseline_percent):
 # Prompts and the tokens they score
 
 def fewshot_examples(examples, idx, k):
-    """The k shots of example idx: drawn from the other examples with random.Random(1234 + idx)."""
-    if k <= 0:
+    """The k shots of example idx: random.Random(1234 + idx).sample of the other examples. sample()
+    draws positions in the population, so positions in range(n - 1), shifted past idx, are the same
+    draws as sampling the list of other indices, without building that list per example."""
+    n = len(examples) - 1
+    if k <= 0 or n <= 0:
         return []
-    others = [i for i in range(len(examples)) if i != idx]
-    return [examples[i] for i in random.Random(1234 + idx).sample(others, min(k, len(others)))]
+    return [examples[j + (j >= idx)] for j in random.Random(1234 + idx).sample(range(n), min(k, n))]
 
 
 def render_prompts(task_type, item, shots, delimiter):

@@ -6,6 +6,7 @@ tiny dense, sparse and fp8 checkpoints to the numbers the trainer logged for the
 import csv
 import json
 import os
+import random
 import subprocess
 import sys
 import zipfile
@@ -168,7 +169,6 @@ def test_prompts_render_shots_and_delimiters_like_upstream():
 
 
 def test_bundle_loads_shuffled_with_shots_and_default_delimiter(bundle):
-    import random
     tasks = load_tasks(bundle)
     assert [(t.label, t.task_type, t.num_fewshot, t.delimiter, t.baseline) for t in tasks] == [
         ("mc_fewshot", "multiple_choice", 2, "\nAnswer: ", 25.0), ("mc_zeroshot", "multiple_choice", 0, " ", 50.0),
@@ -181,11 +181,21 @@ def test_bundle_loads_shuffled_with_shots_and_default_delimiter(bundle):
     for i, item in enumerate(mc.examples):
         shots = fewshot_examples(mc.examples, i, 2)
         assert len(shots) == 2 and item not in shots and shots[0] != shots[1]
-        assert shots == fewshot_examples(mc.examples, i, 2)  # deterministic per example
+        others = [j for j in range(len(mc.examples)) if j != i]  # upstream's draw: sample the other indices
+        assert shots == [mc.examples[j] for j in random.Random(1234 + i).sample(others, 2)]
         prompts = render_prompts(mc.task_type, item, shots, mc.delimiter)
         assert prompts[item["gold"]] == (f"{shots[0]['query']}\nAnswer: {shots[0]['choices'][shots[0]['gold']]}\n\n"
                                          f"{shots[1]['query']}\nAnswer: {shots[1]['choices'][shots[1]['gold']]}\n\n"
                                          f"{item['query']}\nAnswer: {item['choices'][item['gold']]}")
+
+
+def test_fewshot_draws_match_sampling_the_list_of_other_examples():
+    examples = list(range(500))
+    for idx in (0, 1, 250, 498, 499):
+        for k in (1, 3, 10):
+            others = [j for j in examples if j != idx]
+            assert fewshot_examples(examples, idx, k) == random.Random(1234 + idx).sample(others, k)
+    assert fewshot_examples([7], 0, 3) == [] and fewshot_examples([7, 8], 1, 3) == [7]
 
 
 def test_scored_spans_are_the_answers(bundle, tiny_tokenizer):
