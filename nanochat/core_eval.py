@@ -258,14 +258,14 @@ def _tokenized_examples(tasks, tokenizer, max_len, chunk=256):
 
 def _batches(examples, max_tokens):
     """Consecutive examples, as many per batch as fit rows x longest row <= max_tokens (at least one)."""
-    batch, n_rows, n_len = [], 0, 0
+    batch, n_rows, n_len = [], 0, 0  # the batch so far: its examples, rows, longest row
     for ex in examples:
-        rows, length = n_rows + len(ex.rows), max(n_len, max(len(r) for r in ex.rows))
-        if batch and rows * length > max_tokens:
+        ex_len = max(len(r) for r in ex.rows)
+        if batch and (n_rows + len(ex.rows)) * max(n_len, ex_len) > max_tokens:
             yield batch
-            batch, rows, length = [], len(ex.rows), max(len(r) for r in ex.rows)
+            batch, n_rows, n_len = [], 0, 0
         batch.append(ex)
-        n_rows, n_len = rows, length
+        n_rows, n_len = n_rows + len(ex.rows), max(n_len, ex_len)
     if batch:
         yield batch
 
