@@ -1,6 +1,7 @@
-"""A markdown report of a training run, with a loss-curve PNG beside it."""
+"""Markdown reports: a training run (with a loss-curve PNG beside it) and a checkpoint evaluation (with its JSON)."""
 
 import datetime
+import json
 import os
 
 
@@ -39,18 +40,59 @@ def write_train_report(report_dir, model_tag, args, history, summary):
     lines = [f"# Training report: {model_tag}", "",
              f"Date: {datetime.datetime.now().isoformat(timespec='seconds')}", "",
              "## Result", "", "| metric | value |", "|---|---|"]
-    for key in ("val_bpb", "final_loss", "tok_per_sec", "mfu", "peak_memory_gib", "num_iterations", "num_params",
+    for key in ("val_bpb", "core_metric", "final_loss", "tok_per_sec", "mfu", "peak_memory_gib", "num_iterations", "num_params",
                 "flops_per_token", "num_sparse_layers", "world_size", "device", "torch_version", "total_train_time"):
         lines.append(f"| {key} | {fmt(summary.get(key))} |")
     if history["step"]:
         lines += ["", f"![loss curve]({os.path.basename(png)})"]
+    if summary.get("core"):
+        lines += ["", f"## CORE at step {summary['core_step']}", ""] + core_table(summary["core"])
     if summary.get("samples"):
         lines += ["", "## Samples (greedy)", ""] + [f"- `{s!r}`" for s in summary["samples"]]
     lines += ["", "## Arguments", "", "| flag | value |", "|---|---|"]
     lines += [f"| --{k.replace('_', '-')} | {v} |" for k, v in sorted(args.items())]
     path = os.path.join(report_dir, f"{model_tag}.md")
+    _write_atomic(path, "\n".join(lines) + "\n")
+    return path
+
+
+def core_line(core):
+    """One line: the CORE metric against the GPT-2 bar."""
+    from nanochat.core_eval import GPT2_CORE
+    verdict = "above" if core["core_metric"] > GPT2_CORE else "below"
+    return f"CORE {core['core_metric']:.4f} ({verdict} GPT-2 1.5B's {GPT2_CORE:.4f})"
+
+
+def core_table(core):
+    """Markdown lines: one row per task (accuracy, random baseline, centered), then CORE."""
+    lines = ["| task | type | shots | examples | accuracy | random baseline | centered |", "|---|---|---|---|---|---|---|"]
+    for label, r in core["tasks"].items():
+        lines.append(f"| {label} | {r['type']} | {r['num_fewshot']} | {r['examples']} | {r['accuracy']:.4f} | "
+                     f"{r['baseline'] / 100:.4f} | {r['centered']:.4f} |")
+    lines.append(f"| **CORE** | | | | | | **{core['core_metric']:.4f}** |")
+    return lines + ["", core_line(core)]
+
+
+def write_eval_report(report_dir, results):
+    """results: scripts.base_eval's dict. Writes <tag>_eval_<step>.json and .md; returns both paths."""
+    os.makedirs(report_dir, exist_ok=True)
+    stem = os.path.join(report_dir, f"{results['model_tag']}_eval_{results['step']:06d}")
+    _write_atomic(stem + ".json", json.dumps(results, indent=2) + "\n")
+    lines = [f"# Evaluation: {results['model_tag']} step {results['step']}", "",
+             f"Date: {results['date']} | device: {results['device']} x {results['world_size']} | "
+             f"checkpoint: {results['checkpoint_dir']} | sparse: {results['sparse']} | fp8: {results['fp8']}", ""]
+    if "core" in results:
+        lines += ["## CORE", ""] + core_table(results["core"]) + [""]
+    if "bpb" in results:
+        lines += ["## Bits per byte", "", f"val bpb {results['bpb']['val']:.4f} on {results['bpb']['tokens']:,} tokens", ""]
+    if results.get("samples"):
+        lines += ["## Samples (greedy)", ""] + [f"- `{s!r}`" for s in results["samples"]] + [""]
+    _write_atomic(stem + ".md", "\n".join(lines))
+    return stem + ".json", stem + ".md"
+
+
+def _write_atomic(path, text):
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        f.write("\n".join(lines) + "\n")
+        f.write(text)
     os.replace(tmp, path)
-    return path

@@ -52,6 +52,9 @@ def build_arg_parser():
     # evaluation, sampling, checkpoints
     p.add_argument("--eval-every", type=int, default=250, help="val bpb every N steps (-1 = only at the end, 0 = never)")
     p.add_argument("--eval-tokens", type=int, default=20 * 524288, help="tokens per val bpb evaluation")
+    p.add_argument("--core-metric-every", type=int, default=0,
+                   help="CORE metric (DCLM eval bundle) every N steps (-1 = only at the end, 0 = never)")
+    p.add_argument("--core-metric-max-per-task", type=int, default=500, help="examples per CORE task (-1 = all)")
     p.add_argument("--sample-every", type=int, default=2000, help="print samples every N steps (-1 = only at the end, 0 = never)")
     p.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end, 0 = never)")
     p.add_argument("--resume-from-step", type=int, default=-1, help="resume from this saved step (-1 = fresh run)")
@@ -141,6 +144,10 @@ def train(args):
     from nanochat.tokenizer import get_token_bytes, get_tokenizer
 
     validate_args(args)
+    core_tasks = None
+    if args.core_metric_every != 0:
+        from nanochat.core_eval import load_tasks
+        core_tasks = load_tasks(max_per_task=args.core_metric_max_per_task)  # a missing bundle fails now, not mid-run
     device_type = args.device_type or autodetect_device_type()
     is_ddp, rank, local_rank, world_size, device = compute_init(device_type)
     master = rank == 0
@@ -239,7 +246,13 @@ def train(args):
             raise UserError("--run names a wandb run but wandb is not installed: pip install wandb, or use --run dummy")
         wandb_run = wandb.init(project="nanochat-sparse", name=args.run, config=vars(args))
 
-    history = dict(step=[], loss=[], val_step=[], val_bpb=[], tok_per_sec=[], mfu=[])
+    core_eval = None
+    if core_tasks is not None:
+        from nanochat.core_eval import CoreEval
+        core_eval = CoreEval(core_tasks, tokenizer, model.rotary_seq_len, args.device_batch_size * args.max_seq_len)
+    core = None
+
+    history = dict(step=[], loss=[], val_step=[], val_bpb=[], core_step=[], core_metric=[], tok_per_sec=[], mfu=[])
     smooth_loss = loop_state.get("smooth_loss", 0.0)
     total_train_time = loop_state.get("total_train_time", 0.0)
     val_bpb, samples = None, []
@@ -268,6 +281,19 @@ def train(args):
             log(f"step {step:05d} | val bpb {val_bpb:.4f}")
             if wandb_run:
                 wandb_run.log({"step": step, "val/bpb": val_bpb})
+        core_due = (args.core_metric_every > 0 and step % args.core_metric_every == 0 and step > start_step) or \
+            (last_step and args.core_metric_every != 0)
+        if core_due:  # every rank scores its share; the eager model, as the example shapes vary
+            model.eval()
+            with autocast_ctx, bf16_linears(model):
+                core = core_eval.evaluate(model, device)
+            model.train()
+            history["core_step"].append(step)
+            history["core_metric"].append(core["core_metric"])
+            log(f"step {step:05d} | CORE {core['core_metric']:.4f} ({core['seconds']:.1f}s)")
+            if wandb_run:
+                wandb_run.log({"step": step, "core_metric": core["core_metric"],
+                               **{f"core/{k}": r["centered"] for k, r in core["tasks"].items()}})
         sample_due = (args.sample_every > 0 and step % args.sample_every == 0 and step > start_step) or \
             (last_step and args.sample_every != 0)
         if master and sample_due:
@@ -340,7 +366,8 @@ def train(args):
         bar.close()
     steady = history["tok_per_sec"][10:] or history["tok_per_sec"]
     summary = dict(
-        val_bpb=val_bpb, final_loss=history["loss"][-1] if history["loss"] else None,
+        val_bpb=val_bpb, core_metric=core["core_metric"] if core else None, core=core,
+        core_step=history["core_step"][-1] if core else None, final_loss=history["loss"][-1] if history["loss"] else None,
         tok_per_sec=sum(steady) / len(steady) if steady else None,
         mfu=(sum(m for m in history["mfu"][10:] if m) / max(1, len(history["mfu"][10:]))) if peak_flops else None,
         peak_memory_gib=peak_memory_gib(device), num_iterations=num_iterations, num_params=num_params,
