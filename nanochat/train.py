@@ -194,8 +194,9 @@ def train(args):
     # Resume: weights, optimizer moments, loader position, RNG and loop state.
     start_step, loop_state, loader_state = 0, {}, None
     if args.resume_from_step >= 0:
-        model_state, rank_state, meta = checkpoint.load_checkpoint(checkpoint_dir, args.resume_from_step, device, rank)
+        meta = checkpoint.load_meta(checkpoint_dir, args.resume_from_step)
         checkpoint.check_compatible(meta, config.to_dict(), world_size)
+        model_state, rank_state, meta = checkpoint.load_checkpoint(checkpoint_dir, args.resume_from_step, device, rank)
         model.load_state_dict(model_state, strict=True)
         for opt, state in zip(optimizers, rank_state["optimizers"]):
             opt.load_state_dict(state)

@@ -1,6 +1,7 @@
 """The training loop end to end on CPU: loss falls, checkpoints resume exactly, bad input fails cleanly,
 and 2 processes under torchrun (gloo) compute what one process computes on the same global batch."""
 
+import json
 import os
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from nanochat import checkpoint
 from nanochat.common import UserError
 from nanochat.train import build_arg_parser, train
 
@@ -106,7 +108,14 @@ def test_two_process_gloo_run_equals_one_process_reference(data, nanochat_base_d
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300,
                        cwd=os.path.dirname(os.path.dirname(__file__)))
     assert r.returncode == 0, r.stderr[-3000:]
-    ddp_state = torch.load(os.path.join(nanochat_base_dir, "base_checkpoints", "ddp", "model_000003.pt"))
+    ckpt = os.path.join(nanochat_base_dir, "base_checkpoints", "ddp")
+    ddp_state = torch.load(os.path.join(ckpt, "model_000003.pt"), weights_only=True)
+    # rank 0's meta records every rank's file
+    files = json.load(open(os.path.join(ckpt, "meta_000003.json")))["files"]
+    assert sorted(files) == ["model_000003.pt", "optim_000003_rank0.pt", "optim_000003_rank1.pt"]
+    for name, rec in files.items():
+        assert rec == {"bytes": os.path.getsize(os.path.join(ckpt, name)),
+                       "sha256": checkpoint.sha256_file(os.path.join(ckpt, name))}
 
     args = build_arg_parser().parse_args(TINY + ["--num-iterations", "3"])
     tok = get_tokenizer()
