@@ -153,6 +153,28 @@ def saved_steps(checkpoint_dir):
     return sorted(steps)
 
 
+def step_files(checkpoint_dir, step):
+    """Every file of one saved step: model, meta and all ranks' optimizer files."""
+    return [os.path.join(checkpoint_dir, n) for n in (model_name(step), meta_name(step))
+            if os.path.exists(os.path.join(checkpoint_dir, n))] + \
+        sorted(glob.glob(os.path.join(checkpoint_dir, f"optim_{step:06d}_rank*.pt")))
+
+
+def prune_checkpoints(checkpoint_dir, current_step, keep, replaced=()):
+    """After step current_step is saved: delete the steps before it beyond the newest `keep` (0 = keep all),
+    and the `replaced` steps of an earlier run that this one overwrites. Steps after current_step stay:
+    they belong to the run this one resumed from. Returns the deleted steps."""
+    steps = saved_steps(checkpoint_dir)
+    older = [s for s in steps if s < current_step]
+    doomed = set(older[:max(0, len(older) - (keep - 1))]) if keep > 0 else set()  # current_step is one of `keep`
+    doomed |= {s for s in replaced if s != current_step and s in steps}
+    for s in sorted(doomed):
+        os.remove(os.path.join(checkpoint_dir, meta_name(s)))  # first: a step without meta is not a saved step
+        for path in step_files(checkpoint_dir, s):
+            os.remove(path)
+    return sorted(doomed)
+
+
 # ---------------------------------------------------------------------------
 # Loading
 

@@ -54,7 +54,13 @@ def build_arg_parser():
     p.add_argument("--eval-tokens", type=int, default=20 * 524288, help="tokens per val bpb evaluation")
     p.add_argument("--sample-every", type=int, default=2000, help="print samples every N steps (-1 = only at the end, 0 = never)")
     p.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end, 0 = never)")
+    p.add_argument("--keep-last-k", type=int, default=3,
+                   help="keep the newest K checkpoints of the run, deleting older ones once a newer one is complete "
+                        "(the final one is always kept; 0 = keep all)")
     p.add_argument("--resume-from-step", type=int, default=-1, help="resume from this saved step (-1 = fresh run)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="a fresh run may write into a --model-tag that holds checkpoints; they are deleted once "
+                        "this run saves its first checkpoint")
     p.add_argument("--model-tag", type=str, default="", help="checkpoint directory name (default d<depth>)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -74,10 +80,26 @@ def validate_args(args):
         (args.device_batch_size >= 1, f"--device-batch-size must be >= 1 (got {args.device_batch_size})"),
         (args.head_dim >= 2 and args.head_dim % 2 == 0, f"--head-dim must be even and >= 2 (got {args.head_dim})"),
         (args.aspect_ratio >= 1, f"--aspect-ratio must be >= 1 (got {args.aspect_ratio})"),
+        (not (args.overwrite and args.resume_from_step != -1),
+         "--overwrite is for a fresh run replacing a tag's checkpoints; drop it to resume"),
+        (args.keep_last_k >= 0, f"--keep-last-k must be >= 0, 0 keeps every checkpoint (got {args.keep_last_k})"),
     ]
     for ok, msg in checks:
         if not ok:
             raise UserError(msg)
+
+
+def check_fresh_run(args, checkpoint_dir):
+    """A fresh run that saves checkpoints must not silently replace another run's. Returns the steps that
+    --overwrite replaces (deleted once this run's first checkpoint is complete)."""
+    if args.resume_from_step >= 0 or args.save_every == 0:
+        return []
+    steps = checkpoint.saved_steps(checkpoint_dir)
+    if steps and not args.overwrite:
+        raise UserError(f"{checkpoint_dir} already holds checkpoints of another run (steps {', '.join(map(str, steps))}): "
+                        f"continue it with --resume-from-step {steps[-1]}, replace it with --overwrite, "
+                        f"or pick a new --model-tag")
+    return steps
 
 
 def resolve_num_iterations(args, flops_per_token, num_params, total_batch_size):
@@ -190,6 +212,7 @@ def train(args):
     checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", model_tag)
     run_meta = dict(model_config=config.to_dict(), args=vars(args), world_size=world_size,
                     sparse=num_sparse > 0, sparse_backend=args.sparse_backend, fp8=args.fp8)
+    replaced_steps = check_fresh_run(args, checkpoint_dir)
 
     # Resume: weights, optimizer moments, loader position, RNG and loop state.
     start_step, loop_state, loader_state = 0, {}, None
@@ -280,6 +303,12 @@ def train(args):
             checkpoint.save_checkpoint(checkpoint_dir, step, model.state_dict(), [o.state_dict() for o in optimizers],
                                        batch_state, dict(run_meta, loop_state=loop_state), rank)
             log(f"saved checkpoint step {step} to {checkpoint_dir}")
+            if master:
+                deleted = checkpoint.prune_checkpoints(checkpoint_dir, step, args.keep_last_k, replaced_steps)
+                replaced_steps = []
+                if deleted:
+                    log(f"deleted checkpoint steps {', '.join(map(str, deleted))} (--keep-last-k {args.keep_last_k}"
+                        f"{', --overwrite' if args.overwrite else ''})")
         if last_step:
             break
 

@@ -1,5 +1,6 @@
 """Checkpoint integrity: every damaged file is one error naming it and the steps still complete,
-nothing on disk changes, and .pt files load with weights_only=True."""
+nothing on disk changes, .pt files load with weights_only=True, and keep-last-k / --overwrite
+delete only what they should."""
 
 import argparse
 import hashlib
@@ -141,6 +142,48 @@ def test_other_world_size_is_named_before_missing_files(copy):
     json.dump(meta, open(meta_path, "w"))
     with pytest.raises(UserError, match=r"saved by 2 processes, this run has 1: resume with --nproc_per_node=2"):
         run("--num-iterations", "8", "--model-tag", tag, "--resume-from-step", "6")
+
+
+def test_fresh_run_into_a_saved_tag_stops_and_overwrite_replaces_it(copy):
+    tag, d = copy
+    before = digests(d)
+    with pytest.raises(UserError, match=rf"^{re.escape(d)} already holds checkpoints of another run \(steps 2, 4, 6\): "
+                                        r"continue it with --resume-from-step 6, replace it with --overwrite, "
+                                        r"or pick a new --model-tag$"):
+        run("--num-iterations", "3", "--model-tag", tag)
+    assert digests(d) == before
+    run("--num-iterations", "3", "--model-tag", tag, "--overwrite")
+    assert sorted(os.listdir(d)) == ["meta_000003.json", "model_000003.pt", "optim_000003_rank0.pt"]
+
+
+def test_keep_last_k_keeps_the_newest(tiny_data_dir, tiny_tokenizer, nanochat_base_dir):
+    run("--num-iterations", "5", "--save-every", "1", "--keep-last-k", "2", "--model-tag", "keep2")
+    d = os.path.join(nanochat_base_dir, "base_checkpoints", "keep2")
+    assert checkpoint.saved_steps(d) == [4, 5]
+    assert sorted(os.listdir(d)) == ["meta_000004.json", "meta_000005.json", "model_000004.pt", "model_000005.pt",
+                                     "optim_000004_rank0.pt", "optim_000005_rank0.pt"]
+
+
+def fake_steps(d, steps, ranks=2):
+    os.makedirs(d, exist_ok=True)
+    for s in steps:
+        for name in [f"model_{s:06d}.pt", f"meta_{s:06d}.json"] + [f"optim_{s:06d}_rank{r}.pt" for r in range(ranks)]:
+            open(os.path.join(d, name), "w").close()
+
+
+@pytest.mark.parametrize("keep, current, replaced, left", [
+    (2, 40, (), [30, 40, 50]),        # 50 comes from the run this one resumed from: left alone
+    (1, 40, (), [40, 50]),
+    (0, 40, (), [10, 20, 30, 40, 50]),  # 0 keeps all
+    (9, 40, (), [10, 20, 30, 40, 50]),
+    (3, 40, (10, 20, 30, 40, 50), [40]),  # --overwrite: the earlier run's steps go, the one just saved stays
+])
+def test_prune_checkpoints(tmp_path, keep, current, replaced, left):
+    d = str(tmp_path)
+    fake_steps(d, [10, 20, 30, 40, 50])
+    checkpoint.prune_checkpoints(d, current, keep, replaced)
+    assert checkpoint.saved_steps(d) == left
+    assert len(os.listdir(d)) == 4 * len(left)  # model, meta and both ranks' files of each step, nothing else
 
 
 def test_base_sample_on_damaged_checkpoint_is_one_line(copy, nanochat_base_dir):
