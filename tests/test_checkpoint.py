@@ -144,6 +144,16 @@ def test_other_world_size_is_named_before_missing_files(copy):
         run("--num-iterations", "8", "--model-tag", tag, "--resume-from-step", "6")
 
 
+@pytest.mark.parametrize("num_iterations", ["5", "6"])
+def test_resume_at_or_past_the_horizon_stops_before_any_step(copy, num_iterations):
+    tag, d = copy
+    before = digests(d)
+    with pytest.raises(UserError, match=rf"^cannot resume from step 6: the run ends at step {num_iterations} "
+                                        rf"\(--num-iterations {num_iterations}\); pass --num-iterations greater than 6"):
+        run("--num-iterations", num_iterations, "--model-tag", tag, "--resume-from-step", "6")
+    assert digests(d) == before
+
+
 def test_fresh_run_into_a_saved_tag_stops_and_overwrite_replaces_it(copy):
     tag, d = copy
     before = digests(d)
@@ -195,3 +205,15 @@ def test_base_sample_on_damaged_checkpoint_is_one_line(copy, nanochat_base_dir):
     assert r.returncode == 2
     assert r.stderr.strip() == (f"error: checkpoint file {d}/model_000006.pt is damaged (its sha256 differs from the one "
                                 f"the meta file recorded): saved steps with complete files: 2, 4; use --step 4")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--temperature", "-1"], "--temperature must be >= 0, 0 for greedy (got -1.0)"),
+    (["--max-tokens", "0"], "--max-tokens must be >= 1 (got 0)"),
+    (["--top-k", "-1"], "--top-k must be >= 1, or 0 for no top-k filtering (got -1)"),
+])
+def test_base_sample_flags(saved, monkeypatch, flags, message):
+    from scripts import base_sample
+    monkeypatch.setattr(sys, "argv", ["base_sample", "--model-tag", "ckpt_src", "--device-type", "cpu", *flags])
+    with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
+        base_sample.main()
