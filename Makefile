@@ -24,7 +24,7 @@ train: setup
 	test -f $(BASE_DIR)/tokenizer/tokenizer.json || $(PY) -m scripts.tok_train --vocab-size 4096
 	$(PY) -m scripts.base_train --device-type cpu --depth 4 --aspect-ratio 32 --head-dim 64 --max-seq-len 256 \
 		--device-batch-size 16 --total-batch-size 4096 --num-iterations 300 --warmup-steps 10 \
-		--eval-every 100 --eval-tokens 32768 --sample-every 100 --model-tag d4_cpu
+		--eval-every 100 --eval-tokens 32768 --sample-every 100 --model-tag d4_cpu --overwrite
 
 test: setup
 	$(PY) -m pytest tests

@@ -1,30 +1,83 @@
 """
 Checkpoints, one directory per model tag:
   model_{step:06d}.pt              model state_dict (dense weights; sparse masks are recomputed from them)
-  meta_{step:06d}.json             model config, training args, step, loop state
   optim_{step:06d}_rank{r}.pt      optimizer states, data loader position and RNG states of rank r
-Every file is written to a temporary name and renamed, so a crash never leaves a half-written
-checkpoint and never touches an earlier one.
+  meta_{step:06d}.json             model config, training args, step, loop state, and the size and sha256
+                                   of every file above
+Every file is written to a temporary name, flushed to disk and renamed, so a crash never leaves a
+half-written checkpoint and never touches an earlier one. The meta file goes last: a step counts as
+saved only once its meta exists. Loading checks each file against the sizes and checksums in the meta
+and reads .pt files with weights_only=True (tensors and plain containers only: a checkpoint from
+someone else cannot run code). Every problem is a UserError naming the file and the steps still intact.
 """
 
 import glob
+import hashlib
 import json
 import os
+import pickle
 import re
 
 import torch
+import torch.distributed as dist
 
 from nanochat.common import UserError
 
+# meta["format"]: 2 = meta records each file's size and sha256. Format 1 (no "files" key) loads unchecked.
+FORMAT = 2
 
-def _atomic_save(obj, path):
+
+class _HashingWriter:
+    """Write-through file wrapper: the checksum costs no second read of a multi-GB file."""
+
+    def __init__(self, f):
+        self.f = f
+        self.sha = hashlib.sha256()
+
+    def write(self, data):
+        self.sha.update(data)
+        return self.f.write(data)
+
+    def flush(self):
+        self.f.flush()
+
+
+def _fsync_dir(path):
+    # the renames themselves must reach the disk before an older checkpoint may be deleted
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path, write):
+    """write(file) into a temp file, fsync, rename to path. Returns {"bytes": size, "sha256": hex}."""
     tmp = f"{path}.tmp{os.getpid()}"
-    if path.endswith(".json"):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-    else:
-        torch.save(obj, tmp)
+    with open(tmp, "wb") as f:
+        w = _HashingWriter(f)
+        write(w)
+        f.flush()
+        os.fsync(f.fileno())
+        size = f.tell()
     os.replace(tmp, path)
+    return {"bytes": size, "sha256": w.sha.hexdigest()}
+
+
+def _save_torch(obj, path):
+    return _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def _save_json(obj, path):
+    return _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
+
+
+def sha256_file(path, chunk=1 << 24):
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while data := f.read(chunk):
+            sha.update(data)
+    return sha.hexdigest()
 
 
 def rng_state():
@@ -41,21 +94,57 @@ def set_rng_state(state):
         torch.cuda.set_rng_state(state["cuda"].cpu())
 
 
+def model_name(step):
+    return f"model_{step:06d}.pt"
+
+
+def optim_name(step, rank):
+    return f"optim_{step:06d}_rank{rank}.pt"
+
+
+def meta_name(step):
+    return f"meta_{step:06d}.json"
+
+
+def _gather_records(step, record):
+    """Every rank's optimizer-file record, gathered as fixed-size byte tensors (8 bytes of size, 32 of sha256)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    mine = torch.tensor(list(record["bytes"].to_bytes(8, "little") + bytes.fromhex(record["sha256"])),
+                        dtype=torch.uint8, device=device)
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, mine)
+    # gloo frees a finished all_gather on its worker thread, which takes the GIL to drop these tensors; if a
+    # rank exits right after the last checkpoint, DDP's teardown (joining that thread while holding the GIL)
+    # would deadlock. A barrier waits with the GIL released, so the worker finishes first.
+    dist.barrier()
+    records = {}
+    for r, t in enumerate(gathered):
+        raw = bytes(t.cpu().tolist())
+        records[optim_name(step, r)] = {"bytes": int.from_bytes(raw[:8], "little"), "sha256": raw[8:].hex()}
+    return records
+
+
 def save_checkpoint(checkpoint_dir, step, model_state, optimizer_states, loader_state, meta, rank=0):
     """Rank 0 writes model and meta; every rank writes its own optimizer/loader/RNG file.
-    The meta file goes last: a step counts as saved only once its meta exists."""
+    Everything in these files is a tensor or a plain container (weights_only-loadable)."""
     os.makedirs(checkpoint_dir, exist_ok=True)
+    if rank == 0 and os.path.exists(os.path.join(checkpoint_dir, meta_name(step))):
+        os.remove(os.path.join(checkpoint_dir, meta_name(step)))  # replacing a step: it is unsaved until the new meta
     rank_state = {"optimizers": optimizer_states, "loader": loader_state, "rng": rng_state()}
-    _atomic_save(rank_state, os.path.join(checkpoint_dir, f"optim_{step:06d}_rank{rank}.pt"))
+    files = {optim_name(step, rank): _save_torch(rank_state, os.path.join(checkpoint_dir, optim_name(step, rank)))}
+    if dist.is_initialized():
+        # rank 0 records every rank's file; the gather also waits until all of them exist
+        files = _gather_records(step, files[optim_name(step, rank)])
     if rank == 0:
-        _atomic_save(model_state, os.path.join(checkpoint_dir, f"model_{step:06d}.pt"))
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()  # all rank files exist before the step is marked complete
-    if rank == 0:
-        _atomic_save({**meta, "step": step}, os.path.join(checkpoint_dir, f"meta_{step:06d}.json"))
+        files[model_name(step)] = _save_torch(model_state, os.path.join(checkpoint_dir, model_name(step)))
+        _fsync_dir(checkpoint_dir)
+        _save_json({**meta, "step": step, "format": FORMAT, "files": files},
+                   os.path.join(checkpoint_dir, meta_name(step)))
+        _fsync_dir(checkpoint_dir)
 
 
 def saved_steps(checkpoint_dir):
+    """Steps with a meta file, ascending (whether their files are intact is checked on load)."""
     steps = []
     for path in glob.glob(os.path.join(checkpoint_dir, "meta_*.json")):
         m = re.match(r"meta_(\d+)\.json$", os.path.basename(path))
@@ -64,27 +153,145 @@ def saved_steps(checkpoint_dir):
     return sorted(steps)
 
 
-def load_meta(checkpoint_dir, step):
-    path = os.path.join(checkpoint_dir, f"meta_{step:06d}.json")
+def step_files(checkpoint_dir, step):
+    """Every file of one saved step: model, meta and all ranks' optimizer files."""
+    return [os.path.join(checkpoint_dir, n) for n in (model_name(step), meta_name(step))
+            if os.path.exists(os.path.join(checkpoint_dir, n))] + \
+        sorted(glob.glob(os.path.join(checkpoint_dir, f"optim_{step:06d}_rank*.pt")))
+
+
+def prune_checkpoints(checkpoint_dir, current_step, keep, replaced=()):
+    """After step current_step is saved: delete the steps before it beyond the newest `keep` (0 = keep all),
+    and the `replaced` steps of an earlier run that this one overwrites. Steps after current_step stay:
+    they belong to the run this one resumed from. Returns the deleted steps."""
+    steps = saved_steps(checkpoint_dir)
+    older = [s for s in steps if s < current_step]
+    doomed = set(older[:max(0, len(older) - (keep - 1))]) if keep > 0 else set()  # current_step is one of `keep`
+    doomed |= {s for s in replaced if s != current_step and s in steps}
+    for s in sorted(doomed):
+        os.remove(os.path.join(checkpoint_dir, meta_name(s)))  # first: a step without meta is not a saved step
+        for path in step_files(checkpoint_dir, s):
+            os.remove(path)
+    return sorted(doomed)
+
+
+# ---------------------------------------------------------------------------
+# Loading
+
+def _read_meta(checkpoint_dir, step):
+    """The meta dict, or a string saying what is wrong with the file."""
+    path = os.path.join(checkpoint_dir, meta_name(step))
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return f"not valid JSON: {e}" if not isinstance(e, OSError) else str(e)
+    if not isinstance(meta, dict) or not isinstance(meta.get("model_config"), dict) or meta.get("step") != step:
+        return "not a checkpoint meta file of this step"
+    files = meta.get("files", {})
+    if not isinstance(files, dict) or not all(isinstance(r, dict) and isinstance(r.get("bytes"), int)
+                                              and isinstance(r.get("sha256"), str) for r in files.values()):
+        return "its file records are malformed"
+    return meta
+
+
+def _file_problem(checkpoint_dir, name, record, check_hash):
+    """None, or what is wrong with one checkpoint file against its meta record (None: no record)."""
+    path = os.path.join(checkpoint_dir, name)
+    if not os.path.exists(path):
+        return "missing"
+    size = os.path.getsize(path)
+    if record is None:
+        return "empty" if size == 0 else None
+    if size != record["bytes"]:
+        return f"{size:,} bytes, the meta file recorded {record['bytes']:,}"
+    if check_hash and sha256_file(path) != record["sha256"]:
+        return "its sha256 differs from the one the meta file recorded"
+    return None
+
+
+def _expected_files(meta, step):
+    """{name: record or None} of the files the step's meta says it has."""
+    if "files" in meta:
+        return meta["files"]
+    # format 1: no records; the model file and one optimizer file per process
+    return {model_name(step): None, **{optim_name(step, r): None for r in range(meta.get("world_size", 1))}}
+
+
+def intact_steps(checkpoint_dir):
+    """Saved steps whose meta parses and whose files all have the recorded sizes (checksums are checked on load)."""
+    good = []
+    for step in saved_steps(checkpoint_dir):
+        meta = _read_meta(checkpoint_dir, step)
+        if isinstance(meta, dict) and not any(_file_problem(checkpoint_dir, n, rec, False)
+                                              for n, rec in _expected_files(meta, step).items()):
+            good.append(step)
+    return good
+
+
+def _damaged(checkpoint_dir, step, path, why, step_flag):
+    others = [s for s in intact_steps(checkpoint_dir) if s != step]
+    if others:
+        hint = f"saved steps with complete files: {', '.join(map(str, others))}; use {step_flag} {others[-1]}"
+    elif step_flag == "--resume-from-step":
+        hint = "no other saved step has complete files: start over with --overwrite or a new --model-tag"
+    else:
+        hint = "no other saved step has complete files: train again"
+    return UserError(f"checkpoint file {path} is damaged ({why}): {hint}")
+
+
+def load_meta(checkpoint_dir, step, step_flag="--resume-from-step"):
+    path = os.path.join(checkpoint_dir, meta_name(step))
     if not os.path.exists(path):
         have = saved_steps(checkpoint_dir)
-        hint = f"saved steps: {have}" if have else "no checkpoints there"
-        raise UserError(f"no checkpoint at step {step} in {checkpoint_dir} ({hint}): pick one of the saved steps or check --model-tag")
-    with open(path) as f:
-        return json.load(f)
+        hint = f"saved steps: {', '.join(map(str, have))}" if have else "no checkpoints there"
+        raise UserError(f"no checkpoint at step {step} in {checkpoint_dir} ({hint}): pick one of the saved steps "
+                        f"or check --model-tag")
+    meta = _read_meta(checkpoint_dir, step)
+    if isinstance(meta, str):
+        raise _damaged(checkpoint_dir, step, path, meta, step_flag)
+    return meta
 
 
-def load_checkpoint(checkpoint_dir, step, device, rank=0, load_optimizer=True):
-    """Returns (model_state, rank_state or None, meta)."""
-    meta = load_meta(checkpoint_dir, step)
-    model_state = torch.load(os.path.join(checkpoint_dir, f"model_{step:06d}.pt"), map_location=device)
-    rank_state = None
-    if load_optimizer:
-        path = os.path.join(checkpoint_dir, f"optim_{step:06d}_rank{rank}.pt")
-        if not os.path.exists(path):
-            raise UserError(f"checkpoint step {step} in {checkpoint_dir} has no state for rank {rank}: "
-                            f"resume with the same number of processes it was saved with")
-        rank_state = torch.load(path, map_location=device, weights_only=False)
+def _first_sentence(e):
+    """Type and first sentence of an exception: torch.load's messages run to several lines of advice."""
+    text = str(e).strip()
+    text = re.split(r"(?<=\.)\s", text.splitlines()[0])[0][:160].rstrip(".") if text else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _torch_load(checkpoint_dir, step, name, device, step_flag):
+    path = os.path.join(checkpoint_dir, name)
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:
+        # weights_only refuses any pickled object other than tensors and plain containers
+        raise UserError(f"checkpoint file {path} holds pickled Python objects other than tensors and plain "
+                        f"containers, which could run code on load ({_first_sentence(e)}): it was not written by "
+                        f"this trainer; use a checkpoint saved by it")
+    except Exception as e:  # truncated zip, bad header, I/O error: all mean the file is unusable
+        raise _damaged(checkpoint_dir, step, path, f"torch.load: {_first_sentence(e)}", step_flag)
+
+
+def load_checkpoint(checkpoint_dir, step, device, rank=0, load_optimizer=True, step_flag="--resume-from-step"):
+    """Returns (model_state, rank_state or None, meta), after checking the files against the meta.
+    Every rank checks the sizes of all files (so all ranks fail alike) and the checksums of those it reads.
+    step_flag is the caller's flag that picks a step, for the hint in error messages."""
+    meta = load_meta(checkpoint_dir, step, step_flag)
+    expected = _expected_files(meta, step)
+    if load_optimizer and optim_name(step, rank) not in expected:
+        raise UserError(f"checkpoint step {step} in {checkpoint_dir} was saved by {meta.get('world_size', 1)} "
+                        f"processes and has no state for rank {rank}: resume with "
+                        f"--nproc_per_node={meta.get('world_size', 1)}")
+    mine = {model_name(step)} | ({optim_name(step, rank)} if load_optimizer else set())
+    for name, record in expected.items():
+        if name.startswith("optim_") and not load_optimizer:
+            continue
+        why = _file_problem(checkpoint_dir, name, record, check_hash=name in mine)
+        if why:
+            raise _damaged(checkpoint_dir, step, os.path.join(checkpoint_dir, name), why, step_flag)
+    model_state = _torch_load(checkpoint_dir, step, model_name(step), device, step_flag)
+    rank_state = _torch_load(checkpoint_dir, step, optim_name(step, rank), device, step_flag) if load_optimizer else None
     return model_state, rank_state, meta
 
 
@@ -110,7 +317,7 @@ def load_model_for_inference(checkpoint_dir, step=None, device="cpu"):
         if not steps:
             raise UserError(f"no checkpoints in {checkpoint_dir}: train first (python -m scripts.base_train) or check --model-tag")
         step = steps[-1]
-    model_state, _, meta = load_checkpoint(checkpoint_dir, step, device, load_optimizer=False)
+    model_state, _, meta = load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, step_flag="--step")
     model = GPT(GPTConfig(**meta["model_config"]))
     model.to(device)
     model.init_weights()  # buffers (rotary tables); weights are overwritten below

@@ -15,7 +15,7 @@ from collections import deque
 import torch
 
 from nanochat.common import UserError
-from nanochat.dataset import list_row_groups, open_shard
+from nanochat.dataset import list_row_groups, open_shard, read_texts
 
 
 class DistributedDataLoader:
@@ -114,7 +114,7 @@ class DistributedDataLoader:
         while len(texts) < n:
             if self._rg_docs is None:
                 path, row_group = self.row_groups[self._rg_pos]
-                self._rg_docs = self._parquet_file(path).read_row_group(row_group, columns=["text"]).column("text").to_pylist()
+                self._rg_docs = read_texts(self._parquet_file(path), path, row_group)
             take = self._rg_docs[self._doc_pos:self._doc_pos + n - len(texts)]
             cursors.extend((self._epoch, self._rg_pos, self._doc_pos + i) for i in range(len(take)))
             texts.extend(take)

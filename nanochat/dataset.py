@@ -56,13 +56,32 @@ def split_shards(split, data_dir=None):
     return shards[:-1] if split == "train" else shards[-1:]
 
 
+def bad_shard(path, why):
+    """The one-line error for a shard that cannot be used. write_default_corpus skips a directory that
+    already has shards, so the fix removes the directory first."""
+    data_dir = os.path.dirname(path)
+    return UserError(f"shard {path} {why}: rebuild the default corpus with `rm -r {data_dir} && "
+                     f"python -m nanochat.dataset --default-corpus` (downloaded shards: delete this file and "
+                     f"re-run `python -m nanochat.dataset -n N`)")
+
+
 def open_shard(path):
     """A pyarrow ParquetFile, checked to have a `text` column."""
-    pf = pq.ParquetFile(path)
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:  # truncated, not parquet, unreadable
+        raise bad_shard(path, f"is not a readable parquet file ({str(e).splitlines()[0][:200]})")
     if "text" not in pf.schema_arrow.names:
-        raise UserError(f"shard {path} has no `text` column (columns: {pf.schema_arrow.names}): "
-                        f"rewrite it with a `text` column of documents or remove it")
+        raise bad_shard(path, f"has no `text` column (columns: {pf.schema_arrow.names})")
     return pf
+
+
+def read_texts(pf, path, row_group):
+    """The documents of one row group; a damaged data page is an error naming the shard."""
+    try:
+        return pf.read_row_group(row_group, columns=["text"]).column("text").to_pylist()
+    except (pa.ArrowException, OSError) as e:
+        raise bad_shard(path, f"cannot be read at row group {row_group} ({str(e).splitlines()[0][:200]})")
 
 
 def list_row_groups(split, data_dir=None):
@@ -71,7 +90,7 @@ def list_row_groups(split, data_dir=None):
 
 
 def read_row_group(path, row_group):
-    return open_shard(path).read_row_group(row_group, columns=["text"]).column("text").to_pylist()
+    return read_texts(open_shard(path), path, row_group)
 
 
 def iter_docs(split, data_dir=None, start=0, step=1):

@@ -23,6 +23,12 @@ from nanochat.gpt import GPT, config_from_depth
 from nanochat.optim import lr_multiplier, muon_momentum, setup_optimizers
 
 SAMPLE_PROMPTS = ["The capital of France is", "def main(", "import "]
+DEFAULT_DEPTH = 20
+# 2 CPU cores train about 40 GFLOP/s (make train's d4 run: ~3,400 tokens/s), so a model of 50M parameters
+# sees ~100 tokens/s: the GPU-sized defaults (d20, about 400M parameters, 12 tokens each) would run for years.
+CPU_MAX_DEFAULT_PARAMS = 50_000_000
+MAKE_TRAIN_FLAGS = ("--depth 4 --aspect-ratio 32 --head-dim 64 --max-seq-len 256 --device-batch-size 16 "
+                    "--total-batch-size 4096 --num-iterations 300")
 
 
 def build_arg_parser():
@@ -30,14 +36,18 @@ def build_arg_parser():
     p.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' = no wandb)")
     p.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
     # model
-    p.add_argument("--depth", type=int, default=20, help="number of transformer layers")
+    p.add_argument("--depth", type=int, default=None,
+                   help=f"number of transformer layers (default {DEFAULT_DEPTH}; on CPU a default-sized model of "
+                        f"over {CPU_MAX_DEFAULT_PARAMS // 10**6}M parameters stops with an error unless --depth is given)")
     p.add_argument("--aspect-ratio", type=int, default=64, help="model_dim = depth * aspect_ratio (rounded up to head dim)")
     p.add_argument("--head-dim", type=int, default=128, help="attention head dimension")
     p.add_argument("--max-seq-len", type=int, default=2048, help="context length")
     # batch and horizon
     p.add_argument("--device-batch-size", type=int, default=32, help="sequences per micro-batch per process")
     p.add_argument("--total-batch-size", type=int, default=524288, help="tokens per optimizer step, all processes (-1 = one micro-batch per process)")
-    p.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1 = from --target-flops or --target-param-data-ratio)")
+    p.add_argument("--num-iterations", type=int, default=-1,
+                   help="optimizer steps of the whole run, >= 1 (-1 = from --target-flops or --target-param-data-ratio); "
+                        "on resume it must be past the saved step")
     p.add_argument("--target-flops", type=float, default=-1.0, help="training FLOPs budget (-1 = off)")
     p.add_argument("--target-param-data-ratio", type=float, default=12, help="tokens = ratio * params (Chinchilla ~20)")
     # optimization
@@ -51,13 +61,21 @@ def build_arg_parser():
     p.add_argument("--final-lr-frac", type=float, default=0.05, help="lr multiplier at the last step")
     # evaluation, sampling, checkpoints
     p.add_argument("--eval-every", type=int, default=250, help="val bpb every N steps (-1 = only at the end, 0 = never)")
-    p.add_argument("--eval-tokens", type=int, default=20 * 524288, help="tokens per val bpb evaluation")
+    p.add_argument("--eval-tokens", type=int, default=20 * 524288,
+                   help="tokens per val bpb evaluation, >= 1, rounded down to whole micro-batches (at least one); "
+                        "turn evaluation off with --eval-every 0")
     p.add_argument("--core-metric-every", type=int, default=0,
                    help="CORE metric (DCLM eval bundle) every N steps (-1 = only at the end, 0 = never)")
     p.add_argument("--core-metric-max-per-task", type=int, default=500, help="examples per CORE task (-1 = all)")
     p.add_argument("--sample-every", type=int, default=2000, help="print samples every N steps (-1 = only at the end, 0 = never)")
     p.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end, 0 = never)")
+    p.add_argument("--keep-last-k", type=int, default=3,
+                   help="keep the newest K checkpoints of the run, deleting older ones once a newer one is complete "
+                        "(the final one is always kept; 0 = keep all)")
     p.add_argument("--resume-from-step", type=int, default=-1, help="resume from this saved step (-1 = fresh run)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="a fresh run may write into a --model-tag that holds checkpoints; they are deleted once "
+                        "this run saves its first checkpoint")
     p.add_argument("--model-tag", type=str, default="", help="checkpoint directory name (default d<depth>)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -71,16 +89,73 @@ def build_arg_parser():
 
 
 def validate_args(args):
+    """Flag checks that need no data, model or device. Each failure is one line naming the flag."""
+    depth = DEFAULT_DEPTH if args.depth is None else args.depth
     checks = [
-        (args.depth >= 1, f"--depth must be >= 1 (got {args.depth})"),
+        (depth >= 1, f"--depth must be >= 1 (got {depth})"),
         (args.max_seq_len >= 1, f"--max-seq-len must be >= 1 (got {args.max_seq_len})"),
         (args.device_batch_size >= 1, f"--device-batch-size must be >= 1 (got {args.device_batch_size})"),
         (args.head_dim >= 2 and args.head_dim % 2 == 0, f"--head-dim must be even and >= 2 (got {args.head_dim})"),
         (args.aspect_ratio >= 1, f"--aspect-ratio must be >= 1 (got {args.aspect_ratio})"),
+        (args.total_batch_size == -1 or args.total_batch_size >= 1,
+         f"--total-batch-size must be >= 1, or -1 for one micro-batch per process (got {args.total_batch_size})"),
+        (args.num_iterations == -1 or args.num_iterations >= 1,
+         f"--num-iterations must be >= 1, or -1 for the horizon from --target-flops/--target-param-data-ratio "
+         f"(got {args.num_iterations})"),
+        (args.resume_from_step >= -1,
+         f"--resume-from-step must be a saved step, or -1 for a fresh run (got {args.resume_from_step})"),
+        (not (args.overwrite and args.resume_from_step != -1),
+         "--overwrite is for a fresh run replacing a tag's checkpoints; drop it to resume"),
+        (args.eval_tokens >= 1 or args.eval_every == 0,
+         f"--eval-tokens must be >= 1 (got {args.eval_tokens}); to turn evaluation off use --eval-every 0"),
+        (args.keep_last_k >= 0, f"--keep-last-k must be >= 0, 0 keeps every checkpoint (got {args.keep_last_k})"),
+        (args.warmup_steps >= 0, f"--warmup-steps must be >= 0 (got {args.warmup_steps})"),
+        (0 <= args.warmdown_ratio <= 1, f"--warmdown-ratio must be in [0, 1] (got {args.warmdown_ratio})"),
+        (args.final_lr_frac >= 0, f"--final-lr-frac must be >= 0 (got {args.final_lr_frac})"),
+        (args.weight_decay >= 0, f"--weight-decay must be >= 0 (got {args.weight_decay})"),
     ]
+    for flag in ("embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr"):
+        checks.append((getattr(args, flag) >= 0, f"--{flag.replace('_', '-')} must be >= 0 (got {getattr(args, flag)})"))
+    for flag in ("eval_every", "sample_every", "save_every"):
+        checks.append((getattr(args, flag) >= -1,
+                       f"--{flag.replace('_', '-')} must be N >= 1, -1 (only at the end) or 0 (never) "
+                       f"(got {getattr(args, flag)})"))
     for ok, msg in checks:
         if not ok:
             raise UserError(msg)
+
+
+def diverged(what, step, last_saved):
+    kept = f"the newest checkpoint is step {last_saved} (--resume-from-step {last_saved})" \
+        if last_saved is not None else "no checkpoint was saved"
+    return UserError(f"training diverged at step {step} ({what}) and nothing of that step was saved; {kept}; "
+                     f"lower the learning rates (--matrix-lr, --embedding-lr)")
+
+
+def check_cpu_size(config, depth_given):
+    """On CPU the GPU-sized default model would train for years: stop unless the size was asked for."""
+    with torch.device("meta"):  # count parameters without allocating them
+        num_params = GPT(config).num_params()
+    if num_params <= CPU_MAX_DEFAULT_PARAMS:
+        return
+    if not depth_given:
+        raise UserError(f"the default model (depth {config.n_layer}, {num_params / 1e6:.0f}M parameters) is far too large "
+                        f"to train on CPU: use `make train`'s settings ({MAKE_TRAIN_FLAGS}), --device-type cuda on a GPU, "
+                        f"or pass --depth {config.n_layer} to run it anyway")
+    print0(f"Warning: {num_params / 1e6:.0f}M parameters on CPU will train very slowly")
+
+
+def check_fresh_run(args, checkpoint_dir):
+    """A fresh run that saves checkpoints must not silently replace another run's. Returns the steps that
+    --overwrite replaces (deleted once this run's first checkpoint is complete)."""
+    if args.resume_from_step >= 0 or args.save_every == 0:
+        return []
+    steps = checkpoint.saved_steps(checkpoint_dir)
+    if steps and not args.overwrite:
+        raise UserError(f"{checkpoint_dir} already holds checkpoints of another run (steps {', '.join(map(str, steps))}): "
+                        f"continue it with --resume-from-step {steps[-1]}, replace it with --overwrite, "
+                        f"or pick a new --model-tag")
+    return steps
 
 
 def resolve_num_iterations(args, flops_per_token, num_params, total_batch_size):
@@ -144,6 +219,8 @@ def train(args):
     from nanochat.tokenizer import get_token_bytes, get_tokenizer
 
     validate_args(args)
+    depth_given = args.depth is not None
+    args = argparse.Namespace(**{**vars(args), "depth": args.depth if depth_given else DEFAULT_DEPTH})
     core_tasks = None
     if args.core_metric_every != 0:
         from nanochat.core_eval import load_tasks
@@ -161,6 +238,8 @@ def train(args):
     tokenizer = get_tokenizer()
     token_bytes = get_token_bytes(device)
     config = config_from_depth(args.depth, tokenizer.get_vocab_size(), args.max_seq_len, args.aspect_ratio, args.head_dim)
+    if device_type == "cpu":
+        check_cpu_size(config, depth_given)
     with torch.device(device):
         model = GPT(config)
     model.init_weights()
@@ -203,12 +282,19 @@ def train(args):
     checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", model_tag)
     run_meta = dict(model_config=config.to_dict(), args=vars(args), world_size=world_size,
                     sparse=num_sparse > 0, sparse_backend=args.sparse_backend, fp8=args.fp8)
+    replaced_steps = check_fresh_run(args, checkpoint_dir)
 
     # Resume: weights, optimizer moments, loader position, RNG and loop state.
     start_step, loop_state, loader_state = 0, {}, None
     if args.resume_from_step >= 0:
-        model_state, rank_state, meta = checkpoint.load_checkpoint(checkpoint_dir, args.resume_from_step, device, rank)
+        meta = checkpoint.load_meta(checkpoint_dir, args.resume_from_step)
         checkpoint.check_compatible(meta, config.to_dict(), world_size)
+        if meta["step"] >= num_iterations:
+            horizon = f"--num-iterations {num_iterations}" if args.num_iterations > 0 else \
+                "from --target-flops/--target-param-data-ratio"
+            raise UserError(f"cannot resume from step {meta['step']}: the run ends at step {num_iterations} ({horizon}); "
+                            f"pass --num-iterations greater than {meta['step']} to train further")
+        model_state, rank_state, meta = checkpoint.load_checkpoint(checkpoint_dir, args.resume_from_step, device, rank)
         model.load_state_dict(model_state, strict=True)
         for opt, state in zip(optimizers, rank_state["optimizers"]):
             opt.load_state_dict(state)
@@ -230,6 +316,9 @@ def train(args):
 
     loader = DistributedDataLoader(tokenizer, args.device_batch_size, args.max_seq_len, "train", device,
                                    rank=rank, world_size=world_size, state=loader_state)
+    if args.eval_every != 0:
+        from nanochat.dataset import list_row_groups
+        list_row_groups("val")  # a bad val shard fails now, not at the final eval before the last save
 
     def next_train_batch():
         state = loader.state_dict()  # the position *before* this batch: what a checkpoint must store
@@ -266,8 +355,9 @@ def train(args):
 
     x, y, batch_state = next_train_batch()
     step = start_step
+    last_saved = start_step if args.resume_from_step >= 0 else None
     while True:
-        last_step = step == num_iterations
+        last_step = step >= num_iterations  # resume is checked to start before it; >= so no bug can run past it
         if (args.eval_every > 0 and step % args.eval_every == 0) or (last_step and args.eval_every != 0):
             model.eval()
             val_loader = DistributedDataLoader(tokenizer, args.device_batch_size, args.max_seq_len, "val", device,
@@ -305,10 +395,21 @@ def train(args):
                 log(f"sample: {s!r}")
         save_due = (last_step and args.save_every != 0) or (args.save_every > 0 and step % args.save_every == 0)
         if save_due and step != start_step:
+            # a finite loss can still come with a non-finite update: never save (and keep-last-k never
+            # prunes good checkpoints for) weights that are not finite; DDP replicas agree, so all ranks stop
+            if not torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all():
+                raise diverged("the weights are not finite", step, last_saved)
             loop_state = dict(smooth_loss=smooth_loss, total_train_time=total_train_time, val_bpb=val_bpb)
             checkpoint.save_checkpoint(checkpoint_dir, step, model.state_dict(), [o.state_dict() for o in optimizers],
                                        batch_state, dict(run_meta, loop_state=loop_state), rank)
             log(f"saved checkpoint step {step} to {checkpoint_dir}")
+            last_saved = step
+            if master:
+                deleted = checkpoint.prune_checkpoints(checkpoint_dir, step, args.keep_last_k, replaced_steps)
+                replaced_steps = []
+                if deleted:
+                    log(f"deleted checkpoint steps {', '.join(map(str, deleted))} (--keep-last-k {args.keep_last_k}"
+                        f"{', --overwrite' if args.overwrite else ''})")
         if last_step:
             break
 
@@ -336,6 +437,8 @@ def train(args):
         if dist.is_initialized():
             dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
         train_loss = step_loss.item()
+        if not math.isfinite(train_loss):  # every rank holds the all-reduced loss, so all stop here
+            raise diverged(f"the loss is {train_loss}", step + 1, last_saved)
         sync()
         dt = time.time() - t0
 

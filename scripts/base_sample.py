@@ -9,7 +9,7 @@ import os
 import torch
 
 from nanochat.checkpoint import load_model_for_inference
-from nanochat.common import autodetect_device_type, get_base_dir, run_main
+from nanochat.common import UserError, autodetect_device_type, get_base_dir, run_main
 from nanochat.tokenizer import get_tokenizer
 
 
@@ -18,12 +18,18 @@ def main():
     p.add_argument("--model-tag", type=str, required=True, help="checkpoint directory name, e.g. d12")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     p.add_argument("--prompt", type=str, default="The capital of France is")
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate, >= 1")
+    p.add_argument("--temperature", type=float, default=0.8, help=">= 0 (0 = greedy)")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens, >= 1 (0 = all)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--device-type", type=str, default="")
     args = p.parse_args()
+    for ok, msg in [(args.max_tokens >= 1, f"--max-tokens must be >= 1 (got {args.max_tokens})"),
+                    (args.temperature >= 0, f"--temperature must be >= 0, 0 for greedy (got {args.temperature})"),
+                    (args.top_k >= 0, f"--top-k must be >= 1, or 0 for no top-k filtering (got {args.top_k})"),
+                    (args.step is None or args.step >= 0, f"--step must be a saved step (got {args.step})")]:
+        if not ok:
+            raise UserError(msg)
     device = torch.device(args.device_type or autodetect_device_type())
     tokenizer = get_tokenizer()
     model, meta = load_model_for_inference(os.path.join(get_base_dir(), "base_checkpoints", args.model_tag),
@@ -31,7 +37,7 @@ def main():
     tokens = tokenizer.encode(args.prompt, prepend=tokenizer.get_bos_token_id())
     autocast = torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.no_grad()
     with autocast:
-        new = list(model.generate(tokens, args.max_tokens, temperature=args.temperature, top_k=args.top_k, seed=args.seed))
+        new = list(model.generate(tokens, args.max_tokens, temperature=args.temperature, top_k=args.top_k or None, seed=args.seed))
     print(tokenizer.decode(tokens[1:] + new))
 
 

@@ -87,11 +87,48 @@ def test_single_shard_is_not_enough(tmp_path):
         split_shards("val", str(tmp_path))
 
 
+REBUILD = (r": rebuild the default corpus with `rm -r {d} && python -m nanochat\.dataset --default-corpus` "
+           r"\(downloaded shards: delete this file and re-run `python -m nanochat\.dataset -n N`\)$")
+
+
 def test_shard_without_text_column(tmp_path):
     for i in range(2):
         pq.write_table(pa.table({"content": ["x", "y"]}), str(tmp_path / f"shard_{i:05d}.parquet"))
-    with pytest.raises(UserError, match=r"has no `text` column"):
+    with pytest.raises(UserError, match=rf"^shard {tmp_path}/shard_00000.parquet has no `text` column "
+                                        rf"\(columns: \['content'\]\)" + REBUILD.format(d=tmp_path)):
         list(iter_docs("train", str(tmp_path)))
+
+
+@pytest.mark.parametrize("index, split", [(0, "train"), (1, "train"), (2, "val")])
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
+def test_unreadable_shard_is_one_error_naming_it(tmp_path, index, split, damage):
+    data_dir = str(tmp_path / "data")
+    shards = write_default_corpus(data_dir, **SMALL)
+    assert len(shards) == 3
+    path = shards[index]
+    if damage == "garbage":
+        with open(path, "wb") as f:
+            f.write(b"<html>not a shard</html>")
+    else:
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2 if damage == "truncated" else 0)
+    with pytest.raises(UserError, match=rf"^shard {path} is not a readable parquet file \(.+\)" +
+                       REBUILD.format(d=data_dir)):
+        list(iter_docs(split, data_dir))
+
+
+def test_damaged_row_group_is_one_error_naming_the_shard(tmp_path):
+    data_dir = str(tmp_path / "data")
+    path = write_default_corpus(data_dir, **SMALL)[1]
+    column = pq.ParquetFile(path).metadata.row_group(1).column(0)
+    data = bytearray(open(path, "rb").read())
+    for i in range(column.data_page_offset + 20, column.data_page_offset + 200):  # footer intact, a page broken
+        data[i] ^= 0xFF
+    with open(path, "wb") as f:
+        f.write(data)
+    with pytest.raises(UserError, match=rf"^shard {path} cannot be read at row group 1 \(.+\)" +
+                       REBUILD.format(d=data_dir)):
+        list(iter_docs("train", data_dir))
 
 
 # -- download -------------------------------------------------------------------

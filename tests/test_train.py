@@ -1,13 +1,17 @@
 """The training loop end to end on CPU: loss falls, checkpoints resume exactly, bad input fails cleanly,
 and 2 processes under torchrun (gloo) compute what one process computes on the same global batch."""
 
+import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from nanochat import checkpoint
 from nanochat.common import UserError
 from nanochat.train import build_arg_parser, train
 
@@ -71,10 +75,69 @@ def test_checkpoint_from_another_config_is_refused(data, nanochat_base_dir):
     (["--total-batch-size", "100"], "is not a multiple of device batch x seq len"),
     (["--device-type", "tpu"], "unknown --device-type"),
     (["--resume-from-step", "7", "--model-tag", "nothing_here"], "no checkpoint at step 7"),
+    (["--num-iterations", "0"], "--num-iterations must be >= 1, or -1 for the horizon from "
+                                "--target-flops/--target-param-data-ratio (got 0)"),
+    (["--resume-from-step", "-5"], "--resume-from-step must be a saved step, or -1 for a fresh run (got -5)"),
+    (["--eval-tokens", "0"], "--eval-tokens must be >= 1 (got 0); to turn evaluation off use --eval-every 0"),
+    (["--keep-last-k", "-1"], "--keep-last-k must be >= 0, 0 keeps every checkpoint (got -1)"),
+    (["--save-every", "-2"], "--save-every must be N >= 1, -1 (only at the end) or 0 (never) (got -2)"),
+    (["--overwrite", "--resume-from-step", "2"], "--overwrite is for a fresh run replacing a tag's checkpoints; "
+                                                 "drop it to resume"),
 ])
 def test_bad_input_is_one_clear_error(data, flags, message):
-    with pytest.raises(UserError, match=message):
+    with pytest.raises(UserError, match=re.escape(message)):
         run("--num-iterations", "2", *flags)
+
+
+def test_eval_tokens_zero_is_fine_with_eval_off(data):
+    out = run("--num-iterations", "1", "--model-tag", "evaloff", "--eval-tokens", "0", "--eval-every", "0")
+    assert out["history"]["val_step"] == [] and len(out["history"]["loss"]) == 1
+
+
+def test_default_model_on_cpu_is_refused_unless_depth_is_given(data):
+    args = build_arg_parser().parse_args(["--device-type", "cpu", "--num-iterations", "1"])
+    with pytest.raises(UserError, match=r"^the default model \(depth 20, \d+M parameters\) is far too large to train on "
+                                        r"CPU: use `make train`'s settings \(--depth 4 .*\), --device-type cuda on a GPU, "
+                                        r"or pass --depth 20 to run it anyway$"):
+        train(args)
+
+
+@pytest.mark.parametrize("save_every, message", [
+    # step 2's update is NaN: its weights are not saved, step 1 stays the newest checkpoint
+    ("1", "training diverged at step 2 (the weights are not finite) and nothing of that step was saved; "
+          "the newest checkpoint is step 1 (--resume-from-step 1); lower the learning rates"),
+    # no save before step 3, whose loss comes out NaN
+    ("-1", "training diverged at step 3 (the loss is nan) and nothing of that step was saved; "
+           "no checkpoint was saved; lower the learning rates"),
+])
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(data, nanochat_base_dir, monkeypatch, save_every, message):
+    import nanochat.train
+    real = nanochat.train.lr_multiplier
+    monkeypatch.setattr(nanochat.train, "lr_multiplier", lambda step, *a: float("nan") if step == 1 else real(step, *a))
+    tag = f"nan{save_every}"
+    with pytest.raises(UserError, match=re.escape(message)):
+        run("--num-iterations", "4", "--save-every", save_every, "--model-tag", tag)
+    ckpt = os.path.join(nanochat_base_dir, "base_checkpoints", tag)
+    if save_every == "1":
+        assert sorted(os.listdir(ckpt)) == ["meta_000001.json", "model_000001.pt", "optim_000001_rank0.pt"]
+        state = torch.load(os.path.join(ckpt, "model_000001.pt"), weights_only=True)
+        assert all(torch.isfinite(t).all() for t in state.values())
+    else:
+        assert not os.path.exists(ckpt)
+
+
+def test_bad_val_shard_fails_before_training(tmp_path, monkeypatch, tiny_data_dir, tiny_tokenizer):
+    """An unreadable val shard is found at set-up, not at the final eval (which runs before the last save)."""
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    tiny_tokenizer.save(os.path.join(tmp_path, "tokenizer"))
+    data_dir = os.path.join(tmp_path, "base_data")
+    shutil.copytree(tiny_data_dir, data_dir)
+    val = sorted(os.listdir(data_dir))[-1]
+    with open(os.path.join(data_dir, val), "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(UserError, match=rf"^shard {re.escape(os.path.join(data_dir, val))} is not a readable parquet file"):
+        run("--num-iterations", "2", "--model-tag", "badval")
+    assert not os.path.exists(os.path.join(tmp_path, "base_checkpoints"))
 
 
 def test_script_prints_one_line_error_and_exits_nonzero(data, nanochat_base_dir):
@@ -106,7 +169,14 @@ def test_two_process_gloo_run_equals_one_process_reference(data, nanochat_base_d
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300,
                        cwd=os.path.dirname(os.path.dirname(__file__)))
     assert r.returncode == 0, r.stderr[-3000:]
-    ddp_state = torch.load(os.path.join(nanochat_base_dir, "base_checkpoints", "ddp", "model_000003.pt"))
+    ckpt = os.path.join(nanochat_base_dir, "base_checkpoints", "ddp")
+    ddp_state = torch.load(os.path.join(ckpt, "model_000003.pt"), weights_only=True)
+    # rank 0's meta records every rank's file
+    files = json.load(open(os.path.join(ckpt, "meta_000003.json")))["files"]
+    assert sorted(files) == ["model_000003.pt", "optim_000003_rank0.pt", "optim_000003_rank1.pt"]
+    for name, rec in files.items():
+        assert rec == {"bytes": os.path.getsize(os.path.join(ckpt, name)),
+                       "sha256": checkpoint.sha256_file(os.path.join(ckpt, name))}
 
     args = build_arg_parser().parse_args(TINY + ["--num-iterations", "3"])
     tok = get_tokenizer()
