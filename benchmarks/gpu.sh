@@ -7,12 +7,14 @@
 #   bash benchmarks/gpu.sh parity [bench_parity args]  paired val-bpb runs (corpus: stdlib + site-packages)
 #   bash benchmarks/gpu.sh memory [bench_memory args]  peak memory per mode
 #   bash benchmarks/gpu.sh profile [profile_step args]  where a step's GPU time goes, per mode
+#   bash benchmarks/gpu.sh ddp NPROC NAME [base_train flags]  the trainer on NPROC GPUs (torchrun if > 1), log in $OUT/NAME.log
+#   bash benchmarks/gpu.sh env                       the set-up alone
 #   bash benchmarks/gpu.sh smoke                     d4 train, save, resume
 # The GPU machine has no package registry: carry .whl (../shared/gpu/wheels.sh: torchao, rustbpe,
 # nvmath-python) and .gpu_base (NANOCHAT_BASE_DIR=.gpu_base python -m nanochat.dataset --default-corpus
 # && python -m scripts.tok_train). Results and logs go to $OUT (default benchmarks/results).
 set -uo pipefail
-stage=${1:?usage: gpu.sh tests|mlp|mlp_fp8|train|parity|memory|profile|smoke [args]}
+stage=${1:?usage: gpu.sh tests|mlp|mlp_fp8|train|parity|memory|profile|ddp|smoke [args]}
 shift
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
@@ -48,6 +50,12 @@ case $stage in
     [ -d $NANOCHAT_BASE_DIR/tokenizer ] || cp -r .gpu_base/tokenizer $NANOCHAT_BASE_DIR/
     python3 -m nanochat.dataset --default-corpus --source-dir "$(python3 -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")"
     python3 -m benchmarks.bench_parity "$@" 2>&1 | tee -a "$OUT/parity.log" ;;
+  ddp)
+    nproc=$1 name=$2; shift 2
+    if [ "$nproc" = 1 ]; then launch="python3"; else launch="torchrun --standalone --nproc_per_node=$nproc"; fi
+    $launch -m scripts.base_train "$@" > "$OUT/$name.log" 2>&1
+    echo "$name: rc $? | $(grep -E '^step [0-9]+/' "$OUT/$name.log" | tail -1 | cut -c1-150)" ;;
+  env) ;;  # the set-up above only (wheels installed, versions printed)
   smoke)
     smoke="--depth 4 --device-batch-size 8 --max-seq-len 512 --total-batch-size 8192 --num-iterations 20 --eval-every 10 --eval-tokens 16384 --sample-every 20 --model-tag gpu_smoke"
     python3 -m scripts.base_train $smoke --save-every 10 2>&1 | tee "$OUT/smoke_full.log" | grep -E "step 000(1[1-9]|20)/|val bpb|error|Error" | tail -12

@@ -94,8 +94,8 @@ def profile_mode(depth, mode, B, grad_accum, warmup_steps, steps, seq_len=2048):
     kernels = {}
     for e in prof.key_averages():
         t = e.self_device_time_total
-        annotation = getattr(e, "is_user_annotation", False) or "#" in e.key or e.key.startswith("ProfilerStep")
-        if t > 0 and not annotation:  # kernels, memcpy and memset: what the GPU actually ran
+        marker = getattr(e, "is_user_annotation", False) or "#" in e.key or e.key == "Command Buffer Full"
+        if t > 0 and e.device_type == torch.autograd.DeviceType.CUDA and not marker:  # what the GPU ran
             kernels[e.key] = (t / 2e3, e.count / 2)  # ms and calls per step
     busy = sum(t for t, _ in kernels.values())
     classes = {}

@@ -8,6 +8,7 @@ is row-wise by construction. torchao is imported only when a kernel is built.
 """
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 E4M3 = torch.float8_e4m3fn
@@ -79,8 +80,8 @@ class _Fp8SparseLinearFn(torch.autograd.Function):
         return gx, gw.to(ctx.w_dtype), None, None, None, None, None, None, None, None
 
 
-class Fp8SparseKernel:
-    """Kernel object for SemiSparseLinear: fp8 (e4m3, row-wise scales) 2:4 sparse products on sm90.
+class Fp8SparseKernel(nn.Module):
+    """Kernel module for SemiSparseLinear: fp8 (e4m3, row-wise scales) 2:4 sparse products on sm90.
 
     pack(w_masked) once per optimizer step, outside torch.compile: quantizes W and W^T (the mask
     is transposable, so both are 2:4) and packs them into buffers allocated on the first pack and
@@ -92,9 +93,12 @@ class Fp8SparseKernel:
     row-wise scales e4m3's extra mantissa bit wins, range is covered by the per-token scale).
     fp8_grad_weight: grad-weight through torch._scaled_mm (tensorwise) instead of a bf16 GEMM."""
 
+    name = "fp8"
+
     def __init__(self, out_features, in_features, device, grad_dtype=E4M3, fp8_grad_weight=False):
         if not self.supports(out_features, in_features):
             raise ValueError(f"Fp8SparseKernel needs both dims divisible by 32, got {out_features}x{in_features}")
+        super().__init__()
         import torchao.ops  # noqa: F401  (registers torch.ops.torchao.* and their fake impls)
         self.out_features, self.in_features = out_features, in_features
         self.device = torch.device(device)
