@@ -6,7 +6,7 @@ Each configuration runs in its own process (clean compile caches and memory), st
 
     NANOCHAT_BASE_DIR=... python -m benchmarks.bench_train --depths 12 20 --modes dense sparse fp8 fp8_sparse
 
-Needs data shards and a tokenizer under NANOCHAT_BASE_DIR (see benchmarks/gpu_train.sh).
+Needs data shards and a tokenizer under NANOCHAT_BASE_DIR (benchmarks/gpu.sh train sets that up on a GPU machine).
 Writes <out>.json, <out>.md and <out>.png.
 """
 
