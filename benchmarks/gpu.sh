@@ -34,7 +34,7 @@ PY
 case $stage in
   tests)
     [ $# -gt 0 ] || set -- tests/test_sparse_gpu.py tests/test_fp8_gpu.py tests/test_sparse.py
-    python3 -m pytest -q -s -rfEs --tb=short -p no:cacheprovider "$@" > "$OUT/gpu_tests.log" 2>&1
+    python3 -m pytest -s -rfEs --tb=short -p no:cacheprovider "$@" > "$OUT/gpu_tests.log" 2>&1
     rc=$?
     grep -E "^(FAILED|ERROR)|^E  |passed|failed" "$OUT/gpu_tests.log" | head -40
     exit $rc ;;
