@@ -81,12 +81,9 @@ def _tune(layers, config, impl, device):
     by_shape = {}
     for name, layer in layers:
         by_shape.setdefault((layer.out_features, layer.in_features), []).append((name, layer))
-    compressors = {}
 
-    def compressor(m, k):
-        if (m, k) not in compressors:
-            compressors[(m, k)] = make_compressor(lib, m, k, device, config.compressor, log=config.log)
-        return compressors[(m, k)]
+    def compressor(m, k):  # one per library and shape for the process (learning a layout is not free)
+        return make_compressor(lib, m, k, device, config.compressor, log=config.log)
 
     T = config.tokens
     Tp = -(-T // TOKEN_PAD) * TOKEN_PAD if T else None
@@ -111,7 +108,7 @@ def _tune(layers, config, impl, device):
                              lib.empty_compressed(N, K) if fwd_sparse else None,
                              lib.empty_compressed(K, N) if dgrad_sparse else None)
             for alg, (m, k) in ((choice["fwd"], (N, K)), (choice["dgrad"], (K, N))):
-                if Tp and alg != DENSE and hasattr(lib, "prepare"):
+                if Tp and alg != DENSE:
                     lib.prepare(m, k, Tp, alg)  # build the plan now, not inside the first compiled step
         names = [n for n, _ in members]
         detail = ", ".join(info) if info else members[0][1].kernel.describe() + " (not tuned: no token count)"

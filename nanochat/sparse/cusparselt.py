@@ -157,6 +157,9 @@ class TorchCusparselt:
     def num_algs(self, m, k, T):
         return None  # not exposed: the tuner probes ids until one fails
 
+    def prepare(self, m, k, T, alg):
+        pass  # torch builds the plan inside every call
+
     def num_plans(self):
         return 0
 
