@@ -428,6 +428,58 @@ def setup(args):
 
 
 # -----------------------------------------------------------------------------
+# One optimizer step
+
+class TrainBatches:
+    """The train loader one batch ahead: the next micro-batch loads while the device runs this one.
+    `state` is the loader position before the pending batch (x, y): what a checkpoint stores."""
+
+    def __init__(self, loader):
+        self.loader = loader
+        self.advance()
+
+    def advance(self):
+        self.state = self.loader.state_dict()
+        self.x, self.y = self.loader.next_batch()
+
+
+def apply_schedule(optimizers, step, num_iterations, args):
+    """Sets this step's learning rates and Muon momentum; returns the lr multiplier."""
+    lrm = lr_multiplier(step, num_iterations, args.warmup_steps, args.warmdown_ratio, args.final_lr_frac)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+    _, muon = optimizers
+    for group in muon.param_groups:
+        group["momentum"] = muon_momentum(step)
+    return lrm
+
+
+def train_step(run, batches, step):
+    """Gradients over the step's micro-batches, then the optimizer step.
+    Returns (the loss averaged over micro-batches and processes, the lr multiplier)."""
+    step_loss = 0.0
+    for micro_step in range(run.grad_accum_steps):
+        # DDP all-reduces the gradients once, in the last micro-batch's backward
+        last_micro = micro_step == run.grad_accum_steps - 1
+        sync_ctx = run.ddp_model.no_sync() if (run.ddp_model is not None and not last_micro) else nullcontext()
+        with sync_ctx:
+            with run.autocast_ctx:
+                loss = run.train_model(batches.x, batches.y)
+            (loss / run.grad_accum_steps).backward()
+        step_loss += loss.detach()
+        batches.advance()
+    lrm = apply_schedule(run.optimizers, step, run.num_iterations, run.args)
+    for opt in run.optimizers:
+        opt.step()
+    run.model.zero_grad(set_to_none=True)
+    step_loss = step_loss / run.grad_accum_steps
+    if dist.is_initialized():
+        dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
+    return step_loss.item(), lrm
+
+
+# -----------------------------------------------------------------------------
 # The loop
 
 def train(args):
@@ -436,18 +488,13 @@ def train(args):
 
     run = setup(args)
     args = run.args
-    model, train_model, ddp_model, optimizers = run.model, run.train_model, run.ddp_model, run.optimizers
+    model, train_model, optimizers = run.model, run.train_model, run.optimizers
     device, rank, world_size, master, autocast_ctx, sync = \
         run.device, run.rank, run.world_size, run.master, run.autocast_ctx, run.sync
     tokenizer, token_bytes, loader, core_eval, checkpointer = \
         run.tokenizer, run.token_bytes, run.loader, run.core_eval, run.checkpointer
     start_step, loop_state, num_iterations, num_sparse = run.start_step, run.loop_state, run.num_iterations, run.num_sparse
-    total_batch_size, grad_accum_steps, flops_per_token = run.total_batch_size, run.grad_accum_steps, run.flops_per_token
-
-    def next_train_batch():
-        state = loader.state_dict()  # the position *before* this batch: what a checkpoint must store
-        x, y = loader.next_batch()
-        return x, y, state
+    total_batch_size, flops_per_token = run.total_batch_size, run.flops_per_token
 
     eval_steps = run.eval_steps
     peak_flops = gpu_peak_flops(device)
@@ -472,7 +519,7 @@ def train(args):
     else:
         bar, log = None, print0
 
-    x, y, batch_state = next_train_batch()
+    batches = TrainBatches(loader)
     step = start_step
     while True:
         last_step = step >= num_iterations  # resume is checked to start before it; >= so no bug can run past it
@@ -514,34 +561,13 @@ def train(args):
         save_due = (last_step and args.save_every != 0) or (args.save_every > 0 and step % args.save_every == 0)
         if save_due and step != start_step:
             loop_state = dict(smooth_loss=smooth_loss, total_train_time=total_train_time, val_bpb=val_bpb)
-            checkpointer.save(step, model, optimizers, batch_state, loop_state, log)
+            checkpointer.save(step, model, optimizers, batches.state, loop_state, log)
         if last_step:
             break
 
-        # one optimizer step
         sync()
         t0 = time.time()
-        step_loss = 0.0
-        for micro_step in range(grad_accum_steps):
-            sync_ctx = ddp_model.no_sync() if (ddp_model is not None and micro_step < grad_accum_steps - 1) else nullcontext()
-            with sync_ctx:
-                with autocast_ctx:
-                    loss = train_model(x, y)
-                (loss / grad_accum_steps).backward()
-            step_loss += loss.detach()
-            x, y, batch_state = next_train_batch()
-        lrm = lr_multiplier(step, num_iterations, args.warmup_steps, args.warmdown_ratio, args.final_lr_frac)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * lrm
-        optimizers[1].param_groups[0]["momentum"] = muon_momentum(step)
-        for opt in optimizers:
-            opt.step()
-        model.zero_grad(set_to_none=True)
-        step_loss = step_loss / grad_accum_steps
-        if dist.is_initialized():
-            dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
-        train_loss = step_loss.item()
+        train_loss, lrm = train_step(run, batches, step)
         if not math.isfinite(train_loss):  # every rank holds the all-reduced loss, so all stop here
             raise diverged(f"the loss is {train_loss}", step + 1, checkpointer.last_saved)
         sync()
