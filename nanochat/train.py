@@ -1,7 +1,8 @@
 """
-The pretraining loop: flags, setup (model, sparse/fp8 swaps, optimizers, compile, DDP),
-gradient accumulation, evaluation, sampling, logging, checkpoints and resume.
-`scripts/base_train.py` parses the flags and calls train().
+The pretraining loop. `scripts/base_train.py` parses the flags and calls train(). Top to bottom:
+flags and their checks; evaluation helpers; set-up (model, sparse then fp8 swaps, optimizers, resume,
+DDP, compile) and the Checkpointer; train_step(), one optimizer step over the micro-batches; the actions
+between steps (val bpb, CORE, samples); Metrics (log lines, history, wandb, summary); and train(), the loop.
 """
 
 import argparse
@@ -480,144 +481,197 @@ def train_step(run, batches, step):
 
 
 # -----------------------------------------------------------------------------
+# Between steps: when an action is due; val bpb, CORE and samples
+
+def due(every, step, last_step):
+    """A --*-every flag: N >= 1 every N steps and at the end, -1 only at the end, 0 never."""
+    return (every > 0 and step % every == 0) or (last_step and every != 0)
+
+
+def validate(run, log):
+    """Val bpb on the first --eval-tokens of the val split; under DDP with sparse layers, also checks that
+    every rank pruned the same masks."""
+    from nanochat.dataloader import DistributedDataLoader
+    args = run.args
+    run.model.eval()
+    val_loader = DistributedDataLoader(run.tokenizer, args.device_batch_size, args.max_seq_len, "val", run.device,
+                                       rank=run.rank, world_size=run.world_size)
+    val_bpb = evaluate_bpb(run.train_model, val_loader, run.eval_steps, run.token_bytes, run.autocast_ctx)
+    run.model.train()
+    if run.num_sparse and dist.is_initialized():
+        check_masks_agree(run.model, run.world_size, log)
+    return val_bpb
+
+
+def core_metric(run):
+    """CORE on the bundle's tasks: every rank scores its share, with the eager model (the example shapes vary)."""
+    run.model.eval()
+    with run.autocast_ctx, bf16_linears(run.model):
+        core = run.core_eval.evaluate(run.model, run.device)
+    run.model.train()
+    return core
+
+
+def sample(run):
+    """Greedy continuations of SAMPLE_PROMPTS."""
+    run.model.eval()
+    with run.autocast_ctx, bf16_linears(run.model):  # fp8 layers sample in bf16 (one token at a time)
+        samples = sample_text(run.model, run.tokenizer)
+    run.model.train()
+    return samples
+
+
+# -----------------------------------------------------------------------------
+# Metrics: the log lines, history, progress bar, wandb and the summary
+
+class Metrics:
+    """Where the run's numbers go: the log (through the progress bar on a terminal), the history that train()
+    returns, and wandb. Holds the smoothed loss and train time (continued on resume) and the latest val bpb,
+    CORE and samples, for checkpoints and the summary."""
+
+    def __init__(self, run):
+        args = run.args
+        self.run = run
+        self.peak_flops = gpu_peak_flops(run.device)
+        self.wandb_run = None
+        if args.run != "dummy" and run.master:
+            try:
+                import wandb
+            except ImportError:
+                raise UserError("--run names a wandb run but wandb is not installed: pip install wandb, or use --run dummy")
+            self.wandb_run = wandb.init(project="nanochat-sparse", name=args.run, config=vars(args))
+        self.history = dict(step=[], loss=[], val_step=[], val_bpb=[], core_step=[], core_metric=[], tok_per_sec=[], mfu=[])
+        self.smooth_loss = run.loop_state.get("smooth_loss", 0.0)
+        self.total_train_time = run.loop_state.get("total_train_time", 0.0)
+        self.val_bpb, self.core, self.samples = None, None, []
+        self.bar, self.log = None, print0
+        if sys.stdout.isatty() and run.master:
+            from tqdm import tqdm
+            self.bar = tqdm(total=run.num_iterations, initial=run.start_step, dynamic_ncols=True, leave=False)
+            self.log = self.bar.write
+
+    def log_val(self, step, val_bpb):
+        self.val_bpb = val_bpb
+        self.history["val_step"].append(step)
+        self.history["val_bpb"].append(val_bpb)
+        self.log(f"step {step:05d} | val bpb {val_bpb:.4f}")
+        if self.wandb_run:
+            self.wandb_run.log({"step": step, "val/bpb": val_bpb})
+
+    def log_core(self, step, core):
+        self.core = core
+        self.history["core_step"].append(step)
+        self.history["core_metric"].append(core["core_metric"])
+        self.log(f"step {step:05d} | CORE {core['core_metric']:.4f} ({core['seconds']:.1f}s)")
+        if self.wandb_run:
+            self.wandb_run.log({"step": step, "core_metric": core["core_metric"],
+                                **{f"core/{k}": r["centered"] for k, r in core["tasks"].items()}})
+
+    def log_samples(self, samples):
+        self.samples = samples
+        for s in samples:
+            self.log(f"sample: {s!r}")
+
+    def log_step(self, step, train_loss, lrm, dt):
+        """The step line (benchmarks/bench_train.py parses it) after optimizer step `step` (1-based) took dt seconds."""
+        run = self.run
+        ema = 0.9
+        self.smooth_loss = ema * self.smooth_loss + (1 - ema) * train_loss
+        debiased = self.smooth_loss / (1 - ema ** step)
+        tok_per_sec = run.total_batch_size / dt
+        mfu = 100 * run.flops_per_token * tok_per_sec / (self.peak_flops * run.world_size) if self.peak_flops else None
+        if step > run.start_step + 10:
+            self.total_train_time += dt  # the first steps include compilation
+        eta = (run.num_iterations - step) * dt
+        mfu_str = f"{mfu:.1f}%" if mfu is not None else "-"
+        self.log(f"step {step:05d}/{run.num_iterations:05d} | loss {train_loss:.4f} (smooth {debiased:.4f}) | "
+                 f"lrm {lrm:.3f} | dt {dt * 1000:.0f}ms | tok/s {tok_per_sec:,.0f} | mfu {mfu_str} | "
+                 f"mem {peak_memory_gib(run.device):.2f}GiB | eta {eta / 60:.1f}m")
+        self.history["step"].append(step)
+        self.history["loss"].append(train_loss)
+        self.history["tok_per_sec"].append(tok_per_sec)
+        self.history["mfu"].append(mfu)
+        if self.bar:
+            self.bar.update(1)
+        if self.wandb_run:
+            self.wandb_run.log({"step": step, "train/loss": train_loss, "train/lrm": lrm,
+                                "train/tok_per_sec": tok_per_sec, "train/mfu": mfu})
+
+    def loop_state(self):
+        """Saved with each checkpoint, for a resumed run's smoothed loss and train time."""
+        return dict(smooth_loss=self.smooth_loss, total_train_time=self.total_train_time, val_bpb=self.val_bpb)
+
+    def summary(self):
+        """The run's final numbers; throughput and MFU average the steps after the first 10 (compilation)."""
+        run, history, core = self.run, self.history, self.core
+        steady = history["tok_per_sec"][10:] or history["tok_per_sec"]
+        steady_mfu = history["mfu"][10:]
+        return dict(
+            val_bpb=self.val_bpb, core_metric=core["core_metric"] if core else None, core=core,
+            core_step=history["core_step"][-1] if core else None,
+            final_loss=history["loss"][-1] if history["loss"] else None,
+            tok_per_sec=sum(steady) / len(steady) if steady else None,
+            mfu=(sum(m for m in steady_mfu if m) / max(1, len(steady_mfu))) if self.peak_flops else None,
+            peak_memory_gib=peak_memory_gib(run.device), num_iterations=run.num_iterations, num_params=run.num_params,
+            flops_per_token=run.flops_per_token, num_sparse_layers=run.num_sparse, world_size=run.world_size,
+            device=torch.cuda.get_device_name(run.device) if run.device_type == "cuda" else run.device_type,
+            torch_version=torch.__version__, checkpoint_dir=run.checkpointer.dir, samples=self.samples,
+            total_train_time=self.total_train_time,
+        )
+
+
+def finish(run, metrics):
+    """The done line and the report; closes the progress bar, wandb and the process group.
+    Returns train()'s dict."""
+    if metrics.bar:
+        metrics.bar.close()
+    summary = metrics.summary()
+    val_str = f"{metrics.val_bpb:.4f}" if metrics.val_bpb is not None else "-"
+    print0(f"done: val bpb {val_str} | peak memory {summary['peak_memory_gib']:.2f}GiB | "
+           f"train time {metrics.total_train_time / 60:.2f}m (after the first 10 steps)")
+    if run.master:
+        from nanochat.report import write_train_report
+        path = write_train_report(os.path.join(get_base_dir(), "report"), run.model_tag, vars(run.args),
+                                  metrics.history, summary)
+        print0(f"report: {path}")
+    if metrics.wandb_run:
+        metrics.wandb_run.finish()
+    compute_cleanup()
+    return dict(history=metrics.history, summary=summary)
+
+
+# -----------------------------------------------------------------------------
 # The loop
 
 def train(args):
     """Train per `args` (from build_arg_parser). Returns a dict with the history and final numbers."""
-    from nanochat.dataloader import DistributedDataLoader
-
     run = setup(args)
     args = run.args
-    model, train_model, optimizers = run.model, run.train_model, run.optimizers
-    device, rank, world_size, master, autocast_ctx, sync = \
-        run.device, run.rank, run.world_size, run.master, run.autocast_ctx, run.sync
-    tokenizer, token_bytes, loader, core_eval, checkpointer = \
-        run.tokenizer, run.token_bytes, run.loader, run.core_eval, run.checkpointer
-    start_step, loop_state, num_iterations, num_sparse = run.start_step, run.loop_state, run.num_iterations, run.num_sparse
-    total_batch_size, flops_per_token = run.total_batch_size, run.flops_per_token
-
-    eval_steps = run.eval_steps
-    peak_flops = gpu_peak_flops(device)
-    wandb_run = None
-    if args.run != "dummy" and master:
-        try:
-            import wandb
-        except ImportError:
-            raise UserError("--run names a wandb run but wandb is not installed: pip install wandb, or use --run dummy")
-        wandb_run = wandb.init(project="nanochat-sparse", name=args.run, config=vars(args))
-    core = None
-
-    history = dict(step=[], loss=[], val_step=[], val_bpb=[], core_step=[], core_metric=[], tok_per_sec=[], mfu=[])
-    smooth_loss = loop_state.get("smooth_loss", 0.0)
-    total_train_time = loop_state.get("total_train_time", 0.0)
-    val_bpb, samples = None, []
-    tty = sys.stdout.isatty() and master
-    if tty:
-        from tqdm import tqdm
-        bar = tqdm(total=num_iterations, initial=start_step, dynamic_ncols=True, leave=False)
-        log = bar.write
-    else:
-        bar, log = None, print0
-
-    batches = TrainBatches(loader)
-    step = start_step
+    metrics = Metrics(run)
+    batches = TrainBatches(run.loader)
+    step = run.start_step
     while True:
-        last_step = step >= num_iterations  # resume is checked to start before it; >= so no bug can run past it
-        if (args.eval_every > 0 and step % args.eval_every == 0) or (last_step and args.eval_every != 0):
-            model.eval()
-            val_loader = DistributedDataLoader(tokenizer, args.device_batch_size, args.max_seq_len, "val", device,
-                                               rank=rank, world_size=world_size)
-            val_bpb = evaluate_bpb(train_model, val_loader, eval_steps, token_bytes, autocast_ctx)
-            model.train()
-            if num_sparse and dist.is_initialized():
-                check_masks_agree(model, world_size, log)
-            history["val_step"].append(step)
-            history["val_bpb"].append(val_bpb)
-            log(f"step {step:05d} | val bpb {val_bpb:.4f}")
-            if wandb_run:
-                wandb_run.log({"step": step, "val/bpb": val_bpb})
-        core_due = (args.core_metric_every > 0 and step % args.core_metric_every == 0 and step > start_step) or \
-            (last_step and args.core_metric_every != 0)
-        if core_due:  # every rank scores its share; the eager model, as the example shapes vary
-            model.eval()
-            with autocast_ctx, bf16_linears(model):
-                core = core_eval.evaluate(model, device)
-            model.train()
-            history["core_step"].append(step)
-            history["core_metric"].append(core["core_metric"])
-            log(f"step {step:05d} | CORE {core['core_metric']:.4f} ({core['seconds']:.1f}s)")
-            if wandb_run:
-                wandb_run.log({"step": step, "core_metric": core["core_metric"],
-                               **{f"core/{k}": r["centered"] for k, r in core["tasks"].items()}})
-        sample_due = (args.sample_every > 0 and step % args.sample_every == 0 and step > start_step) or \
-            (last_step and args.sample_every != 0)
-        if master and sample_due:
-            model.eval()
-            with autocast_ctx, bf16_linears(model):  # fp8 layers sample in bf16 (one token at a time)
-                samples = sample_text(model, tokenizer)
-            model.train()
-            for s in samples:
-                log(f"sample: {s!r}")
-        save_due = (last_step and args.save_every != 0) or (args.save_every > 0 and step % args.save_every == 0)
-        if save_due and step != start_step:
-            loop_state = dict(smooth_loss=smooth_loss, total_train_time=total_train_time, val_bpb=val_bpb)
-            checkpointer.save(step, model, optimizers, batches.state, loop_state, log)
+        last_step = step >= run.num_iterations  # resume is checked to start before it; >= so no bug can run past it
+        # the starting step is only evaluated: it is step 0 or a step already saved
+        past_start = step > run.start_step
+        if due(args.eval_every, step, last_step):
+            metrics.log_val(step, validate(run, metrics.log))
+        if due(args.core_metric_every, step, last_step) and past_start:
+            metrics.log_core(step, core_metric(run))
+        if due(args.sample_every, step, last_step) and past_start and run.master:
+            metrics.log_samples(sample(run))
+        if due(args.save_every, step, last_step) and past_start:
+            run.checkpointer.save(step, run.model, run.optimizers, batches.state, metrics.loop_state(), metrics.log)
         if last_step:
             break
 
-        sync()
+        run.sync()
         t0 = time.time()
         train_loss, lrm = train_step(run, batches, step)
         if not math.isfinite(train_loss):  # every rank holds the all-reduced loss, so all stop here
-            raise diverged(f"the loss is {train_loss}", step + 1, checkpointer.last_saved)
-        sync()
+            raise diverged(f"the loss is {train_loss}", step + 1, run.checkpointer.last_saved)
+        run.sync()
         dt = time.time() - t0
-
         step += 1
-        ema = 0.9
-        smooth_loss = ema * smooth_loss + (1 - ema) * train_loss
-        debiased = smooth_loss / (1 - ema ** step)
-        tok_per_sec = total_batch_size / dt
-        mfu = 100 * flops_per_token * tok_per_sec / (peak_flops * world_size) if peak_flops else None
-        if step > start_step + 10:
-            total_train_time += dt  # the first steps include compilation
-        eta = (num_iterations - step) * dt
-        mfu_str = f"{mfu:.1f}%" if mfu is not None else "-"
-        log(f"step {step:05d}/{num_iterations:05d} | loss {train_loss:.4f} (smooth {debiased:.4f}) | lrm {lrm:.3f} | "
-            f"dt {dt * 1000:.0f}ms | tok/s {tok_per_sec:,.0f} | mfu {mfu_str} | mem {peak_memory_gib(device):.2f}GiB | "
-            f"eta {eta / 60:.1f}m")
-        history["step"].append(step)
-        history["loss"].append(train_loss)
-        history["tok_per_sec"].append(tok_per_sec)
-        history["mfu"].append(mfu)
-        if bar:
-            bar.update(1)
-        if wandb_run:
-            wandb_run.log({"step": step, "train/loss": train_loss, "train/lrm": lrm, "train/tok_per_sec": tok_per_sec,
-                           "train/mfu": mfu})
-
-    if bar:
-        bar.close()
-    steady = history["tok_per_sec"][10:] or history["tok_per_sec"]
-    summary = dict(
-        val_bpb=val_bpb, core_metric=core["core_metric"] if core else None, core=core,
-        core_step=history["core_step"][-1] if core else None, final_loss=history["loss"][-1] if history["loss"] else None,
-        tok_per_sec=sum(steady) / len(steady) if steady else None,
-        mfu=(sum(m for m in history["mfu"][10:] if m) / max(1, len(history["mfu"][10:]))) if peak_flops else None,
-        peak_memory_gib=peak_memory_gib(device), num_iterations=num_iterations, num_params=run.num_params,
-        flops_per_token=flops_per_token, num_sparse_layers=num_sparse, world_size=world_size,
-        device=torch.cuda.get_device_name(device) if run.device_type == "cuda" else run.device_type,
-        torch_version=torch.__version__, checkpoint_dir=checkpointer.dir, samples=samples,
-        total_train_time=total_train_time,
-    )
-    val_str = f"{val_bpb:.4f}" if val_bpb is not None else "-"
-    print0(f"done: val bpb {val_str} | peak memory {summary['peak_memory_gib']:.2f}GiB | "
-           f"train time {total_train_time / 60:.2f}m (after the first 10 steps)")
-    if master:
-        from nanochat.report import write_train_report
-        path = write_train_report(os.path.join(get_base_dir(), "report"), run.model_tag, vars(args), history, summary)
-        print0(f"report: {path}")
-    if wandb_run:
-        wandb_run.finish()
-    compute_cleanup()
-    return dict(history=history, summary=summary)
+        metrics.log_step(step, train_loss, lrm, dt)
+    return finish(run, metrics)
