@@ -1,7 +1,8 @@
 """
-The pretraining loop: flags, setup (model, sparse/fp8 swaps, optimizers, compile, DDP),
-gradient accumulation, evaluation, sampling, logging, checkpoints and resume.
-`scripts/base_train.py` parses the flags and calls train().
+The pretraining loop. `scripts/base_train.py` parses the flags and calls train(). Top to bottom:
+flags and their checks; evaluation helpers; set-up (model, sparse then fp8 swaps, optimizers, resume,
+DDP, compile) and the Checkpointer; train_step(), one optimizer step over the micro-batches; the actions
+between steps (val bpb, CORE, samples); Metrics (log lines, history, wandb, summary); and train(), the loop.
 """
 
 import argparse
@@ -11,6 +12,7 @@ import resource
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -213,8 +215,159 @@ def sample_text(model, tokenizer, max_tokens=32):
     return out
 
 
-def train(args):
-    """Train per `args` (from build_arg_parser). Returns a dict with the history and final numbers."""
+# -----------------------------------------------------------------------------
+# Set-up: the model, its sparse and fp8 swaps, optimizers, resume, DDP and compile
+
+def build_model(args, depth_given, vocab_size, device, device_type):
+    """The dense GPT, initialized. Returns (model, params, FLOPs per token), both counted on the plain
+    dense model, before any sparse or fp8 swap."""
+    config = config_from_depth(args.depth, vocab_size, args.max_seq_len, args.aspect_ratio, args.head_dim)
+    if device_type == "cpu":
+        check_cpu_size(config, depth_given)
+    with torch.device(device):
+        model = GPT(config)
+    model.init_weights()
+    num_params = model.num_params()
+    flops_per_token = model.estimate_flops()
+    print0(f"model: depth {config.n_layer}, dim {config.n_embd}, heads {config.n_head}, vocab {config.vocab_size}, "
+           f"{num_params:,} params, {flops_per_token:.3e} FLOPs/token")
+    return model, num_params, flops_per_token
+
+
+def plan_batches(args, world_size, flops_per_token, num_params):
+    """Returns (tokens per micro-batch over all processes, tokens per optimizer step, micro-batches per step,
+    optimizer steps of the run)."""
+    tokens_per_micro_batch = args.device_batch_size * args.max_seq_len * world_size
+    total_batch_size = tokens_per_micro_batch if args.total_batch_size == -1 else args.total_batch_size
+    if total_batch_size <= 0 or total_batch_size % tokens_per_micro_batch != 0:
+        raise UserError(f"--total-batch-size {total_batch_size} is not a multiple of device batch x seq len x processes = "
+                        f"{args.device_batch_size} x {args.max_seq_len} x {world_size} = {tokens_per_micro_batch}: "
+                        f"use a multiple of {tokens_per_micro_batch} or change --device-batch-size")
+    grad_accum_steps = total_batch_size // tokens_per_micro_batch
+    num_iterations = resolve_num_iterations(args, flops_per_token, num_params, total_batch_size)
+    print0(f"batch: {total_batch_size:,} tokens/step = {grad_accum_steps} accumulation x {tokens_per_micro_batch:,}; "
+           f"{num_iterations} steps, {num_iterations * total_batch_size:,} tokens")
+    return tokens_per_micro_batch, total_batch_size, grad_accum_steps, num_iterations
+
+
+def convert_model(model, args, device, grad_accum_steps):
+    """Sparse first, then fp8 on what is left dense: the sparse MLP layers carry their own fp8 kernel.
+    Returns the number of sparse layers."""
+    num_sparse = 0
+    if args.sparse:
+        from nanochat.sparse import SparseConfig, convert_mlp_to_sparse
+        # kernels are chosen for this micro-batch's token count, weighing their saving over the step's
+        # micro-batches against one re-pack per step
+        sparse_config = SparseConfig(backend=args.sparse_backend, fp8=args.fp8, log=print0,
+                                     tokens=args.device_batch_size * args.max_seq_len, micro_batches=grad_accum_steps)
+        num_sparse = convert_mlp_to_sparse(model, device, sparse_config)
+    if args.fp8:
+        from nanochat.fp8 import convert_to_float8
+        convert_to_float8(model, device, log=print0)
+    return num_sparse
+
+
+class Checkpointer:
+    """The run's checkpoint directory: resume from it, save to it (never weights that are not finite),
+    keep the newest --keep-last-k, and delete what --overwrite replaces once this run's first save is complete."""
+
+    def __init__(self, args, checkpoint_dir, run_meta, rank):
+        self.dir = checkpoint_dir
+        self.run_meta = run_meta
+        self.rank = rank
+        self.keep_last_k = args.keep_last_k
+        self.overwrite = args.overwrite
+        self.replaced_steps = check_fresh_run(args, checkpoint_dir)
+        self.last_saved = None  # the newest step saved by this run or resumed from, for the divergence message
+
+    def resume(self, args, model, optimizers, num_iterations, world_size, device):
+        """Loads weights, optimizer moments and RNG states of --resume-from-step.
+        Returns (step, loop state, this rank's loader state)."""
+        meta = checkpoint.load_meta(self.dir, args.resume_from_step)
+        checkpoint.check_compatible(meta, model.config.to_dict(), world_size)
+        if meta["step"] >= num_iterations:
+            horizon = f"--num-iterations {num_iterations}" if args.num_iterations > 0 else \
+                "from --target-flops/--target-param-data-ratio"
+            raise UserError(f"cannot resume from step {meta['step']}: the run ends at step {num_iterations} ({horizon}); "
+                            f"pass --num-iterations greater than {meta['step']} to train further")
+        model_state, rank_state, meta = checkpoint.load_checkpoint(self.dir, args.resume_from_step, device, self.rank)
+        model.load_state_dict(model_state, strict=True)
+        for opt, state in zip(optimizers, rank_state["optimizers"]):
+            opt.load_state_dict(state)
+        checkpoint.set_rng_state(rank_state["rng"])
+        self.last_saved = meta["step"]
+        print0(f"resumed from {self.dir} at step {meta['step']}")
+        return meta["step"], meta.get("loop_state", {}), rank_state["loader"]
+
+    def save(self, step, model, optimizers, loader_state, loop_state, log):
+        # a finite loss can still come with a non-finite update: never save (and keep-last-k never
+        # prunes good checkpoints for) weights that are not finite; DDP replicas agree, so all ranks stop
+        if not torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all():
+            raise diverged("the weights are not finite", step, self.last_saved)
+        checkpoint.save_checkpoint(self.dir, step, model.state_dict(), [o.state_dict() for o in optimizers],
+                                   loader_state, dict(self.run_meta, loop_state=loop_state), self.rank)
+        log(f"saved checkpoint step {step} to {self.dir}")
+        self.last_saved = step
+        if self.rank == 0:
+            deleted = checkpoint.prune_checkpoints(self.dir, step, self.keep_last_k, self.replaced_steps)
+            self.replaced_steps = []
+            if deleted:
+                log(f"deleted checkpoint steps {', '.join(map(str, deleted))} (--keep-last-k {self.keep_last_k}"
+                    f"{', --overwrite' if self.overwrite else ''})")
+
+
+def wrap_model(model, is_ddp, local_rank, device_type, num_sparse, use_compile):
+    """DDP, then compile last. Returns (the model the training forward passes call, the DDP wrapper or None)."""
+    train_model, ddp_model = model, None
+    if is_ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        ddp_model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+        train_model = ddp_model
+    if num_sparse:
+        from nanochat.sparse import refresh_sparse_weights
+        refresh_sparse_weights(model)  # DDP's initial broadcast wrote the weights in place
+    if use_compile:
+        train_model = torch.compile(train_model, dynamic=False)
+    return train_model, ddp_model
+
+
+@dataclass
+class Run:
+    """What set-up built: everything the loop, its actions and the summary read."""
+    args: argparse.Namespace  # the flags, with --depth filled in
+    device: torch.device
+    device_type: str
+    rank: int
+    world_size: int
+    autocast_ctx: object
+    sync: object  # waits for the GPU, so that step times measure the work
+    tokenizer: object
+    token_bytes: torch.Tensor  # (vocab,) UTF-8 bytes of each token, 0 for special tokens
+    model: torch.nn.Module  # the plain model: state dicts, eval/train mode, CORE and sampling
+    train_model: torch.nn.Module  # the model under DDP and compile: training and val forward passes
+    ddp_model: object  # the DDP wrapper (None in one process)
+    optimizers: list  # [adamw, muon]
+    num_params: int
+    flops_per_token: float
+    num_sparse: int  # sparse MLP layers (0: dense)
+    total_batch_size: int  # tokens per optimizer step, all processes
+    grad_accum_steps: int  # micro-batches per optimizer step
+    num_iterations: int  # the step the run ends at
+    eval_steps: int  # val batches per evaluation
+    model_tag: str
+    checkpointer: Checkpointer
+    start_step: int
+    loop_state: dict  # the smoothed loss and train time saved with the resumed checkpoint
+    loader: object  # the train loader, at the resumed position
+    core_eval: object  # None unless --core-metric-every
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+
+def setup(args):
+    """Everything before the first step. Fails on bad flags, data or checkpoints before any training."""
     from nanochat.dataloader import DistributedDataLoader
     from nanochat.tokenizer import get_token_bytes, get_tokenizer
 
@@ -227,266 +380,298 @@ def train(args):
         core_tasks = load_tasks(max_per_task=args.core_metric_max_per_task)  # a missing bundle fails now, not mid-run
     device_type = args.device_type or autodetect_device_type()
     is_ddp, rank, local_rank, world_size, device = compute_init(device_type)
-    master = rank == 0
     use_compile = args.compile if args.compile is not None else device_type == "cuda"
     autocast_ctx = torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
-    sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
     torch.manual_seed(args.seed)
     if device_type == "cpu":
         torch.set_flush_denormal(True)  # tiny post-init values hit x86's slow denormal path (5x slower steps)
 
     tokenizer = get_tokenizer()
     token_bytes = get_token_bytes(device)
-    config = config_from_depth(args.depth, tokenizer.get_vocab_size(), args.max_seq_len, args.aspect_ratio, args.head_dim)
-    if device_type == "cpu":
-        check_cpu_size(config, depth_given)
-    with torch.device(device):
-        model = GPT(config)
-    model.init_weights()
-    # FLOPs and params are counted on the plain dense model, before any sparse or fp8 swap.
-    num_params = model.num_params()
-    flops_per_token = model.estimate_flops()
-    print0(f"model: depth {config.n_layer}, dim {config.n_embd}, heads {config.n_head}, vocab {config.vocab_size}, "
-           f"{num_params:,} params, {flops_per_token:.3e} FLOPs/token")
-
-    tokens_per_micro_batch = args.device_batch_size * args.max_seq_len * world_size
-    total_batch_size = tokens_per_micro_batch if args.total_batch_size == -1 else args.total_batch_size
-    if total_batch_size <= 0 or total_batch_size % tokens_per_micro_batch != 0:
-        raise UserError(f"--total-batch-size {total_batch_size} is not a multiple of device batch x seq len x processes = "
-                        f"{args.device_batch_size} x {args.max_seq_len} x {world_size} = {tokens_per_micro_batch}: "
-                        f"use a multiple of {tokens_per_micro_batch} or change --device-batch-size")
-    grad_accum_steps = total_batch_size // tokens_per_micro_batch
-    num_iterations = resolve_num_iterations(args, flops_per_token, num_params, total_batch_size)
-    print0(f"batch: {total_batch_size:,} tokens/step = {grad_accum_steps} accumulation x {tokens_per_micro_batch:,}; "
-           f"{num_iterations} steps, {num_iterations * total_batch_size:,} tokens")
-
-    # Sparse first, then fp8 on what is left dense: the sparse MLP layers carry their own fp8 kernel.
-    num_sparse = 0
-    if args.sparse:
-        from nanochat.sparse import SparseConfig, convert_mlp_to_sparse
-        # kernels are chosen for this micro-batch's token count, weighing their saving over the step's
-        # micro-batches against one re-pack per step
-        sparse_config = SparseConfig(backend=args.sparse_backend, fp8=args.fp8, log=print0,
-                                     tokens=args.device_batch_size * args.max_seq_len, micro_batches=grad_accum_steps)
-        num_sparse = convert_mlp_to_sparse(model, device, sparse_config)
-    if args.fp8:
-        from nanochat.fp8 import convert_to_float8
-        convert_to_float8(model, device, log=print0)
-
+    model, num_params, flops_per_token = build_model(args, depth_given, tokenizer.get_vocab_size(), device, device_type)
+    tokens_per_micro_batch, total_batch_size, grad_accum_steps, num_iterations = \
+        plan_batches(args, world_size, flops_per_token, num_params)
+    num_sparse = convert_model(model, args, device, grad_accum_steps)
     optimizers = setup_optimizers(model, args.embedding_lr, args.unembedding_lr, args.matrix_lr,
                                   args.weight_decay, device_type)
     if num_sparse:
-        from nanochat.sparse import install_refresh_hooks, refresh_sparse_weights
+        from nanochat.sparse import install_refresh_hooks
         install_refresh_hooks(model, optimizers)  # re-pack after each optimizer step and checkpoint load
+
     model_tag = args.model_tag or f"d{args.depth}"
     checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", model_tag)
-    run_meta = dict(model_config=config.to_dict(), args=vars(args), world_size=world_size,
+    run_meta = dict(model_config=model.config.to_dict(), args=vars(args), world_size=world_size,
                     sparse=num_sparse > 0, sparse_backend=args.sparse_backend, fp8=args.fp8)
-    replaced_steps = check_fresh_run(args, checkpoint_dir)
-
-    # Resume: weights, optimizer moments, loader position, RNG and loop state.
+    checkpointer = Checkpointer(args, checkpoint_dir, run_meta, rank)
     start_step, loop_state, loader_state = 0, {}, None
     if args.resume_from_step >= 0:
-        meta = checkpoint.load_meta(checkpoint_dir, args.resume_from_step)
-        checkpoint.check_compatible(meta, config.to_dict(), world_size)
-        if meta["step"] >= num_iterations:
-            horizon = f"--num-iterations {num_iterations}" if args.num_iterations > 0 else \
-                "from --target-flops/--target-param-data-ratio"
-            raise UserError(f"cannot resume from step {meta['step']}: the run ends at step {num_iterations} ({horizon}); "
-                            f"pass --num-iterations greater than {meta['step']} to train further")
-        model_state, rank_state, meta = checkpoint.load_checkpoint(checkpoint_dir, args.resume_from_step, device, rank)
-        model.load_state_dict(model_state, strict=True)
-        for opt, state in zip(optimizers, rank_state["optimizers"]):
-            opt.load_state_dict(state)
-        loader_state = rank_state["loader"]
-        checkpoint.set_rng_state(rank_state["rng"])
-        start_step, loop_state = meta["step"], meta.get("loop_state", {})
-        print0(f"resumed from {checkpoint_dir} at step {start_step}")
-
-    train_model = model
-    ddp_model = None
-    if is_ddp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        ddp_model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
-        train_model = ddp_model
-    if num_sparse:
-        refresh_sparse_weights(model)  # DDP's initial broadcast wrote the weights in place
-    if use_compile:
-        train_model = torch.compile(train_model, dynamic=False)
+        start_step, loop_state, loader_state = checkpointer.resume(args, model, optimizers, num_iterations,
+                                                                   world_size, device)
+    train_model, ddp_model = wrap_model(model, is_ddp, local_rank, device_type, num_sparse, use_compile)
 
     loader = DistributedDataLoader(tokenizer, args.device_batch_size, args.max_seq_len, "train", device,
                                    rank=rank, world_size=world_size, state=loader_state)
     if args.eval_every != 0:
         from nanochat.dataset import list_row_groups
         list_row_groups("val")  # a bad val shard fails now, not at the final eval before the last save
-
-    def next_train_batch():
-        state = loader.state_dict()  # the position *before* this batch: what a checkpoint must store
-        x, y = loader.next_batch()
-        return x, y, state
-
-    eval_steps = max(1, args.eval_tokens // tokens_per_micro_batch)
-    peak_flops = gpu_peak_flops(device)
-    wandb_run = None
-    if args.run != "dummy" and master:
-        try:
-            import wandb
-        except ImportError:
-            raise UserError("--run names a wandb run but wandb is not installed: pip install wandb, or use --run dummy")
-        wandb_run = wandb.init(project="nanochat-sparse", name=args.run, config=vars(args))
-
     core_eval = None
     if core_tasks is not None:
         from nanochat.core_eval import CoreEval
         core_eval = CoreEval(core_tasks, tokenizer, model.rotary_seq_len, args.device_batch_size * args.max_seq_len)
-    core = None
 
-    history = dict(step=[], loss=[], val_step=[], val_bpb=[], core_step=[], core_metric=[], tok_per_sec=[], mfu=[])
-    smooth_loss = loop_state.get("smooth_loss", 0.0)
-    total_train_time = loop_state.get("total_train_time", 0.0)
-    val_bpb, samples = None, []
-    tty = sys.stdout.isatty() and master
-    if tty:
-        from tqdm import tqdm
-        bar = tqdm(total=num_iterations, initial=start_step, dynamic_ncols=True, leave=False)
-        log = bar.write
-    else:
-        bar, log = None, print0
+    return Run(args=args, device=device, device_type=device_type, rank=rank, world_size=world_size,
+               autocast_ctx=autocast_ctx, sync=torch.cuda.synchronize if device_type == "cuda" else (lambda: None),
+               tokenizer=tokenizer, token_bytes=token_bytes, model=model, train_model=train_model, ddp_model=ddp_model,
+               optimizers=optimizers, num_params=num_params, flops_per_token=flops_per_token, num_sparse=num_sparse,
+               total_batch_size=total_batch_size, grad_accum_steps=grad_accum_steps, num_iterations=num_iterations,
+               eval_steps=max(1, args.eval_tokens // tokens_per_micro_batch), model_tag=model_tag,
+               checkpointer=checkpointer, start_step=start_step, loop_state=loop_state, loader=loader, core_eval=core_eval)
 
-    x, y, batch_state = next_train_batch()
-    step = start_step
-    last_saved = start_step if args.resume_from_step >= 0 else None
+
+# -----------------------------------------------------------------------------
+# One optimizer step
+
+class TrainBatches:
+    """The train loader one batch ahead: the next micro-batch loads while the device runs this one.
+    `state` is the loader position before the pending batch (x, y): what a checkpoint stores."""
+
+    def __init__(self, loader):
+        self.loader = loader
+        self.advance()
+
+    def advance(self):
+        self.state = self.loader.state_dict()
+        self.x, self.y = self.loader.next_batch()
+
+
+def apply_schedule(optimizers, step, num_iterations, args):
+    """Sets this step's learning rates and Muon momentum; returns the lr multiplier."""
+    lrm = lr_multiplier(step, num_iterations, args.warmup_steps, args.warmdown_ratio, args.final_lr_frac)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+    _, muon = optimizers
+    for group in muon.param_groups:
+        group["momentum"] = muon_momentum(step)
+    return lrm
+
+
+def train_step(run, batches, step):
+    """Gradients over the step's micro-batches, then the optimizer step.
+    Returns (the loss averaged over micro-batches and processes, the lr multiplier)."""
+    step_loss = 0.0
+    for micro_step in range(run.grad_accum_steps):
+        # DDP all-reduces the gradients once, in the last micro-batch's backward
+        last_micro = micro_step == run.grad_accum_steps - 1
+        sync_ctx = run.ddp_model.no_sync() if (run.ddp_model is not None and not last_micro) else nullcontext()
+        with sync_ctx:
+            with run.autocast_ctx:
+                loss = run.train_model(batches.x, batches.y)
+            (loss / run.grad_accum_steps).backward()
+        step_loss += loss.detach()
+        batches.advance()
+    lrm = apply_schedule(run.optimizers, step, run.num_iterations, run.args)
+    for opt in run.optimizers:
+        opt.step()
+    run.model.zero_grad(set_to_none=True)
+    step_loss = step_loss / run.grad_accum_steps
+    if dist.is_initialized():
+        dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
+    return step_loss.item(), lrm
+
+
+# -----------------------------------------------------------------------------
+# Between steps: when an action is due; val bpb, CORE and samples
+
+def due(every, step, last_step):
+    """A --*-every flag: N >= 1 every N steps and at the end, -1 only at the end, 0 never."""
+    return (every > 0 and step % every == 0) or (last_step and every != 0)
+
+
+def validate(run, log):
+    """Val bpb on the first --eval-tokens of the val split; under DDP with sparse layers, also checks that
+    every rank pruned the same masks."""
+    from nanochat.dataloader import DistributedDataLoader
+    args = run.args
+    run.model.eval()
+    val_loader = DistributedDataLoader(run.tokenizer, args.device_batch_size, args.max_seq_len, "val", run.device,
+                                       rank=run.rank, world_size=run.world_size)
+    val_bpb = evaluate_bpb(run.train_model, val_loader, run.eval_steps, run.token_bytes, run.autocast_ctx)
+    run.model.train()
+    if run.num_sparse and dist.is_initialized():
+        check_masks_agree(run.model, run.world_size, log)
+    return val_bpb
+
+
+def core_metric(run):
+    """CORE on the bundle's tasks: every rank scores its share, with the eager model (the example shapes vary)."""
+    run.model.eval()
+    with run.autocast_ctx, bf16_linears(run.model):
+        core = run.core_eval.evaluate(run.model, run.device)
+    run.model.train()
+    return core
+
+
+def sample(run):
+    """Greedy continuations of SAMPLE_PROMPTS."""
+    run.model.eval()
+    with run.autocast_ctx, bf16_linears(run.model):  # fp8 layers sample in bf16 (one token at a time)
+        samples = sample_text(run.model, run.tokenizer)
+    run.model.train()
+    return samples
+
+
+# -----------------------------------------------------------------------------
+# Metrics: the log lines, history, progress bar, wandb and the summary
+
+class Metrics:
+    """Where the run's numbers go: the log (through the progress bar on a terminal), the history that train()
+    returns, and wandb. Holds the smoothed loss and train time (continued on resume) and the latest val bpb,
+    CORE and samples, for checkpoints and the summary."""
+
+    def __init__(self, run):
+        args = run.args
+        self.run = run
+        self.peak_flops = gpu_peak_flops(run.device)
+        self.wandb_run = None
+        if args.run != "dummy" and run.master:
+            try:
+                import wandb
+            except ImportError:
+                raise UserError("--run names a wandb run but wandb is not installed: pip install wandb, or use --run dummy")
+            self.wandb_run = wandb.init(project="nanochat-sparse", name=args.run, config=vars(args))
+        self.history = dict(step=[], loss=[], val_step=[], val_bpb=[], core_step=[], core_metric=[], tok_per_sec=[], mfu=[])
+        self.smooth_loss = run.loop_state.get("smooth_loss", 0.0)
+        self.total_train_time = run.loop_state.get("total_train_time", 0.0)
+        self.val_bpb, self.core, self.samples = None, None, []
+        self.bar, self.log = None, print0
+        if sys.stdout.isatty() and run.master:
+            from tqdm import tqdm
+            self.bar = tqdm(total=run.num_iterations, initial=run.start_step, dynamic_ncols=True, leave=False)
+            self.log = self.bar.write
+
+    def log_val(self, step, val_bpb):
+        self.val_bpb = val_bpb
+        self.history["val_step"].append(step)
+        self.history["val_bpb"].append(val_bpb)
+        self.log(f"step {step:05d} | val bpb {val_bpb:.4f}")
+        if self.wandb_run:
+            self.wandb_run.log({"step": step, "val/bpb": val_bpb})
+
+    def log_core(self, step, core):
+        self.core = core
+        self.history["core_step"].append(step)
+        self.history["core_metric"].append(core["core_metric"])
+        self.log(f"step {step:05d} | CORE {core['core_metric']:.4f} ({core['seconds']:.1f}s)")
+        if self.wandb_run:
+            self.wandb_run.log({"step": step, "core_metric": core["core_metric"],
+                                **{f"core/{k}": r["centered"] for k, r in core["tasks"].items()}})
+
+    def log_samples(self, samples):
+        self.samples = samples
+        for s in samples:
+            self.log(f"sample: {s!r}")
+
+    def log_step(self, step, train_loss, lrm, dt):
+        """The step line (benchmarks/bench_train.py parses it) after optimizer step `step` (1-based) took dt seconds."""
+        run = self.run
+        ema = 0.9
+        self.smooth_loss = ema * self.smooth_loss + (1 - ema) * train_loss
+        debiased = self.smooth_loss / (1 - ema ** step)
+        tok_per_sec = run.total_batch_size / dt
+        mfu = 100 * run.flops_per_token * tok_per_sec / (self.peak_flops * run.world_size) if self.peak_flops else None
+        if step > run.start_step + 10:
+            self.total_train_time += dt  # the first steps include compilation
+        eta = (run.num_iterations - step) * dt
+        mfu_str = f"{mfu:.1f}%" if mfu is not None else "-"
+        self.log(f"step {step:05d}/{run.num_iterations:05d} | loss {train_loss:.4f} (smooth {debiased:.4f}) | "
+                 f"lrm {lrm:.3f} | dt {dt * 1000:.0f}ms | tok/s {tok_per_sec:,.0f} | mfu {mfu_str} | "
+                 f"mem {peak_memory_gib(run.device):.2f}GiB | eta {eta / 60:.1f}m")
+        self.history["step"].append(step)
+        self.history["loss"].append(train_loss)
+        self.history["tok_per_sec"].append(tok_per_sec)
+        self.history["mfu"].append(mfu)
+        if self.bar:
+            self.bar.update(1)
+        if self.wandb_run:
+            self.wandb_run.log({"step": step, "train/loss": train_loss, "train/lrm": lrm,
+                                "train/tok_per_sec": tok_per_sec, "train/mfu": mfu})
+
+    def loop_state(self):
+        """Saved with each checkpoint, for a resumed run's smoothed loss and train time."""
+        return dict(smooth_loss=self.smooth_loss, total_train_time=self.total_train_time, val_bpb=self.val_bpb)
+
+    def summary(self):
+        """The run's final numbers; throughput and MFU average the steps after the first 10 (compilation)."""
+        run, history, core = self.run, self.history, self.core
+        steady = history["tok_per_sec"][10:] or history["tok_per_sec"]
+        steady_mfu = history["mfu"][10:]
+        return dict(
+            val_bpb=self.val_bpb, core_metric=core["core_metric"] if core else None, core=core,
+            core_step=history["core_step"][-1] if core else None,
+            final_loss=history["loss"][-1] if history["loss"] else None,
+            tok_per_sec=sum(steady) / len(steady) if steady else None,
+            mfu=(sum(m for m in steady_mfu if m) / max(1, len(steady_mfu))) if self.peak_flops else None,
+            peak_memory_gib=peak_memory_gib(run.device), num_iterations=run.num_iterations, num_params=run.num_params,
+            flops_per_token=run.flops_per_token, num_sparse_layers=run.num_sparse, world_size=run.world_size,
+            device=torch.cuda.get_device_name(run.device) if run.device_type == "cuda" else run.device_type,
+            torch_version=torch.__version__, checkpoint_dir=run.checkpointer.dir, samples=self.samples,
+            total_train_time=self.total_train_time,
+        )
+
+
+def finish(run, metrics):
+    """The done line and the report; closes the progress bar, wandb and the process group.
+    Returns train()'s dict."""
+    if metrics.bar:
+        metrics.bar.close()
+    summary = metrics.summary()
+    val_str = f"{metrics.val_bpb:.4f}" if metrics.val_bpb is not None else "-"
+    print0(f"done: val bpb {val_str} | peak memory {summary['peak_memory_gib']:.2f}GiB | "
+           f"train time {metrics.total_train_time / 60:.2f}m (after the first 10 steps)")
+    if run.master:
+        from nanochat.report import write_train_report
+        path = write_train_report(os.path.join(get_base_dir(), "report"), run.model_tag, vars(run.args),
+                                  metrics.history, summary)
+        print0(f"report: {path}")
+    if metrics.wandb_run:
+        metrics.wandb_run.finish()
+    compute_cleanup()
+    return dict(history=metrics.history, summary=summary)
+
+
+# -----------------------------------------------------------------------------
+# The loop
+
+def train(args):
+    """Train per `args` (from build_arg_parser). Returns a dict with the history and final numbers."""
+    run = setup(args)
+    args = run.args
+    metrics = Metrics(run)
+    batches = TrainBatches(run.loader)
+    step = run.start_step
     while True:
-        last_step = step >= num_iterations  # resume is checked to start before it; >= so no bug can run past it
-        if (args.eval_every > 0 and step % args.eval_every == 0) or (last_step and args.eval_every != 0):
-            model.eval()
-            val_loader = DistributedDataLoader(tokenizer, args.device_batch_size, args.max_seq_len, "val", device,
-                                               rank=rank, world_size=world_size)
-            val_bpb = evaluate_bpb(train_model, val_loader, eval_steps, token_bytes, autocast_ctx)
-            model.train()
-            if num_sparse and dist.is_initialized():
-                check_masks_agree(model, world_size, log)
-            history["val_step"].append(step)
-            history["val_bpb"].append(val_bpb)
-            log(f"step {step:05d} | val bpb {val_bpb:.4f}")
-            if wandb_run:
-                wandb_run.log({"step": step, "val/bpb": val_bpb})
-        core_due = (args.core_metric_every > 0 and step % args.core_metric_every == 0 and step > start_step) or \
-            (last_step and args.core_metric_every != 0)
-        if core_due:  # every rank scores its share; the eager model, as the example shapes vary
-            model.eval()
-            with autocast_ctx, bf16_linears(model):
-                core = core_eval.evaluate(model, device)
-            model.train()
-            history["core_step"].append(step)
-            history["core_metric"].append(core["core_metric"])
-            log(f"step {step:05d} | CORE {core['core_metric']:.4f} ({core['seconds']:.1f}s)")
-            if wandb_run:
-                wandb_run.log({"step": step, "core_metric": core["core_metric"],
-                               **{f"core/{k}": r["centered"] for k, r in core["tasks"].items()}})
-        sample_due = (args.sample_every > 0 and step % args.sample_every == 0 and step > start_step) or \
-            (last_step and args.sample_every != 0)
-        if master and sample_due:
-            model.eval()
-            with autocast_ctx, bf16_linears(model):  # fp8 layers sample in bf16 (one token at a time)
-                samples = sample_text(model, tokenizer)
-            model.train()
-            for s in samples:
-                log(f"sample: {s!r}")
-        save_due = (last_step and args.save_every != 0) or (args.save_every > 0 and step % args.save_every == 0)
-        if save_due and step != start_step:
-            # a finite loss can still come with a non-finite update: never save (and keep-last-k never
-            # prunes good checkpoints for) weights that are not finite; DDP replicas agree, so all ranks stop
-            if not torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all():
-                raise diverged("the weights are not finite", step, last_saved)
-            loop_state = dict(smooth_loss=smooth_loss, total_train_time=total_train_time, val_bpb=val_bpb)
-            checkpoint.save_checkpoint(checkpoint_dir, step, model.state_dict(), [o.state_dict() for o in optimizers],
-                                       batch_state, dict(run_meta, loop_state=loop_state), rank)
-            log(f"saved checkpoint step {step} to {checkpoint_dir}")
-            last_saved = step
-            if master:
-                deleted = checkpoint.prune_checkpoints(checkpoint_dir, step, args.keep_last_k, replaced_steps)
-                replaced_steps = []
-                if deleted:
-                    log(f"deleted checkpoint steps {', '.join(map(str, deleted))} (--keep-last-k {args.keep_last_k}"
-                        f"{', --overwrite' if args.overwrite else ''})")
+        last_step = step >= run.num_iterations  # resume is checked to start before it; >= so no bug can run past it
+        # the starting step is only evaluated: it is step 0 or a step already saved
+        past_start = step > run.start_step
+        if due(args.eval_every, step, last_step):
+            metrics.log_val(step, validate(run, metrics.log))
+        if due(args.core_metric_every, step, last_step) and past_start:
+            metrics.log_core(step, core_metric(run))
+        if due(args.sample_every, step, last_step) and past_start and run.master:
+            metrics.log_samples(sample(run))
+        if due(args.save_every, step, last_step) and past_start:
+            run.checkpointer.save(step, run.model, run.optimizers, batches.state, metrics.loop_state(), metrics.log)
         if last_step:
             break
 
-        # one optimizer step
-        sync()
+        run.sync()
         t0 = time.time()
-        step_loss = 0.0
-        for micro_step in range(grad_accum_steps):
-            sync_ctx = ddp_model.no_sync() if (ddp_model is not None and micro_step < grad_accum_steps - 1) else nullcontext()
-            with sync_ctx:
-                with autocast_ctx:
-                    loss = train_model(x, y)
-                (loss / grad_accum_steps).backward()
-            step_loss += loss.detach()
-            x, y, batch_state = next_train_batch()
-        lrm = lr_multiplier(step, num_iterations, args.warmup_steps, args.warmdown_ratio, args.final_lr_frac)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * lrm
-        optimizers[1].param_groups[0]["momentum"] = muon_momentum(step)
-        for opt in optimizers:
-            opt.step()
-        model.zero_grad(set_to_none=True)
-        step_loss = step_loss / grad_accum_steps
-        if dist.is_initialized():
-            dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
-        train_loss = step_loss.item()
+        train_loss, lrm = train_step(run, batches, step)
         if not math.isfinite(train_loss):  # every rank holds the all-reduced loss, so all stop here
-            raise diverged(f"the loss is {train_loss}", step + 1, last_saved)
-        sync()
+            raise diverged(f"the loss is {train_loss}", step + 1, run.checkpointer.last_saved)
+        run.sync()
         dt = time.time() - t0
-
         step += 1
-        ema = 0.9
-        smooth_loss = ema * smooth_loss + (1 - ema) * train_loss
-        debiased = smooth_loss / (1 - ema ** step)
-        tok_per_sec = total_batch_size / dt
-        mfu = 100 * flops_per_token * tok_per_sec / (peak_flops * world_size) if peak_flops else None
-        if step > start_step + 10:
-            total_train_time += dt  # the first steps include compilation
-        eta = (num_iterations - step) * dt
-        mfu_str = f"{mfu:.1f}%" if mfu is not None else "-"
-        log(f"step {step:05d}/{num_iterations:05d} | loss {train_loss:.4f} (smooth {debiased:.4f}) | lrm {lrm:.3f} | "
-            f"dt {dt * 1000:.0f}ms | tok/s {tok_per_sec:,.0f} | mfu {mfu_str} | mem {peak_memory_gib(device):.2f}GiB | "
-            f"eta {eta / 60:.1f}m")
-        history["step"].append(step)
-        history["loss"].append(train_loss)
-        history["tok_per_sec"].append(tok_per_sec)
-        history["mfu"].append(mfu)
-        if bar:
-            bar.update(1)
-        if wandb_run:
-            wandb_run.log({"step": step, "train/loss": train_loss, "train/lrm": lrm, "train/tok_per_sec": tok_per_sec,
-                           "train/mfu": mfu})
-
-    if bar:
-        bar.close()
-    steady = history["tok_per_sec"][10:] or history["tok_per_sec"]
-    summary = dict(
-        val_bpb=val_bpb, core_metric=core["core_metric"] if core else None, core=core,
-        core_step=history["core_step"][-1] if core else None, final_loss=history["loss"][-1] if history["loss"] else None,
-        tok_per_sec=sum(steady) / len(steady) if steady else None,
-        mfu=(sum(m for m in history["mfu"][10:] if m) / max(1, len(history["mfu"][10:]))) if peak_flops else None,
-        peak_memory_gib=peak_memory_gib(device), num_iterations=num_iterations, num_params=num_params,
-        flops_per_token=flops_per_token, num_sparse_layers=num_sparse, world_size=world_size,
-        device=torch.cuda.get_device_name(device) if device_type == "cuda" else device_type,
-        torch_version=torch.__version__, checkpoint_dir=checkpoint_dir, samples=samples,
-        total_train_time=total_train_time,
-    )
-    val_str = f"{val_bpb:.4f}" if val_bpb is not None else "-"
-    print0(f"done: val bpb {val_str} | peak memory {summary['peak_memory_gib']:.2f}GiB | "
-           f"train time {total_train_time / 60:.2f}m (after the first 10 steps)")
-    if master:
-        from nanochat.report import write_train_report
-        path = write_train_report(os.path.join(get_base_dir(), "report"), model_tag, vars(args), history, summary)
-        print0(f"report: {path}")
-    if wandb_run:
-        wandb_run.finish()
-    compute_cleanup()
-    return dict(history=history, summary=summary)
+        metrics.log_step(step, train_loss, lrm, dt)
+    return finish(run, metrics)

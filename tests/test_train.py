@@ -227,3 +227,10 @@ def test_fp8_and_sparse_on_cpu_warn_and_train_dense(data, capsys):
     assert "Warning: 2:4 sparsity requires CUDA, ignoring --sparse flag" in log
     assert "Warning: --fp8 requires a CUDA GPU" in log
     assert out["summary"]["num_sparse_layers"] == 0 and len(out["history"]["loss"]) == 2
+
+
+def test_due_every_n_steps_only_at_the_end_or_never():
+    from nanochat.train import due
+    assert [s for s in range(11) if due(4, s, last_step=s == 10)] == [0, 4, 8, 10]
+    assert [s for s in range(11) if due(-1, s, last_step=s == 10)] == [10]
+    assert [s for s in range(11) if due(0, s, last_step=s == 10)] == []
