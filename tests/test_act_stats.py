@@ -1,4 +1,5 @@
 import math
+import os
 
 import pytest
 import torch
@@ -117,3 +118,23 @@ def test_measure_pruned_loss_matches_a_pruned_mlp_forward():
     assert r["loss_pruned"] == pytest.approx(pruned, rel=1e-6)
     assert r["loss_pruned"] != pytest.approx(r["loss"], rel=1e-6)  # the pruning did something
     assert model.training  # measure() restores the mode
+
+
+def test_benchmark_runs_and_its_step0_is_the_trainers_init(tiny_data_dir, tiny_tokenizer, nanochat_base_dir, tmp_path):
+    from benchmarks.act_sparsity import init_model, main
+    from nanochat import checkpoint
+    out = str(tmp_path / "act_{device}_d{depth}")
+    # all learning rates 0: the weights saved after step 1 are still the init, which step 0 must rebuild exactly
+    result = main(["--device-type", "cpu", "--depth", "2", "--aspect-ratio", "32", "--head-dim", "32",
+                   "--max-seq-len", "32", "--device-batch-size", "4", "--total-batch-size", "256", "--steps", "2",
+                   "--save-every", "1", "--eval-batches", "2", "--model-tag", "act_sparsity_test", "--out", out,
+                   "--extra", "--matrix-lr 0 --embedding-lr 0 --unembedding-lr 0"])
+    assert [p["step"] for p in result["points"]] == [0, 1, 2]
+    assert all(p["tokens"] == 2 * 4 * 32 and len(p["layers"]) == 2 for p in result["points"])
+    assert result["points"][1]["layers"] == result["points"][0]["layers"]
+    for ext in ("json", "md", "png"):
+        assert (tmp_path / f"act_cpu_d2.{ext}").exists()
+    ckpt = os.path.join(nanochat_base_dir, "base_checkpoints", "act_sparsity_test")
+    saved, _, meta = checkpoint.load_checkpoint(ckpt, 1, "cpu", load_optimizer=False)
+    rebuilt = init_model(meta, torch.device("cpu")).state_dict()
+    assert all(torch.equal(rebuilt[k], v) for k, v in saved.items())
