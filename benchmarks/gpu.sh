@@ -32,6 +32,14 @@ from nanochat.sparse.cusparselt import pick_impl
 print(torch.cuda.get_device_name(), "| torch", torch.__version__, "| cuSPARSELt", torch.backends.cusparselt.version(),
       "| 2:4 GEMMs via", pick_impl()[0])
 PY
+larger_corpus() {
+  # a larger corpus than the stdlib alone (site-packages' .py files, ~33M tokens), in its own base dir;
+  # the tokenizer is the carried one
+  export NANOCHAT_BASE_DIR=/tmp/parity_base
+  mkdir -p $NANOCHAT_BASE_DIR
+  [ -d $NANOCHAT_BASE_DIR/tokenizer ] || cp -r .gpu_base/tokenizer $NANOCHAT_BASE_DIR/
+  python3 -m nanochat.dataset --default-corpus --source-dir "$(python3 -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")"
+}
 case $stage in
   tests)
     [ $# -gt 0 ] || set -- tests/test_sparse_gpu.py tests/test_fp8_gpu.py tests/test_sparse.py
@@ -44,15 +52,12 @@ case $stage in
   train) python3 -m benchmarks.bench_train "$@" 2>&1 | tee -a "$OUT/train_bench.log" ;;
   memory) python3 -m benchmarks.bench_memory "$@" 2>&1 | tee -a "$OUT/memory_bench.log" ;;
   profile) python3 -m benchmarks.profile_step --out "$OUT" "$@" 2>&1 | tee -a "$OUT/profile.log" | grep -vE "^  " ;;
-  act_sparsity)  # the trainer's step lines go to the log only; the measured points are printed
+  act_sparsity)  # on parity's corpus; the trainer's step lines go to the log only, the measured points are printed
+    larger_corpus
     python3 -m benchmarks.act_sparsity --out "$OUT/act_sparsity_{device}_d{depth}" "$@" 2>&1 \
       | tee -a "$OUT/act_sparsity.log" | grep -vE "^step [0-9]+/" ;;
   parity)
-    # a larger corpus than the stdlib alone, in its own base dir (the tokenizer is the carried one)
-    export NANOCHAT_BASE_DIR=/tmp/parity_base
-    mkdir -p $NANOCHAT_BASE_DIR
-    [ -d $NANOCHAT_BASE_DIR/tokenizer ] || cp -r .gpu_base/tokenizer $NANOCHAT_BASE_DIR/
-    python3 -m nanochat.dataset --default-corpus --source-dir "$(python3 -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")"
+    larger_corpus
     python3 -m benchmarks.bench_parity "$@" 2>&1 | tee -a "$OUT/parity.log" ;;
   ddp)
     nproc=$1 name=$2; shift 2
