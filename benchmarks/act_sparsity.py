@@ -46,19 +46,23 @@ def build_arg_parser():
     # the measurement
     p.add_argument("--eval-batches", type=int, default=4, help="val micro-batches measured at every point")
     p.add_argument("--measure-only", action="store_true", help="skip training: measure the tag's saved checkpoints")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the tag's run from its newest checkpoint (bit-exact on CPU), then measure; a run cut "
+                        "off (a time limit) is finished in pieces this way")
     p.add_argument("--out", default="benchmarks/results/act_sparsity_{device}_d{depth}",
                    help="output path without extension; {device} (cpu, h100, ...) and {depth} are filled in")
     return p
 
 
-def trainer_flags(args, tag):
+def trainer_flags(args, tag, resume_from=None):
     eval_tokens = args.eval_batches * args.device_batch_size * args.max_seq_len
     flags = ["--depth", str(args.depth), "--aspect-ratio", str(args.aspect_ratio), "--head-dim", str(args.head_dim),
              "--max-seq-len", str(args.max_seq_len), "--device-batch-size", str(args.device_batch_size),
              "--total-batch-size", str(args.total_batch_size), "--num-iterations", str(args.steps),
              "--warmup-steps", str(args.warmup_steps), "--eval-every", "-1", "--eval-tokens", str(eval_tokens),
              "--sample-every", "0", "--save-every", str(args.save_every), "--keep-last-k", "0",
-             "--model-tag", tag, "--overwrite"]
+             "--model-tag", tag]
+    flags += ["--overwrite"] if resume_from is None else ["--resume-from-step", str(resume_from)]
     if args.device_type:
         flags += ["--device-type", args.device_type]
     return flags + args.extra.split()
@@ -128,7 +132,9 @@ def write_markdown(path, result):
     n_layer = len(points[0]["layers"])
     lines = [f"# relu² activation sparsity per MLP layer, d{m['depth']} ({m['device']}, torch {m['torch']}, {m['date']})", "",
              f"{m['steps']} steps x {m['tokens_per_step']:,} tokens; measured on {points[0]['tokens']:,} val tokens "
-             f"at each point. Command: `{m['command']}`. Trainer flags: `{' '.join(m['trainer_flags'])}`.", "",
+             f"at each point. Command: `{m['command']}`. Trainer flags: `{' '.join(m['trainer_flags'])}`"
+             + (f" (the last piece resumed from step {m['resumed_from_step']})" if m.get("resumed_from_step") else "")
+             + ".", "",
              "h = relu(c_fc(x))², c_proj's input (tokens x 4d); 4-groups are 4 consecutive features of one token. "
              f"The paper's regime (Haziza et al. 2025): > {100 * PAPER_ZERO_FRAC:.0f}% zeros after warm-up.", ""]
     tables = [("Exact zeros in h", "zero_frac"),
@@ -189,10 +195,19 @@ def main(argv=None):
     if device.type == "cpu":
         torch.set_flush_denormal(True)  # as the trainer: the measured h is the h training computed
     tag = args.model_tag or f"act_sparsity_d{args.depth}"
-    flags = trainer_flags(args, tag)
     checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", tag)
+    resume_from = None
+    if args.resume:
+        from nanochat.checkpoint import saved_steps
+        saved = saved_steps(checkpoint_dir)
+        if not saved:
+            raise UserError(f"--resume: no checkpoints in {checkpoint_dir}; start the run without --resume")
+        resume_from = saved[-1]
+    flags = trainer_flags(args, tag, resume_from)
     summary, history, train_s = None, None, None
-    if not args.measure_only:
+    if resume_from == args.steps:
+        print(f"the run is complete (step {resume_from} saved): measuring only")
+    elif not args.measure_only:
         from nanochat.train import build_arg_parser as trainer_parser, train
         t0 = time.time()
         out = train(trainer_parser().parse_args(flags))
@@ -206,17 +221,20 @@ def main(argv=None):
     run_args = run_meta["args"]
     meta = dict(date=datetime.date.today().isoformat(), device=device_name(device), torch=torch.__version__,
                 python=platform.python_version(), command="python -m benchmarks.act_sparsity " + " ".join(argv),
-                trainer_flags=flags if not args.measure_only else None, checkpoint_dir=checkpoint_dir,
+                trainer_flags=trainer_flags(args, tag), run_args=run_args, checkpoint_dir=checkpoint_dir,
                 depth=run_meta["model_config"]["n_layer"], model_config=run_meta["model_config"],
                 steps=max(p["step"] for p in points), tokens_per_step=run_args["total_batch_size"],
                 seed=run_args["seed"], eval_batches=args.eval_batches, train_seconds=train_s, measure_seconds=measure_s,
                 paper_zero_frac=PAPER_ZERO_FRAC,
                 step0="the run's init, rebuilt from its seed as train() builds it (no checkpoint at step 0)")
-    if args.measure_only:
+    if summary is None:
         meta["trainer_flags"] = [f"(trained earlier; args in {checkpoint_dir}/meta_*.json)"]
+    elif resume_from is not None:
+        meta["resumed_from_step"] = resume_from  # train_seconds and the loss history cover this last piece only
     result = dict(meta=meta, points=points,
                   train=dict(final_val_bpb=summary["val_bpb"], final_loss=summary["final_loss"],
-                             loss=history["loss"], tok_per_sec=summary["tok_per_sec"]) if summary else None)
+                             step=history["step"], loss=history["loss"], tok_per_sec=summary["tok_per_sec"])
+                  if summary else None)
     out = args.out.format(device=short_device(device), depth=meta["depth"])
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out + ".json", "w") as f:

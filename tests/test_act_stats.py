@@ -125,10 +125,10 @@ def test_benchmark_runs_and_its_step0_is_the_trainers_init(tiny_data_dir, tiny_t
     from nanochat import checkpoint
     out = str(tmp_path / "act_{device}_d{depth}")
     # all learning rates 0: the weights saved after step 1 are still the init, which step 0 must rebuild exactly
-    result = main(["--device-type", "cpu", "--depth", "2", "--aspect-ratio", "32", "--head-dim", "32",
-                   "--max-seq-len", "32", "--device-batch-size", "4", "--total-batch-size", "256", "--steps", "2",
-                   "--save-every", "1", "--eval-batches", "2", "--model-tag", "act_sparsity_test", "--out", out,
-                   "--extra", "--matrix-lr 0 --embedding-lr 0 --unembedding-lr 0"])
+    flags = ["--device-type", "cpu", "--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", "32",
+             "--device-batch-size", "4", "--total-batch-size", "256", "--save-every", "1", "--eval-batches", "2",
+             "--model-tag", "act_sparsity_test", "--out", out, "--extra", "--matrix-lr 0 --embedding-lr 0 --unembedding-lr 0"]
+    result = main(flags + ["--steps", "2"])
     assert [p["step"] for p in result["points"]] == [0, 1, 2]
     assert all(p["tokens"] == 2 * 4 * 32 and len(p["layers"]) == 2 for p in result["points"])
     assert result["points"][1]["layers"] == result["points"][0]["layers"]
@@ -138,3 +138,7 @@ def test_benchmark_runs_and_its_step0_is_the_trainers_init(tiny_data_dir, tiny_t
     saved, _, meta = checkpoint.load_checkpoint(ckpt, 1, "cpu", load_optimizer=False)
     rebuilt = init_model(meta, torch.device("cpu")).state_dict()
     assert all(torch.equal(rebuilt[k], v) for k, v in saved.items())
+    # a run cut off continues from its newest checkpoint
+    resumed = main(flags + ["--steps", "3", "--resume"])
+    assert [p["step"] for p in resumed["points"]] == [0, 1, 2, 3] and resumed["meta"]["resumed_from_step"] == 2
+    assert resumed["train"]["step"] == [3]
