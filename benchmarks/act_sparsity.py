@@ -17,6 +17,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 from contextlib import nullcontext
@@ -49,6 +50,7 @@ def build_arg_parser():
     p.add_argument("--resume", action="store_true",
                    help="continue the tag's run from its newest checkpoint (bit-exact on CPU), then measure; a run cut "
                         "off (a time limit) is finished in pieces this way")
+    p.add_argument("--note", default="", help="a line for the results files (how the run went, what was lost)")
     p.add_argument("--out", default="benchmarks/results/act_sparsity_{device}_d{depth}",
                    help="output path without extension; {device} (cpu, h100, ...) and {depth} are filled in")
     return p
@@ -66,6 +68,22 @@ def trainer_flags(args, tag, resume_from=None):
     if args.device_type:
         flags += ["--device-type", args.device_type]
     return flags + args.extra.split()
+
+
+RUN_FLAGS = ("depth", "aspect_ratio", "head_dim", "max_seq_len", "device_batch_size", "total_batch_size", "num_iterations",
+             "warmup_steps", "warmdown_ratio", "matrix_lr", "embedding_lr", "unembedding_lr", "seed", "sparse", "fp8")
+
+
+def run_flags(run_args):
+    """The trainer flags that shape the run, from the args a checkpoint's meta records."""
+    flags = []
+    for k in RUN_FLAGS:
+        v = run_args.get(k)
+        if isinstance(v, bool):
+            flags += [f"--{k.replace('_', '-')}"] if v else []
+        elif v is not None:
+            flags.append(f"--{k.replace('_', '-')} {v}")
+    return " ".join(flags)
 
 
 def device_name(device):
@@ -132,9 +150,10 @@ def write_markdown(path, result):
     n_layer = len(points[0]["layers"])
     lines = [f"# relu² activation sparsity per MLP layer, d{m['depth']} ({m['device']}, torch {m['torch']}, {m['date']})", "",
              f"{m['steps']} steps x {m['tokens_per_step']:,} tokens; measured on {points[0]['tokens']:,} val tokens "
-             f"at each point. Command: `{m['command']}`. Trainer flags: `{' '.join(m['trainer_flags'])}`"
-             + (f" (the last piece resumed from step {m['resumed_from_step']})" if m.get("resumed_from_step") else "")
-             + ".", "",
+             f"at each point (the first {m['eval_batches']} val micro-batches). Run: `{run_flags(m['run_args'])}`; final val bpb "
+             f"{fmt(m['final_val_bpb'], pct=False)}. Command: `{m['command']}`"
+             + (f" (its training resumed from step {m['resumed_from_step']})" if m.get("resumed_from_step") else "")
+             + "." + (f" {m['note']}" if m.get("note") else ""), "",
              "h = relu(c_fc(x))², c_proj's input (tokens x 4d); 4-groups are 4 consecutive features of one token. "
              f"The paper's regime (Haziza et al. 2025): > {100 * PAPER_ZERO_FRAC:.0f}% zeros after warm-up.", ""]
     tables = [("Exact zeros in h", "zero_frac"),
@@ -220,15 +239,15 @@ def main(argv=None):
 
     run_args = run_meta["args"]
     meta = dict(date=datetime.date.today().isoformat(), device=device_name(device), torch=torch.__version__,
-                python=platform.python_version(), command="python -m benchmarks.act_sparsity " + " ".join(argv),
+                python=platform.python_version(), command="python -m benchmarks.act_sparsity " + shlex.join(argv),
                 trainer_flags=trainer_flags(args, tag), run_args=run_args, checkpoint_dir=checkpoint_dir,
                 depth=run_meta["model_config"]["n_layer"], model_config=run_meta["model_config"],
                 steps=max(p["step"] for p in points), tokens_per_step=run_args["total_batch_size"],
                 seed=run_args["seed"], eval_batches=args.eval_batches, train_seconds=train_s, measure_seconds=measure_s,
-                paper_zero_frac=PAPER_ZERO_FRAC,
+                final_val_bpb=run_meta.get("loop_state", {}).get("val_bpb"), note=args.note, paper_zero_frac=PAPER_ZERO_FRAC,
                 step0="the run's init, rebuilt from its seed as train() builds it (no checkpoint at step 0)")
     if summary is None:
-        meta["trainer_flags"] = [f"(trained earlier; args in {checkpoint_dir}/meta_*.json)"]
+        meta["trainer_flags"] = None  # trained by an earlier call: run_args holds what the checkpoints record
     elif resume_from is not None:
         meta["resumed_from_step"] = resume_from  # train_seconds and the loss history cover this last piece only
     result = dict(meta=meta, points=points,
