@@ -7,6 +7,7 @@
 #   bash benchmarks/gpu.sh parity [bench_parity args]  paired val-bpb runs (corpus: stdlib + site-packages)
 #   bash benchmarks/gpu.sh memory [bench_memory args]  peak memory per mode
 #   bash benchmarks/gpu.sh profile [profile_step args]  where a step's GPU time goes, per mode
+#   bash benchmarks/gpu.sh act_sparsity [act_sparsity args]  relu² output sparsity per layer over a run (issue 14)
 #   bash benchmarks/gpu.sh ddp NPROC NAME [base_train flags]  the trainer on NPROC GPUs (torchrun if > 1), log in $OUT/NAME.log
 #   bash benchmarks/gpu.sh env                       the set-up alone
 #   bash benchmarks/gpu.sh smoke                     d4 train, save, resume
@@ -14,7 +15,7 @@
 # nvmath-python) and .gpu_base (NANOCHAT_BASE_DIR=.gpu_base python -m nanochat.dataset --default-corpus
 # && python -m scripts.tok_train). Results and logs go to $OUT (default benchmarks/results).
 set -uo pipefail
-stage=${1:?usage: gpu.sh tests|mlp|mlp_fp8|train|parity|memory|profile|ddp|smoke [args]}
+stage=${1:?usage: gpu.sh tests|mlp|mlp_fp8|train|parity|memory|profile|act_sparsity|ddp|env|smoke [args]}
 shift
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
@@ -31,6 +32,14 @@ from nanochat.sparse.cusparselt import pick_impl
 print(torch.cuda.get_device_name(), "| torch", torch.__version__, "| cuSPARSELt", torch.backends.cusparselt.version(),
       "| 2:4 GEMMs via", pick_impl()[0])
 PY
+larger_corpus() {
+  # a larger corpus than the stdlib alone (site-packages' .py files, ~33M tokens), in its own base dir;
+  # the tokenizer is the carried one
+  export NANOCHAT_BASE_DIR=/tmp/parity_base
+  mkdir -p $NANOCHAT_BASE_DIR
+  [ -d $NANOCHAT_BASE_DIR/tokenizer ] || cp -r .gpu_base/tokenizer $NANOCHAT_BASE_DIR/
+  python3 -m nanochat.dataset --default-corpus --source-dir "$(python3 -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")"
+}
 case $stage in
   tests)
     [ $# -gt 0 ] || set -- tests/test_sparse_gpu.py tests/test_fp8_gpu.py tests/test_sparse.py
@@ -43,12 +52,12 @@ case $stage in
   train) python3 -m benchmarks.bench_train "$@" 2>&1 | tee -a "$OUT/train_bench.log" ;;
   memory) python3 -m benchmarks.bench_memory "$@" 2>&1 | tee -a "$OUT/memory_bench.log" ;;
   profile) python3 -m benchmarks.profile_step --out "$OUT" "$@" 2>&1 | tee -a "$OUT/profile.log" | grep -vE "^  " ;;
+  act_sparsity)  # on parity's corpus; the trainer's step lines go to the log only, the measured points are printed
+    larger_corpus
+    python3 -m benchmarks.act_sparsity --out "$OUT/act_sparsity_{device}_d{depth}" "$@" 2>&1 \
+      | tee -a "$OUT/act_sparsity.log" | grep -vE "^step [0-9]+/" ;;
   parity)
-    # a larger corpus than the stdlib alone, in its own base dir (the tokenizer is the carried one)
-    export NANOCHAT_BASE_DIR=/tmp/parity_base
-    mkdir -p $NANOCHAT_BASE_DIR
-    [ -d $NANOCHAT_BASE_DIR/tokenizer ] || cp -r .gpu_base/tokenizer $NANOCHAT_BASE_DIR/
-    python3 -m nanochat.dataset --default-corpus --source-dir "$(python3 -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")"
+    larger_corpus
     python3 -m benchmarks.bench_parity "$@" 2>&1 | tee -a "$OUT/parity.log" ;;
   ddp)
     nproc=$1 name=$2; shift 2
