@@ -51,7 +51,7 @@ def write_results(meta, rows, outs):
     """Markdown table + JSON, rewritten after every row so a cut-off run keeps what it measured."""
     head = ("| d | T | dense ms | 2:4 ms | speedup | kernels fwd/dgrad (S=cuSPARSELt, D=dense) | all-cuSPARSELt ms (x) "
             "| refresh ms (GPU / wall) | refresh % of step | host us per 2:4 GEMM |")
-    lines = [f"# MLP fwd+bwd, dense vs 2:4, both torch.compile'd, bf16",
+    lines = ["# MLP fwd+bwd, dense vs 2:4, both torch.compile'd, bf16",
              "", f"GPU {meta['gpu']}, torch {meta['torch']}, cuSPARSELt {meta['cusparselt']} via {meta['impl']}, {meta['date']}",
              f"Command: `{meta['command']}`. Median of triton.testing.do_bench. Refresh = prune + pack of c_fc and c_proj.",
              "Step model: 4 micro-batches of T tokens, full model of width d (depth d/64), 45% MFU of 989 TFLOP/s.",

@@ -82,12 +82,7 @@ def test_causality():
 
 
 def test_kv_cache_generation_equals_full_recompute():
-    model = make_model()
-    with torch.no_grad():
-        for block in model.transformer.h:
-            block.attn.c_proj.weight.normal_(0, 0.05)
-            block.mlp.c_proj.weight.normal_(0, 0.05)
-        model.lm_head.weight.normal_(0, 0.5)
+    model = _nontrivial_model()
     prompt = [1, 5, 7, 9]
     cached = list(model.generate(prompt, max_tokens=10, temperature=0.0))
     ids = list(prompt)

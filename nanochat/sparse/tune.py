@@ -21,7 +21,7 @@ import statistics
 import torch
 
 from nanochat.sparse.cusparselt import TOKEN_PAD, library
-from nanochat.sparse.mask import masked_bf16, transposable_mask
+from nanochat.sparse.mask import masked_bf16
 
 CACHE_VERSION = 1
 
@@ -90,8 +90,7 @@ def time_gemm(lib, m, k, T, op, device):
     """{alg, sparse_ms, dense_ms, num_algs} for y = x @ A^T, A (m x k) 2:4, x (T x k).
     op "fwd": the dense fallback is x @ W^T with W = A row-major; "dgrad": x @ W with W = A^T row-major."""
     g = torch.Generator(device=device).manual_seed(m * 131 + k)
-    w = torch.randn(m, k, device=device, dtype=torch.bfloat16, generator=g)
-    a = torch.where(transposable_mask(w), w, 0)
+    a = masked_bf16(torch.randn(m, k, device=device, dtype=torch.bfloat16, generator=g))
     x = torch.randn(T, k, device=device, dtype=torch.bfloat16, generator=g)
     if op == "fwd":
         dense_ms = time_gpu_ms(lambda: x @ a.t())
