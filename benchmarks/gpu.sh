@@ -9,6 +9,8 @@
 #   bash benchmarks/gpu.sh profile [profile_step args]  where a step's GPU time goes, per mode
 #   bash benchmarks/gpu.sh act_sparsity [act_sparsity args]  relu² output sparsity per layer over a run (issue 14)
 #   bash benchmarks/gpu.sh ddp NPROC NAME [base_train flags]  the trainer on NPROC GPUs (torchrun if > 1), log in $OUT/NAME.log
+#   bash benchmarks/gpu.sh parallel "STAGE ARGS [; STAGE ARGS]" ...  one quoted list of stages per GPU, run at once
+#                                                    (GPU i runs the i-th list in order; logs in $OUT/parallel_gpu<i>.log)
 #   bash benchmarks/gpu.sh env                       the set-up alone
 #   bash benchmarks/gpu.sh smoke                     d4 train, save, resume
 # The GPU machine has no package registry: carry .whl (../shared/gpu/wheels.sh: torchao, rustbpe,
@@ -64,6 +66,17 @@ case $stage in
     if [ "$nproc" = 1 ]; then launch="python3"; else launch="torchrun --standalone --nproc_per_node=$nproc"; fi
     $launch -m scripts.base_train "$@" > "$OUT/$name.log" 2>&1
     echo "$name: rc $? | $(grep -E '^step [0-9]+/' "$OUT/$name.log" | tail -1 | cut -c1-150)" ;;
+  parallel)  # independent 1-GPU stages side by side: a 2-GPU machine does two lists in the time of one
+    i=0 pids=()
+    for list in "$@"; do
+      ( IFS=';' read -ra stages <<< "$list"
+        for st in "${stages[@]}"; do echo "== GPU $i: $st"; CUDA_VISIBLE_DEVICES=$i bash "$0" $st; done
+      ) > "$OUT/parallel_gpu$i.log" 2>&1 &
+      pids+=($!); i=$((i + 1))
+    done
+    rc=0; for p in "${pids[@]}"; do wait "$p" || rc=1; done
+    for ((j = 0; j < i; j++)); do echo "---- GPU $j"; grep -vE "^step [0-9]+/|^  " "$OUT/parallel_gpu$j.log" | tail -n 40; done
+    exit $rc ;;
   env) ;;  # the set-up above only (wheels installed, versions printed)
   smoke)
     smoke="--depth 4 --device-batch-size 8 --max-seq-len 512 --total-batch-size 8192 --num-iterations 20 --eval-every 10 --eval-tokens 16384 --sample-every 20 --model-tag gpu_smoke"
