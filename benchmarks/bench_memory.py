@@ -46,7 +46,8 @@ def config_flags(depth, mode, device_batch_size, steps=3, seq_len=2048, micro_ba
     """Trainer flags for one configuration (bench_train's, so both benchmarks run the same trainer)."""
     flags = trainer_flags(depth, mode, steps, device_batch_size, seq_len, device_batch_size * seq_len * micro_batches)
     flags[flags.index("--model-tag") + 1] = f"mem_d{depth}_{mode}_b{device_batch_size}"
-    return flags + list(extra)
+    # --partitioner, not the trainer's --recompute auto, decides what the compiled forward keeps
+    return flags + ["--recompute", "off"] + list(extra)
 
 
 def _use_loss(loss):

@@ -82,6 +82,10 @@ def build_arg_parser():
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on for CUDA, off elsewhere)")
+    p.add_argument("--recompute", choices=["auto", "on", "off"], default="auto",
+                   help="let torch.compile recompute cheap elementwise activations in backward instead of keeping "
+                        "them (about a third less activation memory, ~1-2%% slower); auto = on where the predicted "
+                        "peak exceeds 80%% of the GPU's memory (d26 at device batch 16 on an 80 GB H100)")
     # sparsity and fp8
     p.add_argument("--sparse", action="store_true", help="2:4 semi-structured sparse MLP layers (c_fc, c_proj)")
     p.add_argument("--sparse-backend", type=str, default="auto", choices=["auto", "cusparselt", "masked"],
@@ -316,7 +320,29 @@ class Checkpointer:
                     f"{', --overwrite' if self.overwrite else ''})")
 
 
-def wrap_model(model, is_ddp, local_rank, device_type, num_sparse, use_compile):
+# Peak-memory model of a compiled training step, fitted to H100/H200 measurements
+# (benchmarks/results/memory_d26_b16_h200.md, docs/memory-notes.md): weights, grads and optimizer moments
+# in fp32, and what the compiled forward keeps for backward per token, model dim and layer.
+BYTES_PER_PARAM = 12.4
+SAVED_BYTES_PER_TOKEN_DIM_LAYER = 46
+
+
+def predicted_peak_bytes(config, tokens_per_micro_batch, num_params):
+    return BYTES_PER_PARAM * num_params + SAVED_BYTES_PER_TOKEN_DIM_LAYER * tokens_per_micro_batch * config.n_embd * config.n_layer
+
+
+def use_recompute(setting, config, tokens_per_micro_batch, num_params, device):
+    """(on, why) for --recompute. auto turns it on only where the run would not fit comfortably: it
+    costs ~1-2% tokens/s (the recomputed elementwise ops) and cuts saved activations by about a third."""
+    if setting != "auto" or device.type != "cuda":
+        return setting == "on", f"--recompute {setting}"
+    total = torch.cuda.get_device_properties(device).total_memory
+    need = predicted_peak_bytes(config, tokens_per_micro_batch, num_params)
+    on = need > 0.8 * total
+    return on, f"predicted peak {need / 2**30:.1f} GiB of {total / 2**30:.1f} GiB (auto: on above 80%)"
+
+
+def wrap_model(model, is_ddp, local_rank, device_type, num_sparse, use_compile, recompute=False):
     """DDP, then compile last. Returns (the model the training forward passes call, the DDP wrapper or None)."""
     train_model, ddp_model = model, None
     if is_ddp:
@@ -326,7 +352,10 @@ def wrap_model(model, is_ddp, local_rank, device_type, num_sparse, use_compile):
     if num_sparse:
         from nanochat.sparse import refresh_sparse_weights
         refresh_sparse_weights(model)  # DDP's initial broadcast wrote the weights in place
-    if use_compile:
+    if use_compile and recompute:
+        # read by the partitioner when the first step compiles; process-wide, like other compile settings
+        import torch._functorch.config
+        torch._functorch.config.ban_recompute_materialized_backward = False
         train_model = torch.compile(train_model, dynamic=False)
     return train_model, ddp_model
 
@@ -407,7 +436,11 @@ def setup(args):
     if args.resume_from_step >= 0:
         start_step, loop_state, loader_state = checkpointer.resume(args, model, optimizers, num_iterations,
                                                                    world_size, device)
-    train_model, ddp_model = wrap_model(model, is_ddp, local_rank, device_type, num_sparse, use_compile)
+    recompute, why = use_recompute(args.recompute, model.config, args.device_batch_size * args.max_seq_len,
+                                   num_params, device)
+    if use_compile:
+        print0(f"activation recompute in backward: {'on' if recompute else 'off'} ({why})")
+    train_model, ddp_model = wrap_model(model, is_ddp, local_rank, device_type, num_sparse, use_compile, recompute)
 
     loader = DistributedDataLoader(tokenizer, args.device_batch_size, args.max_seq_len, "train", device,
                                    rank=rank, world_size=world_size, state=loader_state)

@@ -234,3 +234,22 @@ def test_due_every_n_steps_only_at_the_end_or_never():
     assert [s for s in range(11) if due(4, s, last_step=s == 10)] == [0, 4, 8, 10]
     assert [s for s in range(11) if due(-1, s, last_step=s == 10)] == [10]
     assert [s for s in range(11) if due(0, s, last_step=s == 10)] == []
+
+
+def test_recompute_auto_turns_on_only_where_the_run_would_not_fit(monkeypatch):
+    from types import SimpleNamespace
+    from nanochat.gpt import config_from_depth
+    from nanochat.train import predicted_peak_bytes, use_recompute
+    d26 = config_from_depth(26, 32768, 2048)
+    params, tokens = 972_947_456, 16 * 2048
+    # the model of the peak reproduces the measured d26 B16 dense peak (72.85 GiB, H200, compiled) within 5%
+    assert abs(predicted_peak_bytes(d26, tokens, params) / 2**30 - 72.85) < 0.05 * 72.85
+    cuda = torch.device("cuda", 0)
+    for total_gib, expect in ((79.1, True), (139.8, False)):  # H100 80 GB, H200
+        props = SimpleNamespace(total_memory=int(total_gib * 2**30))
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device, props=props: props)
+        assert use_recompute("auto", d26, tokens, params, cuda)[0] is expect
+        assert use_recompute("auto", d26, tokens // 2, params, cuda)[0] is False  # device batch 8 fits either way
+        assert use_recompute("off", d26, tokens, params, cuda)[0] is False
+    assert use_recompute("on", d26, tokens, params, torch.device("cpu"))[0] is True
+    assert use_recompute("auto", d26, tokens, params, torch.device("cpu"))[0] is False
