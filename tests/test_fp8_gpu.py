@@ -4,7 +4,8 @@ few compiled training steps with convert_to_float8. Skipped without CUDA >= 8.9 
 Tolerances (relative Frobenius error against float32): e4m3 keeps 3 mantissa bits, so rounding
 one operand costs up to 2^-4 = 6% per element (~2% RMS); a product of two quantized operands
 lands at ~2-4% relative error. Outputs and grad-input: 0.06. grad-weight in bf16: 0.01.
-grad-output in e5m2 (2 mantissa bits), or fp8 grad-weight (e5m2 x e4m3, tensorwise): 0.10. Measured values are printed (pytest -s).
+grad-output in e5m2 (2 mantissa bits), or fp8 grad-weight (e5m2 x e4m3, tensorwise): 0.10. The default
+tensorwise kernel has both (e5m2 grad-output, fp8 grad-weight). Measured values are printed (pytest -s).
 """
 
 import os
@@ -70,19 +71,21 @@ SHAPES = [(3072, 768), (768, 3072), (5120, 1280), (1280, 5120), (8192, 2048), (2
 
 
 @needs_sm90
+@pytest.mark.parametrize("scaling", ["tensorwise", "rowwise"])
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"{o}x{i}" for o, i in SHAPES])
-def test_fp8_sparse_kernel_matches_reference(shape, compiled):
+def test_fp8_sparse_kernel_matches_reference(shape, compiled, scaling):
     torch.manual_seed(0)
     torch._dynamo.reset()  # each kernel object is a new guard on the same code: stay under the recompile limit
     out_f, in_f = shape
     wm = masked_weight(out_f, in_f, in_f ** -0.5)
     assert_transposable_24(wm)
-    kern = Fp8SparseKernel(out_f, in_f, DEV)
+    kern = Fp8SparseKernel(out_f, in_f, DEV, scaling=scaling)
     kern.pack(wm)
     fn = torch.compile(kern.linear, fullgraph=True) if compiled else kern.linear
+    tols = dict(tol_gx=TOL_E5M2, tol_gw=TOL_E5M2) if scaling == "tensorwise" else {}
     for lead in [(4096,), (3, 333)]:  # odd token count: padded to the kernel's alignment
-        check_kernel(kern, wm, lead, fn, tag="compiled" if compiled else "eager")
+        check_kernel(kern, wm, lead, fn, tag=f"{scaling} {'compiled' if compiled else 'eager'}", **tols)
 
 
 @needs_sm90
@@ -90,10 +93,10 @@ def test_fp8_sparse_kernel_variants():
     """e5m2 grad-output, fp8 grad-weight, and a zero weight (c_proj at init) give finite results."""
     torch.manual_seed(1)
     wm = masked_weight(5120, 1280, 1280 ** -0.5)
-    kern = Fp8SparseKernel(5120, 1280, DEV, grad_dtype=E5M2)
+    kern = Fp8SparseKernel(5120, 1280, DEV, scaling="rowwise", grad_dtype=E5M2)
     kern.pack(wm)
     check_kernel(kern, wm, (4096,), kern.linear, tol_gx=TOL_E5M2, tag="e5m2-grad")
-    kern = Fp8SparseKernel(5120, 1280, DEV, fp8_grad_weight=True)
+    kern = Fp8SparseKernel(5120, 1280, DEV, scaling="rowwise", fp8_grad_weight=True)
     kern.pack(wm)
     check_kernel(kern, wm, (4096,), kern.linear, tol_gw=TOL_E5M2, tag="fp8-gw")
     kern.pack(torch.zeros(5120, 1280, device=DEV, dtype=torch.bfloat16))

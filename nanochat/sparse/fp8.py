@@ -1,10 +1,18 @@
 """
 fp8 2:4 sparse kernel for --fp8 --sparse on Hopper: the forward and grad-input GEMMs through torchao's
-sm90 CUTLASS fp8 sparse ops (e4m3, row-wise scales), grad-weight dense. Same straight-through rule
-and once-per-step packing as the bf16 kernels (nanochat/sparse/linear.py).
+sm90 CUTLASS fp8 sparse ops, grad-weight dense. Same straight-through rule and once-per-step packing as
+the bf16 kernels (nanochat/sparse/linear.py).
 
-The 2:4 CUTLASS kernel takes row-wise scales only (one per token, one per weight row), so this path
-is row-wise by construction. torchao is imported only when a kernel is built.
+Weights are packed with row-wise e4m3 scales (one per output row, once per step). Activations and
+grad-outputs are scaled one of two ways:
+- tensorwise (default), torchao's dense fp8 recipe with 2:4 forward and grad-input: x is cast to e4m3
+  and gy to e5m2 once each, with one scale per tensor, and each cast feeds two GEMMs (x: forward and
+  grad-weight; gy: grad-input and grad-weight). The CUTLASS kernel's per-row scale is the tensor's
+  scale broadcast. grad-weight runs in fp8 (torch._scaled_mm), like --fp8's dense layers.
+- rowwise: one scale per token for the 2:4 GEMMs (more precise on outlier tokens), grad-weight in
+  bf16 (or fp8 tensorwise with fp8_grad_weight). Each operand is cast separately for each GEMM.
+
+torchao is imported only when a kernel is built.
 """
 
 import torch
@@ -24,6 +32,14 @@ def _quantize_rows(t, dtype):
     scale = amax / fmax
     q = (t32 / scale).clamp(-fmax, fmax).to(dtype)
     return q, scale.squeeze(-1)
+
+
+def _quantize_tensor(t, dtype):
+    """Tensorwise fp8 quantization: t ~ q * scale, one fp32 scale for the whole tensor."""
+    fmax = torch.finfo(dtype).max
+    t32 = t.float()
+    scale = t32.abs().amax().clamp_min(1e-12) / fmax
+    return (t32 / scale).clamp(-fmax, fmax).to(dtype), scale
 
 
 def _pad_rows(t, align):
@@ -52,8 +68,42 @@ def _fp8_grad_weight(gy, x):
     return torch._scaled_mm(gq_t, xq_t.t(), scale_a=gs, scale_b=xs, out_dtype=torch.bfloat16)
 
 
+def _sparse_mm_q(aq, ascale, n, packed, meta, scale):
+    """aq @ Wp^T for an already quantized (padded) aq with one scale; first n rows, bf16."""
+    rows = ascale.expand(aq.shape[0]).contiguous()
+    out = torch.ops.torchao.rowwise_scaled_linear_sparse_cutlass_f8f8(
+        aq, rows, packed, meta, scale, None, torch.bfloat16)
+    return out[:n]
+
+
+class _Fp8SparseTensorwiseFn(torch.autograd.Function):
+    """Tensorwise scaling: x -> e4m3 and gy -> e5m2 once each, every GEMM in fp8.
+    y = x Wm^T and gx = gy Wm on the packed 2:4 operands; gw = gy^T x dense (straight-through)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, w_packed, w_meta, w_scale, wt_packed, wt_meta, wt_scale):
+        x2 = x.reshape(-1, x.shape[-1])
+        xq, xs = _quantize_tensor(_pad_rows(x2, TOKEN_ALIGN), E4M3)
+        y = _sparse_mm_q(xq, xs, x2.shape[0], w_packed, w_meta, w_scale)
+        ctx.save_for_backward(xq, xs, wt_packed, wt_meta, wt_scale)  # fp8: half the bytes of a bf16 x
+        ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, gy):
+        xq, xs, wt_packed, wt_meta, wt_scale = ctx.saved_tensors
+        gy2 = gy.reshape(-1, gy.shape[-1])
+        gq, gs = _quantize_tensor(_pad_rows(gy2, TOKEN_ALIGN), E5M2)
+        gx = _sparse_mm_q(gq, gs, gy2.shape[0], wt_packed, wt_meta, wt_scale)
+        # _scaled_mm wants a row-major first and a column-major second operand: (M, T) @ (T, K)
+        gw = torch._scaled_mm(gq.t().contiguous(), xq.t().contiguous().t(), scale_a=gs, scale_b=xs,
+                              out_dtype=torch.bfloat16)
+        gx = gx.reshape(*gy.shape[:-1], gx.shape[-1]).to(ctx.x_dtype)
+        return gx, gw.to(ctx.w_dtype), None, None, None, None, None, None
+
+
 class _Fp8SparseLinearFn(torch.autograd.Function):
-    """y = x Wm^T, gx = gy Wm (both on packed 2:4 fp8 operands), gw = gy^T x dense.
+    """Rowwise scaling: y = x Wm^T, gx = gy Wm (both on packed 2:4 fp8 operands), gw = gy^T x dense.
     Straight-through: gw goes to the dense master weight, unmasked."""
 
     @staticmethod
@@ -81,7 +131,7 @@ class _Fp8SparseLinearFn(torch.autograd.Function):
 
 
 class Fp8SparseKernel(nn.Module):
-    """Kernel module for SemiSparseLinear: fp8 (e4m3, row-wise scales) 2:4 sparse products on sm90.
+    """Kernel module for SemiSparseLinear: fp8 2:4 sparse products on sm90.
 
     pack(w_masked) once per optimizer step, outside torch.compile: quantizes W and W^T (the mask
     is transposable, so both are 2:4) and packs them into buffers allocated on the first pack and
@@ -89,16 +139,20 @@ class Fp8SparseKernel(nn.Module):
     linear(x, weight): differentiable y = x @ Wm^T; weight is the dense master weight, which
     receives the straight-through gradient.
 
-    grad_dtype: fp8 format of grad-output in grad-input (the kernel takes e4m3 or e5m2; with
-    row-wise scales e4m3's extra mantissa bit wins, range is covered by the per-token scale).
-    fp8_grad_weight: grad-weight through torch._scaled_mm (tensorwise) instead of a bf16 GEMM."""
+    scaling: "tensorwise" or "rowwise" activations and grad-outputs (module docstring).
+    rowwise only: grad_dtype, the fp8 format of grad-output in grad-input (the kernel takes e4m3 or
+    e5m2; with row-wise scales e4m3's extra mantissa bit wins, range is covered by the per-token scale);
+    fp8_grad_weight, grad-weight through torch._scaled_mm (tensorwise) instead of a bf16 GEMM."""
 
     name = "fp8"
 
-    def __init__(self, out_features, in_features, device, grad_dtype=E4M3, fp8_grad_weight=False):
+    def __init__(self, out_features, in_features, device, scaling="tensorwise", grad_dtype=E4M3, fp8_grad_weight=False):
         if not self.supports(out_features, in_features):
             raise ValueError(f"Fp8SparseKernel needs both dims divisible by 32, got {out_features}x{in_features}")
+        if scaling not in ("tensorwise", "rowwise"):
+            raise ValueError(f"scaling must be 'tensorwise' or 'rowwise', got {scaling!r}")
         super().__init__()
+        self.scaling = scaling
         import torchao.ops  # noqa: F401  (registers torch.ops.torchao.* and their fake impls)
         self.out_features, self.in_features = out_features, in_features
         self.device = torch.device(device)
@@ -135,6 +189,9 @@ class Fp8SparseKernel(nn.Module):
 
     def linear(self, x, weight):
         assert self.w_packed is not None, "Fp8SparseKernel.linear called before pack()"
+        if self.scaling == "tensorwise":
+            return _Fp8SparseTensorwiseFn.apply(x, weight, self.w_packed, self.w_meta, self.w_scale,
+                                                self.wt_packed, self.wt_meta, self.wt_scale)
         return _Fp8SparseLinearFn.apply(
             x, weight, self.w_packed, self.w_meta, self.w_scale,
             self.wt_packed, self.wt_meta, self.wt_scale, self.grad_dtype, self.fp8_grad_weight)
