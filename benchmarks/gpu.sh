@@ -8,6 +8,7 @@
 #   bash benchmarks/gpu.sh memory [bench_memory args]  peak memory per mode
 #   bash benchmarks/gpu.sh profile [profile_step args]  where a step's GPU time goes, per mode
 #   bash benchmarks/gpu.sh act_sparsity [act_sparsity args]  relu² output sparsity per layer over a run (issue 14)
+#   bash benchmarks/gpu.sh optim NPROC [bench_optim args]  the optimizer's share of a 1-micro-batch step, Muon variants
 #   bash benchmarks/gpu.sh ddp NPROC NAME [base_train flags]  the trainer on NPROC GPUs (torchrun if > 1), log in $OUT/NAME.log
 #   bash benchmarks/gpu.sh parallel "STAGE ARGS [; STAGE ARGS]" ...  one quoted list of stages per GPU, run at once
 #                                                    (GPU i runs the i-th list in order; logs in $OUT/parallel_gpu<i>.log)
@@ -17,7 +18,7 @@
 # nvmath-python) and .gpu_base (NANOCHAT_BASE_DIR=.gpu_base python -m nanochat.dataset --default-corpus
 # && python -m scripts.tok_train). Results and logs go to $OUT (default benchmarks/results).
 set -uo pipefail
-stage=${1:?usage: gpu.sh tests|mlp|mlp_fp8|train|parity|memory|profile|act_sparsity|ddp|env|smoke [args]}
+stage=${1:?usage: gpu.sh tests|mlp|mlp_fp8|train|parity|memory|profile|act_sparsity|optim|ddp|env|smoke [args]}
 shift
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
@@ -61,6 +62,10 @@ case $stage in
   parity)
     larger_corpus
     python3 -m benchmarks.bench_parity "$@" 2>&1 | tee -a "$OUT/parity.log" ;;
+  optim)
+    nproc=$1; shift
+    if [ "$nproc" = 1 ]; then launch="python3"; else launch="torchrun --standalone --nproc_per_node=$nproc"; fi
+    $launch -m benchmarks.bench_optim --out "$OUT" "$@" 2>&1 | tee -a "$OUT/optim_bench.log" ;;
   ddp)
     nproc=$1 name=$2; shift 2
     if [ "$nproc" = 1 ]; then launch="python3"; else launch="torchrun --standalone --nproc_per_node=$nproc"; fi

@@ -1,7 +1,16 @@
+import io
+import os
+
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from nanochat.optim import Muon, lr_multiplier, zeropower_via_newtonschulz5
+
+# odd counts of one shape (3, 3, 1) and shapes split over two param groups
+SHAPES = [(8, 16)] * 3 + [(16, 8)] * 5 + [(12, 12)] + [(6, 10)] * 2
+STEPS = 3
 
 
 def test_newton_schulz_is_nearly_orthogonal():
@@ -39,3 +48,110 @@ def test_lr_schedule_shape():
     assert all(v == 1.0 for v in m[10:51])
     assert m[-1] == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(m[50:], m[51:]))  # warmdown is monotone
+
+
+def make_params():
+    g = torch.Generator().manual_seed(0)
+    return [torch.nn.Parameter(torch.randn(s, generator=g)) for s in SHAPES]
+
+
+def step_grads(step):
+    g = torch.Generator().manual_seed(100 + step)
+    return [torch.randn(s, generator=g) for s in SHAPES]
+
+
+def make_muon(params, **kw):
+    groups = [dict(params=params[:6]), dict(params=params[6:], lr=0.01, weight_decay=0.1)]
+    return Muon(groups, lr=0.02, momentum=0.9, **kw)
+
+
+def run_steps(opt, params, steps):
+    for step in steps:
+        for p, g in zip(params, step_grads(step)):
+            p.grad = g
+        opt.step()
+
+
+@torch.no_grad()
+def stacked_muon_step(opt):
+    """Muon's step before the foreach version: stack every shape's grads and buffers, update, copy back."""
+    for group in opt.param_groups:
+        by_shape = {}
+        for p in group["params"]:
+            by_shape.setdefault(tuple(p.shape), []).append(p)
+        for shape, params in by_shape.items():
+            grads = torch.stack([p.grad for p in params])
+            for p in params:
+                opt.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+            buf = torch.stack([opt.state[p]["momentum_buffer"] for p in params])
+            buf.lerp_(grads, 1 - group["momentum"])
+            update = grads.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+            update = zeropower_via_newtonschulz5(update, steps=group["ns_steps"])
+            scale = max(1.0, shape[0] / shape[1]) ** 0.5
+            for i, p in enumerate(params):
+                opt.state[p]["momentum_buffer"].copy_(buf[i])
+                if group["weight_decay"] > 0:
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(update[i].to(p.dtype), alpha=-group["lr"] * scale)
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_muon_equals_the_stacked_step(nesterov):
+    params, ref_params = make_params(), make_params()
+    opt, ref = make_muon(params, nesterov=nesterov), make_muon(ref_params, nesterov=nesterov)
+    run_steps(opt, params, range(STEPS))
+    for step in range(STEPS):
+        for p, g in zip(ref_params, step_grads(step)):
+            p.grad = g
+        stacked_muon_step(ref)
+    for p, r in zip(params, ref_params):
+        torch.testing.assert_close(p, r, rtol=0, atol=0)
+        torch.testing.assert_close(opt.state[p]["momentum_buffer"], ref.state[r]["momentum_buffer"], rtol=0, atol=0)
+
+
+def test_muon_state_dict_round_trip():
+    params, resumed_params = make_params(), make_params()
+    opt = make_muon(params)
+    run_steps(opt, params, range(2))
+    saved = io.BytesIO()  # as a checkpoint does: through torch.save, so no buffer is shared with opt
+    torch.save(opt.state_dict(), saved)
+    saved.seek(0)
+    with torch.no_grad():
+        for p, q in zip(resumed_params, params):
+            p.copy_(q)
+    resumed = make_muon(resumed_params)
+    resumed.load_state_dict(torch.load(saved, weights_only=True))
+    run_steps(opt, params, range(2, 4))
+    run_steps(resumed, resumed_params, range(2, 4))
+    for p, q in zip(params, resumed_params):
+        assert torch.equal(p, q)
+
+
+def sharded_worker(rank, world, tmp):
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
+    try:
+        params = make_params()
+        opt = make_muon(params, shard=True)
+        run_steps(opt, params, range(STEPS))
+        torch.save(dict(params=[p.detach() for p in params], state=opt.state_dict()), f"{tmp}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_muon_on_two_processes_equals_one_process(tmp_path):
+    """Each rank orthogonalizes its share and all-gathers: every rank ends with the params and
+    optimizer state (all momentum buffers) of the unsharded optimizer."""
+    mp.spawn(sharded_worker, args=(2, str(tmp_path)), nprocs=2)
+    params = make_params()
+    opt = make_muon(params)
+    run_steps(opt, params, range(STEPS))
+    state = opt.state_dict()
+    for rank in range(2):
+        out = torch.load(os.path.join(tmp_path, f"rank{rank}.pt"), weights_only=True)
+        # the same math per matrix, in batches of another size: equal up to the batched matmul's rounding
+        for p, q in zip(params, out["params"]):
+            torch.testing.assert_close(q, p.detach(), rtol=1e-6, atol=1e-7)
+        assert out["state"]["param_groups"] == state["param_groups"]
+        for i, s in state["state"].items():
+            torch.testing.assert_close(out["state"]["state"][i]["momentum_buffer"], s["momentum_buffer"],
+                                       rtol=1e-6, atol=1e-7)
