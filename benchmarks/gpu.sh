@@ -9,13 +9,15 @@
 #   bash benchmarks/gpu.sh profile [profile_step args]  where a step's GPU time goes, per mode
 #   bash benchmarks/gpu.sh act_sparsity [act_sparsity args]  relu² output sparsity per layer over a run (issue 14)
 #   bash benchmarks/gpu.sh ddp NPROC NAME [base_train flags]  the trainer on NPROC GPUs (torchrun if > 1), log in $OUT/NAME.log
+#   bash benchmarks/gpu.sh resume NPROC [resume_check args] -- [base_train flags]  kill -9 of the launcher mid-run,
+#                                                    resume, compare with the unbroken run (issue 13); $OUT/resume_*
 #   bash benchmarks/gpu.sh env                       the set-up alone
 #   bash benchmarks/gpu.sh smoke                     d4 train, save, resume
 # The GPU machine has no package registry: carry .whl (../shared/gpu/wheels.sh: torchao, rustbpe,
 # nvmath-python) and .gpu_base (NANOCHAT_BASE_DIR=.gpu_base python -m nanochat.dataset --default-corpus
 # && python -m scripts.tok_train). Results and logs go to $OUT (default benchmarks/results).
 set -uo pipefail
-stage=${1:?usage: gpu.sh tests|mlp|mlp_fp8|train|parity|memory|profile|act_sparsity|ddp|env|smoke [args]}
+stage=${1:?usage: gpu.sh tests|mlp|mlp_fp8|train|parity|memory|profile|act_sparsity|ddp|resume|env|smoke [args]}
 shift
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
@@ -64,6 +66,10 @@ case $stage in
     if [ "$nproc" = 1 ]; then launch="python3"; else launch="torchrun --standalone --nproc_per_node=$nproc"; fi
     $launch -m scripts.base_train "$@" > "$OUT/$name.log" 2>&1
     echo "$name: rc $? | $(grep -E '^step [0-9]+/' "$OUT/$name.log" | tail -1 | cut -c1-150)" ;;
+  resume)  # the trainer's step lines go to the per-run logs beside the results
+    nproc=$1; shift
+    python3 -m benchmarks.resume_check --nproc "$nproc" --out "$OUT/resume_{device}_g{nproc}_d{depth}_{mode}" "$@" 2>&1 \
+      | tee -a "$OUT/resume_check.log" ;;
   env) ;;  # the set-up above only (wheels installed, versions printed)
   smoke)
     smoke="--depth 4 --device-batch-size 8 --max-seq-len 512 --total-batch-size 8192 --num-iterations 20 --eval-every 10 --eval-tokens 16384 --sample-every 20 --model-tag gpu_smoke"
