@@ -12,13 +12,15 @@
 #   bash benchmarks/gpu.sh ddp NPROC NAME [base_train flags]  the trainer on NPROC GPUs (torchrun if > 1), log in $OUT/NAME.log
 #   bash benchmarks/gpu.sh parallel "STAGE ARGS [; STAGE ARGS]" ...  one quoted list of stages per GPU, run at once
 #                                                    (GPU i runs the i-th list in order; logs in $OUT/parallel_gpu<i>.log)
+#   bash benchmarks/gpu.sh resume NPROC [resume_check args] -- [base_train flags]  kill -9 of the launcher mid-run,
+#                                                    resume, compare with the unbroken run (issue 13); $OUT/resume_*
 #   bash benchmarks/gpu.sh env                       the set-up alone
 #   bash benchmarks/gpu.sh smoke                     d4 train, save, resume
 # The GPU machine has no package registry: carry .whl (../shared/gpu/wheels.sh: torchao, rustbpe,
 # nvmath-python) and .gpu_base (NANOCHAT_BASE_DIR=.gpu_base python -m nanochat.dataset --default-corpus
 # && python -m scripts.tok_train). Results and logs go to $OUT (default benchmarks/results).
 set -uo pipefail
-stage=${1:?usage: gpu.sh tests|mlp|mlp_fp8|train|parity|memory|profile|act_sparsity|optim|ddp|env|smoke [args]}
+stage=${1:?usage: gpu.sh tests|mlp|mlp_fp8|train|parity|memory|profile|act_sparsity|optim|ddp|resume|parallel|env|smoke [args]}
 shift
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
@@ -82,6 +84,10 @@ case $stage in
     rc=0; for p in "${pids[@]}"; do wait "$p" || rc=1; done
     for ((j = 0; j < i; j++)); do echo "---- GPU $j"; grep -vE "^step [0-9]+/|^  " "$OUT/parallel_gpu$j.log" | tail -n 40; done
     exit $rc ;;
+  resume)  # the trainer's step lines go to the per-run logs beside the results
+    nproc=$1; shift
+    python3 -m benchmarks.resume_check --nproc "$nproc" --out "$OUT/resume_{device}_g{nproc}_d{depth}_{mode}" "$@" 2>&1 \
+      | tee -a "$OUT/resume_check.log" ;;
   env) ;;  # the set-up above only (wheels installed, versions printed)
   smoke)
     smoke="--depth 4 --device-batch-size 8 --max-seq-len 512 --total-batch-size 8192 --num-iterations 20 --eval-every 10 --eval-tokens 16384 --sample-every 20 --model-tag gpu_smoke"
