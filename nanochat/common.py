@@ -47,6 +47,21 @@ def autodetect_device_type():
     return "cpu"
 
 
+def die_with_launcher():
+    """Under torchrun: end this worker when its launcher dies. torchrun starts each worker in a session
+    of its own, so a `kill -9` of torchrun alone would leave the workers training and writing
+    checkpoints into the run's directory beside the resumed run. Linux only (prctl PR_SET_PDEATHSIG)."""
+    if not sys.platform.startswith("linux") or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return False
+    import ctypes
+    import signal
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:  # the launcher was already gone before the signal was armed
+        os.kill(os.getpid(), signal.SIGKILL)
+    return True
+
+
 def compute_init(device_type="cpu"):
     """Pick the device, start the process group under torchrun. Returns (is_ddp, rank, local_rank, world_size, device)."""
     if device_type not in ("cuda", "cpu", "mps"):
@@ -56,6 +71,8 @@ def compute_init(device_type="cpu"):
     if device_type == "mps" and not torch.backends.mps.is_available():
         raise UserError("--device-type mps but MPS is not available: use --device-type cpu")
     is_ddp, rank, local_rank, world_size = get_dist_info()
+    if is_ddp:
+        die_with_launcher()
     if device_type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
