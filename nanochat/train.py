@@ -354,8 +354,9 @@ def wrap_model(model, is_ddp, local_rank, device_type, num_sparse, use_compile, 
         refresh_sparse_weights(model)  # DDP's initial broadcast wrote the weights in place
     if use_compile and recompute:
         # read by the partitioner when the first step compiles; process-wide, like other compile settings
-        import torch._functorch.config
-        torch._functorch.config.ban_recompute_materialized_backward = False
+        import torch._functorch.config as functorch_config
+        functorch_config.ban_recompute_materialized_backward = False
+    if use_compile:
         train_model = torch.compile(train_model, dynamic=False)
     return train_model, ddp_model
 

@@ -253,3 +253,18 @@ def test_recompute_auto_turns_on_only_where_the_run_would_not_fit(monkeypatch):
         assert use_recompute("off", d26, tokens, params, cuda)[0] is False
     assert use_recompute("on", d26, tokens, params, torch.device("cpu"))[0] is True
     assert use_recompute("auto", d26, tokens, params, torch.device("cpu"))[0] is False
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_wrap_model_compiles_with_and_without_recompute(recompute):
+    import torch._functorch.config as fconfig
+    from nanochat.train import wrap_model
+    before = fconfig.ban_recompute_materialized_backward
+    try:
+        model = torch.nn.Linear(4, 4)
+        compiled, ddp = wrap_model(model, False, 0, "cpu", 0, use_compile=True, recompute=recompute)
+        assert ddp is None and isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule)
+        assert fconfig.ban_recompute_materialized_backward is (not recompute and before)
+        assert wrap_model(model, False, 0, "cpu", 0, use_compile=False, recompute=recompute)[0] is model
+    finally:
+        fconfig.ban_recompute_materialized_backward = before
