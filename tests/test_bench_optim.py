@@ -1,13 +1,11 @@
 """benchmarks/bench_optim.py on CPU in a tiny config: one row per Muon variant, and its baseline (the
-step before sharding) computes what today's Muon computes."""
+step before sharding) is checked against today's Muon in test_optim.py."""
 
 import json
 import os
 
-import torch
 
-from benchmarks.bench_optim import StackedMuon, bench, build_arg_parser, write_outputs
-from nanochat.optim import Muon
+from benchmarks.bench_optim import bench, build_arg_parser, write_outputs
 
 
 def test_bench_optim_tiny_cpu_run_writes_rows(tmp_path):
@@ -22,18 +20,3 @@ def test_bench_optim_tiny_cpu_run_writes_rows(tmp_path):
         assert (r["mode"], r["micro_batches"], r["world_size"], r["gpu"]) == ("dense", 1, 1, "cpu")
         assert 0 < r["optimizer_ms"] < r["step_ms"] and 0 < r["optimizer_share"] < 1
         assert r["command"].startswith("python -m benchmarks.bench_optim")
-
-
-def test_stacked_baseline_equals_muon():
-    torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(s)) for s in [(8, 16), (8, 16), (16, 8)]]
-    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    opt, baseline = Muon(params, weight_decay=0.1), StackedMuon(copies, weight_decay=0.1)
-    for _ in range(3):
-        for p, q in zip(params, copies):
-            p.grad = torch.randn_like(p)
-            q.grad = p.grad.clone()
-        opt.step()
-        baseline.step()
-    for p, q in zip(params, copies):
-        assert torch.equal(p, q)

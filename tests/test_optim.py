@@ -72,38 +72,17 @@ def run_steps(opt, params, steps):
         opt.step()
 
 
-@torch.no_grad()
-def stacked_muon_step(opt):
-    """Muon's step before the foreach version: stack every shape's grads and buffers, update, copy back."""
-    for group in opt.param_groups:
-        by_shape = {}
-        for p in group["params"]:
-            by_shape.setdefault(tuple(p.shape), []).append(p)
-        for shape, params in by_shape.items():
-            grads = torch.stack([p.grad for p in params])
-            for p in params:
-                opt.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
-            buf = torch.stack([opt.state[p]["momentum_buffer"] for p in params])
-            buf.lerp_(grads, 1 - group["momentum"])
-            update = grads.lerp(buf, group["momentum"]) if group["nesterov"] else buf
-            update = zeropower_via_newtonschulz5(update, steps=group["ns_steps"])
-            scale = max(1.0, shape[0] / shape[1]) ** 0.5
-            for i, p in enumerate(params):
-                opt.state[p]["momentum_buffer"].copy_(buf[i])
-                if group["weight_decay"] > 0:
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(update[i].to(p.dtype), alpha=-group["lr"] * scale)
-
-
 @pytest.mark.parametrize("nesterov", [True, False])
 def test_muon_equals_the_stacked_step(nesterov):
+    """Against Muon's step before the foreach version (stack every shape's grads and buffers, update,
+    copy back), which bench_optim keeps as its 'before' baseline."""
+    from benchmarks.bench_optim import StackedMuon
     params, ref_params = make_params(), make_params()
-    opt, ref = make_muon(params, nesterov=nesterov), make_muon(ref_params, nesterov=nesterov)
+    opt = make_muon(params, nesterov=nesterov)
+    ref = StackedMuon([dict(params=ref_params[:6]), dict(params=ref_params[6:], lr=0.01, weight_decay=0.1)],
+                      lr=0.02, momentum=0.9, nesterov=nesterov)
     run_steps(opt, params, range(STEPS))
-    for step in range(STEPS):
-        for p, g in zip(ref_params, step_grads(step)):
-            p.grad = g
-        stacked_muon_step(ref)
+    run_steps(ref, ref_params, range(STEPS))
     for p, r in zip(params, ref_params):
         torch.testing.assert_close(p, r, rtol=0, atol=0)
         torch.testing.assert_close(opt.state[p]["momentum_buffer"], ref.state[r]["momentum_buffer"], rtol=0, atol=0)
