@@ -90,6 +90,9 @@ def build_arg_parser():
     p.add_argument("--sparse", action="store_true", help="2:4 semi-structured sparse MLP layers (c_fc, c_proj)")
     p.add_argument("--sparse-backend", type=str, default="auto", choices=["auto", "cusparselt", "masked"],
                    help="auto = fastest correct kernel; cusparselt = 2:4 GEMMs; masked = dense GEMM on the masked weight (any device)")
+    p.add_argument("--sparse-shard-repack", action="store_true",
+                   help="under torchrun: each rank re-packs its share of the sparse layers after the optimizer step "
+                        "and broadcasts the packed bytes (not yet measured on GPUs; off by default)")
     p.add_argument("--fp8", action="store_true", help="fp8 training of the linear layers (compute capability >= 8.9)")
     return p
 
@@ -426,7 +429,8 @@ def setup(args):
                                   args.weight_decay, device_type)
     if num_sparse:
         from nanochat.sparse import install_refresh_hooks
-        install_refresh_hooks(model, optimizers)  # re-pack after each optimizer step and checkpoint load
+        # re-pack after each optimizer step and checkpoint load
+        install_refresh_hooks(model, optimizers, shard=args.sparse_shard_repack and world_size > 1)
 
     model_tag = args.model_tag or f"d{args.depth}"
     checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", model_tag)

@@ -327,3 +327,42 @@ def test_decide_weighs_saving_per_step_against_compression():
     slower = dict(alg=3, sparse_ms=0.6, dense_ms=0.5)
     assert decide(slower, 0.0, 16) is None
     assert decide(slower, 0.0, 1, force="sparse") == 3 and decide(gemm, 0.0, 1, force="dense") is None
+
+
+# -----------------------------------------------------------------------------
+# sharded re-pack (DDP): each rank packs its share, the bytes are broadcast
+
+def _one_sparse_step(shard):
+    from nanochat.sparse import install_refresh_hooks, sparse_layers
+    model = tiny_gpt(n_layer=3)
+    convert(model, backend="masked")
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    install_refresh_hooks(model, [opt], shard=shard)
+    g = torch.Generator().manual_seed(7)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=g)
+    opt.step()  # the hook re-packs
+    layers = sparse_layers(model)
+    return [m.kernel.wm.clone() for m in layers], [m.num_packs for m in layers]
+
+
+def _sharded_worker(rank, world, tmp):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
+    try:
+        torch.save(_one_sparse_step(shard=True), f"{tmp}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_repack_gives_every_rank_the_unsharded_bytes(tmp_path):
+    import torch.multiprocessing as mp
+    mp.spawn(_sharded_worker, args=(2, str(tmp_path)), nprocs=2)
+    want, packs = _one_sparse_step(shard=False)
+    assert packs == [2] * 6  # conversion + the step
+    for rank in range(2):
+        got, got_packs = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        for a, b in zip(got, want):
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+        # this rank packed layers rank, rank + 2, ...; the others' bytes came by broadcast
+        assert got_packs == [2 if i % 2 == rank else 1 for i in range(6)], got_packs

@@ -166,21 +166,47 @@ def refresh_sparse_weights(model):
     return sum(int(m.refresh()) for m in sparse_layers(model))
 
 
-def install_refresh_hooks(model, optimizers):
+@torch.no_grad()
+def refresh_sharded(layers, group=None):
+    """Re-pack under DDP with the work split over the ranks: rank r prunes and packs layers r, r + world,
+    ... and each layer's packed buffers are then broadcast from the rank that packed them. Every rank
+    must hold the same weights (true after DDP's all-reduce and an identical optimizer step) and call
+    this at the same point. Returns how many layers this rank packed itself."""
+    import torch.distributed as dist
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    changed = [m for m in layers if m.weight_key() != m._packed_key]
+    packed = 0
+    for i, m in enumerate(changed):
+        if i % world == rank:
+            packed += int(m.refresh())
+        else:
+            m.mark_packed()
+    for i, m in enumerate(changed):
+        src = i % world if group is None else dist.get_global_rank(group, i % world)
+        for buf in m.kernel.packed_buffers():
+            dist.broadcast(buf.view(torch.uint8), src=src, group=group)  # bytes: any dtype, any backend
+    return packed
+
+
+def install_refresh_hooks(model, optimizers, shard=False, group=None):
     """Re-pack the sparse layers right after each optimizer step that updates them (once per step,
-    never per micro-batch) and after model.load_state_dict. Returns the hook handles."""
+    never per micro-batch) and after model.load_state_dict. shard=True (DDP only) splits the re-pack
+    after each optimizer step over the ranks (refresh_sharded). Returns the hook handles."""
     layers = sparse_layers(model)
     handles = []
-    def refresher(mine):
+    def refresher(mine, sharded=False):
         def hook(*_):
+            if sharded:
+                refresh_sharded(mine, group)
+                return
             for m in mine:
                 m.refresh()
         return hook
     for opt in optimizers:
-        params = {id(p) for group in opt.param_groups for p in group["params"]}
+        params = {id(p) for group_ in opt.param_groups for p in group_["params"]}
         mine = [m for m in layers if id(m.weight) in params]
         if mine:
-            handles.append(opt.register_step_post_hook(refresher(mine)))
+            handles.append(opt.register_step_post_hook(refresher(mine, shard)))
     handles.append(model.register_load_state_dict_post_hook(refresher(layers)))
     return handles
 

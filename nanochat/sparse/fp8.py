@@ -187,6 +187,9 @@ class Fp8SparseKernel(nn.Module):
             else:
                 buf.copy_(t)
 
+    def packed_buffers(self):
+        return [self.w_packed, self.w_meta, self.w_scale, self.wt_packed, self.wt_meta, self.wt_scale]
+
     def linear(self, x, weight):
         assert self.w_packed is not None, "Fp8SparseKernel.linear called before pack()"
         if self.scaling == "tensorwise":

@@ -68,6 +68,9 @@ class MaskedKernel(nn.Module):
     def linear(self, x, weight):
         return _SparseLinearFn.apply(x, weight, self.wm, None, None, DENSE, DENSE, "")
 
+    def packed_buffers(self):
+        return [self.wm]
+
 
 class CusparseltKernel(nn.Module):
     """cuSPARSELt for fwd (x Wm^T, Wm compressed) and dgrad (gy Wm, Wm^T compressed), dense wgrad.
@@ -100,6 +103,9 @@ class CusparseltKernel(nn.Module):
 
     def linear(self, x, weight):
         return _SparseLinearFn.apply(x, weight, self.wm, self.c, self.ct, self.fwd_alg, self.dgrad_alg, self.impl)
+
+    def packed_buffers(self):
+        return [b for b in (self.wm, self.c, self.ct) if b is not None]
 
     def describe(self):
         def op(alg):
@@ -134,7 +140,7 @@ class SemiSparseLinear(nn.Linear):
         w = self.weight
         if w.device.type == "meta":
             return False
-        key = (w._version, w.data_ptr(), w.device)
+        key = self.weight_key()
         if key == self._packed_key and not force:
             return False
         # CUDA computes in bf16 (like nn.Linear under autocast); elsewhere in the weight's dtype
@@ -143,6 +149,15 @@ class SemiSparseLinear(nn.Linear):
         self._packed_key = key
         self.num_packs += 1
         return True
+
+    def weight_key(self):
+        w = self.weight
+        return (w._version, w.data_ptr(), w.device)
+
+    def mark_packed(self):
+        """Record the current weight as packed without packing: its bytes arrive from another rank
+        (nanochat/sparse/convert.py, refresh_sharded)."""
+        self._packed_key = self.weight_key()
 
     def forward(self, x):
         if not torch.compiler.is_compiling():
