@@ -113,6 +113,7 @@ def sharded_worker(rank, world, tmp):
         opt = make_muon(params, shard=True)
         run_steps(opt, params, range(STEPS))
         torch.save(dict(params=[p.detach() for p in params], state=opt.state_dict()), f"{tmp}/rank{rank}.pt")
+        dist.barrier()  # no rank tears gloo down while a peer's last transfer is in flight (SIGABRT at exit)
     finally:
         dist.destroy_process_group()
 

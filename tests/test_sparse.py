@@ -351,6 +351,7 @@ def _sharded_worker(rank, world, tmp):
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
     try:
         torch.save(_one_sparse_step(shard=True), f"{tmp}/rank{rank}.pt")
+        dist.barrier()  # no rank tears gloo down while a peer's last transfer is in flight (SIGABRT at exit)
     finally:
         dist.destroy_process_group()
 
