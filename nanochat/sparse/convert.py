@@ -174,7 +174,7 @@ def refresh_sharded(layers, group=None):
     this at the same point. Returns how many layers this rank packed itself."""
     import torch.distributed as dist
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    changed = [m for m in layers if m.weight_key() != m._packed_key]
+    changed = [m for m in layers if m.stale()]
     packed = 0
     for i, m in enumerate(changed):
         if i % world == rank:

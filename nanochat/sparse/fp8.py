@@ -56,16 +56,20 @@ def _sparse_mm(a, packed, meta, scale, qdtype):
     return out[:n]
 
 
+def _scaled_grad_weight(gq, gs, xq, xs):
+    """gy^T @ x from tensorwise fp8 operands (padded rows contribute zeros). _scaled_mm wants a
+    row-major first and a column-major second operand: (M, T) @ (T, K)."""
+    return torch._scaled_mm(gq.t().contiguous(), xq.t().contiguous().t(), scale_a=gs, scale_b=xs,
+                            out_dtype=torch.bfloat16)
+
+
 def _fp8_grad_weight(gy, x):
-    """gy^T @ x through torch._scaled_mm with tensorwise scales (as torchao's tensorwise recipe:
-    e5m2 for the gradient, e4m3 for the activation). Token-dim (column) scales would need a
-    reduction across tokens per feature and ran much slower in our first measurement."""
-    gy, x = _pad_rows(gy, TOKEN_ALIGN), _pad_rows(x, TOKEN_ALIGN)
-    gs = gy.abs().amax().float().clamp_min(1e-12) / torch.finfo(E5M2).max
-    xs = x.abs().amax().float().clamp_min(1e-12) / torch.finfo(E4M3).max
-    gq_t = (gy.float() / gs).clamp(-57344.0, 57344.0).to(E5M2).t().contiguous()  # (M, N) row-major
-    xq_t = (x.float() / xs).clamp(-448.0, 448.0).to(E4M3).t().contiguous()  # (K, N); .t() below is column-major (N, K)
-    return torch._scaled_mm(gq_t, xq_t.t(), scale_a=gs, scale_b=xs, out_dtype=torch.bfloat16)
+    """gy^T @ x in fp8 with tensorwise scales (as torchao's tensorwise recipe: e5m2 for the gradient,
+    e4m3 for the activation). Token-dim (column) scales would need a reduction across tokens per
+    feature and ran much slower in our first measurement."""
+    gq, gs = _quantize_tensor(_pad_rows(gy, TOKEN_ALIGN), E5M2)
+    xq, xs = _quantize_tensor(_pad_rows(x, TOKEN_ALIGN), E4M3)
+    return _scaled_grad_weight(gq, gs, xq, xs)
 
 
 def _sparse_mm_q(aq, ascale, n, packed, meta, scale):
@@ -95,9 +99,7 @@ class _Fp8SparseTensorwiseFn(torch.autograd.Function):
         gy2 = gy.reshape(-1, gy.shape[-1])
         gq, gs = _quantize_tensor(_pad_rows(gy2, TOKEN_ALIGN), E5M2)
         gx = _sparse_mm_q(gq, gs, gy2.shape[0], wt_packed, wt_meta, wt_scale)
-        # _scaled_mm wants a row-major first and a column-major second operand: (M, T) @ (T, K)
-        gw = torch._scaled_mm(gq.t().contiguous(), xq.t().contiguous().t(), scale_a=gs, scale_b=xs,
-                              out_dtype=torch.bfloat16)
+        gw = _scaled_grad_weight(gq, gs, xq, xs)
         gx = gx.reshape(*gy.shape[:-1], gx.shape[-1]).to(ctx.x_dtype)
         return gx, gw.to(ctx.w_dtype), None, None, None, None, None, None
 

@@ -138,21 +138,22 @@ class SemiSparseLinear(nn.Linear):
         """Re-prune and re-pack if the weight changed since the last pack (optimizer step, checkpoint
         load, .to()). Returns True if it packed. Runs outside torch.compile."""
         w = self.weight
-        if w.device.type == "meta":
-            return False
-        key = self.weight_key()
-        if key == self._packed_key and not force:
+        if w.device.type == "meta" or not (force or self.stale()):
             return False
         # CUDA computes in bf16 (like nn.Linear under autocast); elsewhere in the weight's dtype
         wm = masked_bf16(w) if w.is_cuda else torch.where(transposable_mask(w), w.detach(), 0)
         self.kernel.pack(wm)
-        self._packed_key = key
+        self.mark_packed()
         self.num_packs += 1
         return True
 
     def weight_key(self):
         w = self.weight
         return (w._version, w.data_ptr(), w.device)
+
+    def stale(self):
+        """The weight changed since the last pack (optimizer step, checkpoint load, .to())."""
+        return self.weight_key() != self._packed_key
 
     def mark_packed(self):
         """Record the current weight as packed without packing: its bytes arrive from another rank
