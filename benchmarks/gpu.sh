@@ -11,7 +11,8 @@
 #   bash benchmarks/gpu.sh optim NPROC [bench_optim args]  the optimizer's share of a 1-micro-batch step, Muon variants
 #   bash benchmarks/gpu.sh ddp NPROC NAME [base_train flags]  the trainer on NPROC GPUs (torchrun if > 1), log in $OUT/NAME.log
 #   bash benchmarks/gpu.sh parallel "STAGE ARGS [; STAGE ARGS]" ...  one quoted list of stages per GPU, run at once
-#                                                    (GPU i runs the i-th list in order; logs in $OUT/parallel_gpu<i>.log)
+#                                                    (GPU i runs the i-th list in order, or the GPUs a list names
+#                                                    first as "@2,3 STAGE ..."; logs in $OUT/parallel_gpu<i>.log)
 #   bash benchmarks/gpu.sh resume NPROC [resume_check args] -- [base_train flags]  kill -9 of the launcher mid-run,
 #                                                    resume, compare with the unbroken run (issue 13); $OUT/resume_*
 #   bash benchmarks/gpu.sh env                       the set-up alone
@@ -76,8 +77,10 @@ case $stage in
   parallel)  # independent 1-GPU stages side by side: a 2-GPU machine does two lists in the time of one
     i=0 pids=()
     for list in "$@"; do
+      devs=$i  # a list starting "@2,3 " runs on those GPUs instead (a 2-GPU torchrun beside 1-GPU lists)
+      if [[ $list == @* ]]; then devs=${list%% *}; devs=${devs#@}; list=${list#* }; fi
       ( IFS=';' read -ra stages <<< "$list"
-        for st in "${stages[@]}"; do echo "== GPU $i: $st"; CUDA_VISIBLE_DEVICES=$i bash "$0" $st; done
+        for st in "${stages[@]}"; do echo "== GPU $devs: $st"; CUDA_VISIBLE_DEVICES=$devs bash "$0" $st; done
       ) > "$OUT/parallel_gpu$i.log" 2>&1 &
       pids+=($!); i=$((i + 1))
     done
