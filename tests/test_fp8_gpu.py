@@ -89,6 +89,37 @@ def test_fp8_sparse_kernel_matches_reference(shape, compiled, scaling):
 
 
 @needs_sm90
+@pytest.mark.parametrize("ops", [(False, False), (True, False), (False, True)], ids=["dense-dense", "2:4-dense", "dense-2:4"])
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("shape", [(5120, 1280), (1280, 5120), (3072, 768)], ids=["5120x1280", "1280x5120", "3072x768"])
+def test_fp8_kernel_with_dense_ops_matches_reference(shape, compiled, ops):
+    """Ops the per-shape choice sends to dense fp8 (cuBLAS on the masked weight, cast once per pack)."""
+    torch.manual_seed(3)
+    torch._dynamo.reset()
+    out_f, in_f = shape
+    wm = masked_weight(out_f, in_f, in_f ** -0.5)
+    kern = Fp8SparseKernel(out_f, in_f, DEV, fwd_sparse=ops[0], dgrad_sparse=ops[1])
+    kern.pack(wm)
+    assert (kern.w_meta is None) != ops[0] and (kern.wt_meta is None) != ops[1]
+    fn = torch.compile(kern.linear, fullgraph=True) if compiled else kern.linear
+    for lead in [(4096,), (3, 333)]:
+        check_kernel(kern, wm, lead, fn, tol_gx=TOL_E5M2, tol_gw=TOL_E5M2, tag=f"ops={ops} {'compiled' if compiled else 'eager'}")
+    with pytest.raises(ValueError, match="tensorwise"):
+        Fp8SparseKernel(out_f, in_f, DEV, scaling="rowwise", fwd_sparse=False)
+
+
+@needs_sm90
+def test_fp8_time_ops_and_choice():
+    """time_ops measures every op (finite, positive); the trainer's conversion logs the per-op choice."""
+    from nanochat.sparse.fp8 import choose_ops, time_ops
+    t = time_ops(5120, 1280, 8192, DEV)
+    print("\nTIMES", t)
+    assert set(t) == {"fwd", "dgrad"}
+    assert all(0 < v < 100 for op in t.values() for v in op.values())
+    assert set(choose_ops(t, 4, 1.08)) == {"fwd", "dgrad"}
+
+
+@needs_sm90
 def test_fp8_sparse_kernel_variants():
     """e5m2 grad-output, fp8 grad-weight, and a zero weight (c_proj at init) give finite results."""
     torch.manual_seed(1)
@@ -110,15 +141,28 @@ def test_repack_keeps_buffers_and_does_not_recompile():
     torch._dynamo.reset()
     kern = Fp8SparseKernel(3072, 768, DEV)
     kern.pack(masked_weight(3072, 768, 768 ** -0.5))
-    ptrs = [t.data_ptr() for t in (kern.w_packed, kern.w_meta, kern.w_scale, kern.wt_packed, kern.wt_meta, kern.wt_scale)]
+    ptrs = [t.data_ptr() for t in kern.packed_buffers()]
+    assert len(ptrs) == 6
     fn = torch.compile(kern.linear, fullgraph=True)
     weight = nn.Parameter(torch.zeros(3072, 768, device=DEV))
     fn(torch.randn(256, 768, device=DEV, dtype=torch.bfloat16, requires_grad=True), weight).sum().backward()
     wm2 = masked_weight(3072, 768, 768 ** -0.5)
     kern.pack(wm2)
-    assert ptrs == [t.data_ptr() for t in (kern.w_packed, kern.w_meta, kern.w_scale, kern.wt_packed, kern.wt_meta, kern.wt_scale)]
+    assert ptrs == [t.data_ptr() for t in kern.packed_buffers()]
     with torch.compiler.set_stance("fail_on_recompile"):
         check_kernel(kern, wm2, (256,), fn, tol_gx=TOL_E5M2, tol_gw=TOL_E5M2, tag="repacked")  # tensorwise
+    # the same with the forward dense: its e4m3 weight and scale are rewritten in place too
+    torch._dynamo.reset()
+    kern = Fp8SparseKernel(3072, 768, DEV, fwd_sparse=False)
+    kern.pack(masked_weight(3072, 768, 768 ** -0.5))
+    ptrs = [t.data_ptr() for t in kern.packed_buffers()]
+    assert len(ptrs) == 5
+    fn = torch.compile(kern.linear, fullgraph=True)
+    fn(torch.randn(256, 768, device=DEV, dtype=torch.bfloat16, requires_grad=True), weight).sum().backward()
+    kern.pack(wm2)
+    assert ptrs == [t.data_ptr() for t in kern.packed_buffers()]
+    with torch.compiler.set_stance("fail_on_recompile"):
+        check_kernel(kern, wm2, (256,), fn, tol_gx=TOL_E5M2, tol_gw=TOL_E5M2, tag="repacked dense-fwd")
 
 
 # -----------------------------------------------------------------------------
@@ -208,7 +252,10 @@ def test_fp8_plus_sparse_trains_compiled():
     torch.manual_seed(0)
     model = TinyLM().to(DEV)
     # the trainer's order: sparse MLPs first (fp8 2:4 kernel), then torchao float8 on what is left
-    assert convert_mlp_to_sparse(model, DEV, SparseConfig(fp8=True, tokens=8 * 128, log=print)) == 4
+    lines = []
+    assert convert_mlp_to_sparse(model, DEV, SparseConfig(fp8=True, tokens=8 * 128, log=lines.append)) == 4
+    print("\n".join(lines))
+    assert sum(l.startswith("fp8 2:4 kernels for 2 layers of weight") for l in lines) == 2, lines  # c_fc, c_proj
     assert all(type(model.get_submodule(f"transformer.h.{i}.mlp.{n}").kernel).__name__ == "Fp8SparseKernel"
                for i in range(2) for n in ("c_fc", "c_proj"))
     names = convert_to_float8(model, DEV, log=print)

@@ -329,6 +329,38 @@ def test_decide_weighs_saving_per_step_against_compression():
     assert decide(slower, 0.0, 1, force="sparse") == 3 and decide(gemm, 0.0, 1, force="dense") is None
 
 
+def test_fp8_choose_ops_weighs_gemm_saving_against_pack():
+    from nanochat.sparse.fp8 import choose_ops
+    # d20's c_fc in a 4-micro-batch step: 2:4 saves 0.04 ms a GEMM, the pack costs 0.2 ms more than a cast
+    t = dict(sparse_ms=0.25, dense_ms=0.29, pack_ms=0.23, cast_ms=0.03)
+    assert choose_ops({"fwd": t}, micro_batches=4, slowdown=1.0) == {"fwd": False}
+    assert choose_ops({"fwd": t}, micro_batches=8, slowdown=1.0) == {"fwd": True}  # 0.32 ms > 0.20
+    assert choose_ops({"fwd": t}, micro_batches=8, slowdown=1.08) == {"fwd": False}  # 0.16 ms < 0.20
+    slower = dict(sparse_ms=0.30, dense_ms=0.29, pack_ms=0.0, cast_ms=0.0)
+    assert choose_ops({"fwd": t, "dgrad": slower}, micro_batches=64, slowdown=1.0) == {"fwd": True, "dgrad": False}
+
+
+def _rank0s_worker(rank, world, tmp):
+    import torch.distributed as dist
+    from nanochat.sparse.convert import _rank0s
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
+    try:
+        torch.save(_rank0s({"fwd": rank == 0, "dgrad": 10 + rank}), f"{tmp}/choice{rank}.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_kernel_choices_are_rank0s_on_every_rank(tmp_path):
+    """Timings differ between ranks; the kernels (and packed buffers) must not."""
+    import torch.multiprocessing as mp
+    from nanochat.sparse.convert import _rank0s
+    assert _rank0s({"fwd": 3}) == {"fwd": 3}  # no process group: unchanged
+    mp.spawn(_rank0s_worker, args=(2, str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        assert torch.load(tmp_path / f"choice{rank}.pt") == {"fwd": True, "dgrad": 10}
+
+
 # -----------------------------------------------------------------------------
 # sharded re-pack (DDP): each rank packs its share, the bytes are broadcast
 

@@ -70,6 +70,24 @@ def _short_names(names):
     return ",".join(sorted({n.split(".")[-1] for n in names})) or "-"
 
 
+def _rank0s(choice):
+    """Kernel choices come from timings, which differ a little between ranks: under torch.distributed
+    every rank takes rank 0's, so all ranks run the same kernels and hold the same packed buffers."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [choice]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return choice
+
+
+def _by_shape(layers):
+    shapes = {}
+    for name, layer in layers:
+        shapes.setdefault((layer.out_features, layer.in_features), []).append((name, layer))
+    return shapes
+
+
 def _tune(layers, config, impl, device):
     """Choose each (shape, op)'s kernel from GEMM timings (cached on disk) and the measured cost of
     compressing its operand once per step; configure every cuSPARSELt kernel accordingly."""
@@ -78,16 +96,13 @@ def _tune(layers, config, impl, device):
     from nanochat.sparse.tune import TimingCache, decide, gemm_timings, time_compress_ms
     lib = library(impl, device)
     cache = TimingCache(config.timing_cache or os.path.join(get_base_dir(), "cusparselt_timings.json"), log=config.log)
-    by_shape = {}
-    for name, layer in layers:
-        by_shape.setdefault((layer.out_features, layer.in_features), []).append((name, layer))
 
     def compressor(m, k):  # one per library and shape for the process (learning a layout is not free)
         return make_compressor(lib, m, k, device, config.compressor, log=config.log)
 
     T = config.tokens
     Tp = -(-T // TOKEN_PAD) * TOKEN_PAD if T else None
-    for (N, K), members in by_shape.items():
+    for (N, K), members in _by_shape(layers).items():
         choice, info = {}, []
         for op, (m, k), transposed in (("fwd", (N, K), False), ("dgrad", (K, N), True)):
             if T is None or config.force == "dense":
@@ -100,6 +115,7 @@ def _tune(layers, config, impl, device):
             choice[op] = DENSE if alg is None else alg
             info.append(f"{op} {'dense' if alg is None else f'cuSPARSELt alg {alg}'} (sparse {gemm['sparse_ms']:.3f} ms, "
                         f"dense {gemm['dense_ms']:.3f} ms; compress {pack_ms:.3f} ms/step, {comp.name})")
+        choice = _rank0s(choice)
         for _, layer in members:
             kernel = layer.kernel
             fwd_sparse, dgrad_sparse = choice["fwd"] != DENSE, choice["dgrad"] != DENSE
@@ -115,6 +131,28 @@ def _tune(layers, config, impl, device):
         config.log(f"2:4 kernels for {len(members)} layers of weight {N}x{K} ({_short_names(names)})"
                    f"{f' at T={T}' if T else ''}: {detail}")
     cache.save()
+
+
+def _tune_fp8(layers, config, device):
+    """Per shape, each op of the fp8 kernels 2:4 or dense fp8 (on the masked weight), from measured GPU
+    time weighed like the bf16 kernels' (nanochat/sparse/tune.py)."""
+    from nanochat.sparse.fp8 import choose_ops, time_ops
+    from nanochat.sparse.tune import IN_MODEL_SLOWDOWN
+    for (N, K), members in _by_shape(layers).items():
+        if config.tokens is None or config.force is not None:
+            choice = {op: config.force != "dense" for op in ("fwd", "dgrad")}  # untuned: both 2:4
+            info = "not tuned" if config.force is None else f"forced {config.force}"
+        else:
+            timings = time_ops(N, K, config.tokens, device)
+            choice = choose_ops(timings, config.micro_batches, IN_MODEL_SLOWDOWN)
+            info = f"T={config.tokens}, " + ", ".join(
+                f"{op} {'2:4' if choice[op] else 'dense fp8'} (2:4 {t['sparse_ms']:.3f} ms, dense {t['dense_ms']:.3f} ms; "
+                f"pack {t['pack_ms']:.3f} ms/step, cast {t['cast_ms']:.3f})" for op, t in timings.items())
+        choice = _rank0s(choice)
+        for _, layer in members:
+            layer.kernel.configure(choice["fwd"], choice["dgrad"])
+        config.log(f"fp8 2:4 kernels for {len(members)} layers of weight {N}x{K} ({_short_names([n for n, _ in members])}): "
+                   f"{members[0][1].kernel.describe()} ({info})")
 
 
 def convert_mlp_to_sparse(model, device, config=None):
@@ -145,6 +183,9 @@ def convert_mlp_to_sparse(model, device, config=None):
     sparse_gemm_layers = [(n, m) for n, m in layers if isinstance(m.kernel, CusparseltKernel)]
     if sparse_gemm_layers:
         _tune(sparse_gemm_layers, config, impl, device)
+    fp8_layers = [(n, m) for n, m in layers if m.kernel.name == "fp8" and m.kernel.scaling == "tensorwise"]
+    if fp8_layers:
+        _tune_fp8(fp8_layers, config, device)
     for _, layer in layers:
         layer.refresh()  # pack now, before anything compiles the model
     kinds = {}
