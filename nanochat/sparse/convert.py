@@ -137,14 +137,13 @@ def _tune_fp8(layers, config, device):
     """Per shape, each op of the fp8 kernels 2:4 or dense fp8 (on the masked weight), from measured GPU
     time weighed like the bf16 kernels' (nanochat/sparse/tune.py)."""
     from nanochat.sparse.fp8 import choose_ops, time_ops
-    from nanochat.sparse.tune import IN_MODEL_SLOWDOWN
     for (N, K), members in _by_shape(layers).items():
         if config.tokens is None or config.force is not None:
             choice = {op: config.force != "dense" for op in ("fwd", "dgrad")}  # untuned: both 2:4
             info = "not tuned" if config.force is None else f"forced {config.force}"
         else:
             timings = time_ops(N, K, config.tokens, device)
-            choice = choose_ops(timings, config.micro_batches, IN_MODEL_SLOWDOWN)
+            choice = choose_ops(timings, config.micro_batches)
             info = f"T={config.tokens}, " + ", ".join(
                 f"{op} {'2:4' if choice[op] else 'dense fp8'} (2:4 {t['sparse_ms']:.3f} ms, dense {t['dense_ms']:.3f} ms; "
                 f"pack {t['pack_ms']:.3f} ms/step, cast {t['cast_ms']:.3f})" for op, t in timings.items())
