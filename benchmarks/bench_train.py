@@ -157,6 +157,8 @@ def main():
         run_one(json.loads(args.one[0]), args.one[1])
         return
 
+    import torch
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     earlier = {}
     if args.from_logs and os.path.exists(args.out + ".json"):
         with open(args.out + ".json") as f:
@@ -167,7 +169,8 @@ def main():
         for mode in args.modes:
             flags = trainer_flags(depth, mode, args.steps, B, args.seq_len, B * args.seq_len * args.grad_accum)
             row = dict(depth=depth, mode=mode, device_batch_size=B, seq_len=args.seq_len, grad_accum=args.grad_accum,
-                       steps=args.steps, command="python -m scripts.base_train " + " ".join(flags))
+                       micro_batches=args.grad_accum, steps=args.steps, gpu=gpu, date=datetime.date.today().isoformat(),
+                       command="python -m scripts.base_train " + " ".join(flags))
             log_path = f"{args.out}_d{depth}_{mode}.log"  # the child's full output, kept even if it times out
             if args.from_logs:
                 if not os.path.exists(log_path):

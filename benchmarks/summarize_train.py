@@ -52,6 +52,8 @@ def plot(data, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = [r for r in data["results"] if tok_per_sec(r) and not r.get("superseded")]
+    with_dense = {config(r) for r in rows if r["mode"] == "dense"}
+    rows = [r for r in rows if config(r) in with_dense]  # bars are relative to their config's dense row
     depths = list(dict.fromkeys(config(r) for r in rows))  # configs, in the file's order
     modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
     width = 0.8 / len(modes)
