@@ -110,7 +110,7 @@ def test_fp8_kernel_with_dense_ops_matches_reference(shape, compiled, ops):
 
 @needs_sm90
 def test_fp8_time_ops_and_choice():
-    """time_ops measures every op (finite, positive); the trainer's conversion logs the per-op choice."""
+    """time_ops measures every op (finite, positive times) and choose_ops decides each."""
     from nanochat.sparse.fp8 import choose_ops, time_ops
     t = time_ops(5120, 1280, 8192, DEV)
     print("\nTIMES", t)

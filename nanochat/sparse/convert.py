@@ -139,7 +139,7 @@ def _tune_fp8(layers, config, device):
     from nanochat.sparse.fp8 import choose_ops, time_ops
     for (N, K), members in _by_shape(layers).items():
         if config.tokens is None or config.force is not None:
-            choice = {op: config.force != "dense" for op in ("fwd", "dgrad")}  # untuned: both 2:4
+            choice = {op: config.force != "dense" for op in ("fwd", "dgrad")}  # no token count: both 2:4
             info = "not tuned" if config.force is None else f"forced {config.force}"
         else:
             timings = time_ops(N, K, config.tokens, device)
