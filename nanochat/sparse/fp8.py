@@ -51,15 +51,6 @@ def _pad_rows(t, align):
     return F.pad(t, (0, 0, 0, pad)) if pad else t
 
 
-def _sparse_mm(a, packed, meta, scale, qdtype):
-    """a @ Wp^T where Wp is a packed 2:4 fp8 matrix; a is (N, K) any float dtype. Returns bf16."""
-    n = a.shape[0]
-    aq, ascale = _quantize_rows(_pad_rows(a, TOKEN_ALIGN), qdtype)
-    out = torch.ops.torchao.rowwise_scaled_linear_sparse_cutlass_f8f8(
-        aq, ascale, packed, meta, scale, None, torch.bfloat16)
-    return out[:n]
-
-
 def _scaled_grad_weight(gq, gs, xq, xs):
     """gy^T @ x from tensorwise fp8 operands (padded rows contribute zeros). _scaled_mm wants a
     row-major first and a column-major second operand: (M, T) @ (T, K)."""
@@ -77,9 +68,9 @@ def _fp8_grad_weight(gy, x):
 
 
 def _mm_q(aq, ascale, n, packed, meta, scale):
-    """aq @ B^T for an already quantized (padded) aq with one scale; first n rows, bf16.
-    B is the op's weight operand, (out, reduction): 2:4 packed with its metadata and per-row scales, or
-    (meta None) a row-major e4m3 matrix with one scale, multiplied densely by cuBLAS."""
+    """aq @ B^T for an already quantized (padded) aq; first n rows, bf16. ascale: one scale, or one per
+    row of aq (2:4 only). B is the op's weight operand, (out, reduction): 2:4 packed with its metadata and
+    per-row scales, or (meta None) a row-major e4m3 matrix with one scale, multiplied densely by cuBLAS."""
     if meta is None:
         out = torch._scaled_mm(aq, packed.t(), scale_a=ascale, scale_b=scale, out_dtype=torch.bfloat16)
     else:
@@ -87,6 +78,12 @@ def _mm_q(aq, ascale, n, packed, meta, scale):
         out = torch.ops.torchao.rowwise_scaled_linear_sparse_cutlass_f8f8(
             aq, rows, packed, meta, scale, None, torch.bfloat16)
     return out[:n]
+
+
+def _sparse_mm(a, packed, meta, scale, qdtype):
+    """a @ Wp^T where Wp is a packed 2:4 fp8 matrix; a is (N, K) any float dtype, quantized per row. Returns bf16."""
+    aq, ascale = _quantize_rows(_pad_rows(a, TOKEN_ALIGN), qdtype)
+    return _mm_q(aq, ascale, a.shape[0], packed, meta, scale)
 
 
 class _Fp8SparseTensorwiseFn(torch.autograd.Function):
