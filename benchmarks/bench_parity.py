@@ -4,6 +4,7 @@ Accuracy parity: paired training runs (same seed, data, tokens, schedule) of den
 Each run is its own process through the library trainer (nanochat.train.train).
 
     NANOCHAT_BASE_DIR=... python -m benchmarks.bench_parity --depth 12 --steps 300 --modes dense sparse
+    python -m benchmarks.bench_parity --merge a.json b.json --out parity_d12   # modes run apart (e.g. one per GPU)
 """
 
 import argparse
@@ -44,6 +45,45 @@ def plot(runs, path, title):
     plt.close(fig)
 
 
+def report(runs, meta, depth, steps, total_batch_size, out):
+    """Write out.json, out.md (final val bpb per mode against dense) and out.png (the curves)."""
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out + ".json", "w") as f:
+        json.dump(dict(meta=meta, runs=runs), f, indent=2)
+    ref = runs.get("dense", {}).get("summary", {}).get("val_bpb")
+    lines = [f"# Accuracy parity, d{depth} ({meta['gpu']}, torch {meta['torch']}, {meta['date']})", "",
+             f"Paired runs: same seed, data and schedule; {steps} steps x {total_batch_size:,} tokens "
+             f"= {meta['tokens']:,} tokens. Command: `{meta['command']}`.", "",
+             "| mode | final val bpb | vs dense (relative) | tok/s |", "|---|---|---|---|"]
+    for mode, r in runs.items():
+        s = r["summary"]
+        rel = f"{100 * (s['val_bpb'] / ref - 1):+.2f}%" if ref else "-"
+        lines.append(f"| {mode} | {s['val_bpb']:.4f} | {rel} | {s['tok_per_sec']:,.0f} |")
+    with open(out + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    if runs:
+        plot(runs, out + ".png", f"d{depth}: paired runs, {meta['gpu']}")
+    print("\n".join(lines))
+
+
+def merge(paths, out):
+    """One report from several results files of the same depth, steps and batch (their modes side by side)."""
+    runs, metas = {}, []
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        metas.append(data["meta"])
+        for mode, run in data["runs"].items():
+            if mode in runs:
+                raise SystemExit(f"error: mode {mode} is in more than one of {paths}")
+            runs[mode] = dict(run, command=run.get("command", data["meta"]["command"]))
+    keys = ("depth", "steps", "total_batch_size", "tokens")
+    if len({tuple(m.get(k) for k in keys) for m in metas}) != 1:
+        raise SystemExit(f"error: {paths} differ in depth, steps or batch: their runs are not paired")
+    meta = dict(metas[0], command="; ".join(m["command"] for m in metas), merged_from=[os.path.basename(p) for p in paths])
+    report(runs, meta, meta["depth"], meta["steps"], meta["total_batch_size"], out)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--depth", type=int, default=12)
@@ -56,10 +96,15 @@ def main():
     p.add_argument("--eval-tokens", type=int, default=524288)
     p.add_argument("--extra", default="", help="extra trainer flags for every run, e.g. '--device-type cpu'")
     p.add_argument("--out", default="benchmarks/results/parity")
+    p.add_argument("--merge", nargs="+", metavar="JSON",
+                   help="combine the runs of these results files (one mode each, e.g. from different GPUs) into --out")
     p.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
         run_one(json.loads(args.one[0]), args.one[1])
+        return
+    if args.merge:
+        merge(args.merge, args.out)
         return
     import torch
     base = ["--depth", str(args.depth), "--num-iterations", str(args.steps), "--device-batch-size", str(args.device_batch_size),
@@ -86,24 +131,9 @@ def main():
     meta = dict(date=datetime.date.today().isoformat(), torch=torch.__version__,
                 gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                 command="python -m benchmarks.bench_parity " + " ".join(sys.argv[1:]),
+                depth=args.depth, steps=args.steps, total_batch_size=args.total_batch_size,
                 tokens=args.steps * args.total_batch_size)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(dict(meta=meta, runs=runs), f, indent=2)
-    ref = runs.get("dense", {}).get("summary", {}).get("val_bpb")
-    lines = [f"# Accuracy parity, d{args.depth} ({meta['gpu']}, torch {meta['torch']}, {meta['date']})", "",
-             f"Paired runs: same seed, data and schedule; {args.steps} steps x {args.total_batch_size:,} tokens "
-             f"= {meta['tokens']:,} tokens. Command: `{meta['command']}`.", "",
-             "| mode | final val bpb | vs dense (relative) | tok/s |", "|---|---|---|---|"]
-    for mode, r in runs.items():
-        s = r["summary"]
-        rel = f"{100 * (s['val_bpb'] / ref - 1):+.2f}%" if ref else "-"
-        lines.append(f"| {mode} | {s['val_bpb']:.4f} | {rel} | {s['tok_per_sec']:,.0f} |")
-    with open(args.out + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    if runs:
-        plot(runs, args.out + ".png", f"d{args.depth}: paired runs, {meta['gpu']}")
-    print("\n".join(lines))
+    report(runs, meta, args.depth, args.steps, args.total_batch_size, args.out)
 
 
 if __name__ == "__main__":

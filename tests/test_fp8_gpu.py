@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from nanochat.fp8 import convert_to_float8, fp8_sparse_supported, fp8_supported
 from nanochat.sparse import SparseConfig, convert_mlp_to_sparse, refresh_sparse_weights
-from nanochat.sparse.fp8 import E5M2, Fp8SparseKernel
+from nanochat.sparse.fp8 import E5M2, Fp8SparseKernel, LearnedFp8Packer, LibraryFp8Packer, make_fp8_packer
 
 DEV = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 FP8_OK, FP8_WHY = fp8_supported(DEV)
@@ -106,6 +106,54 @@ def test_fp8_kernel_with_dense_ops_matches_reference(shape, compiled, ops):
         check_kernel(kern, wm, lead, fn, tol_gx=TOL_E5M2, tol_gw=TOL_E5M2, tag=f"ops={ops} {'compiled' if compiled else 'eager'}")
     with pytest.raises(ValueError, match="tensorwise"):
         Fp8SparseKernel(out_f, in_f, DEV, scaling="rowwise", fwd_sparse=False)
+
+
+PACK_SHAPES = [(3072, 768), (768, 3072), (5120, 1280), (1280, 5120), (6656, 1664), (1664, 6656)]
+
+
+@needs_sm90
+@pytest.mark.parametrize("shape", PACK_SHAPES, ids=[f"{o}x{i}" for o, i in PACK_SHAPES])
+def test_learned_fp8_packer_matches_torchao(shape):
+    """The learned packer checks itself byte for byte against torchao's packer when it is built (exact
+    inputs, scale 1). On trained-like weights, in W's and W^T's memory order, its metadata must equal
+    torchao's on the library's own quantization, and its values nearly all (the two quantizations are
+    different compiled kernels: a rounding may differ by one step)."""
+    torch.manual_seed(4)
+    m, k = shape
+    learned = LearnedFp8Packer(m, k, DEV)
+    library = LibraryFp8Packer()
+    print(f"\nLAYOUT {m}x{k}: {learned.layout}")
+    wm = masked_weight(m, k, k ** -0.5)
+    wm[:64] = 0  # all-zero groups, as c_proj at init
+    for w in (wm, wm.t().contiguous().t()):
+        values, meta, scale = learned(w)
+        want_values, want_meta, want_scale = library(w)
+        assert torch.equal(meta, want_meta)
+        torch.testing.assert_close(scale, want_scale, rtol=1e-6, atol=0)
+        differ = (values.view(torch.uint8) != want_values.view(torch.uint8)).float().mean().item()
+        assert differ < 1e-4, differ
+        assert torch.equal(values.float() == 0, want_values.float() == 0)
+
+
+@needs_sm90
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("shape", [(5120, 1280), (1664, 6656)], ids=["5120x1280", "1664x6656"])
+def test_fp8_kernel_with_learned_packers_matches_reference(shape, compiled):
+    torch.manual_seed(5)
+    torch._dynamo.reset()
+    out_f, in_f = shape
+    wm = masked_weight(out_f, in_f, in_f ** -0.5)
+    kern = Fp8SparseKernel(out_f, in_f, DEV)
+    kern.configure(True, True, make_fp8_packer(out_f, in_f, DEV, "learned"), make_fp8_packer(in_f, out_f, DEV, "learned"))
+    kern.pack(wm)
+    fn = torch.compile(kern.linear, fullgraph=True) if compiled else kern.linear
+    for lead in [(4096,), (3, 333)]:
+        check_kernel(kern, wm, lead, fn, tol_gx=TOL_E5M2, tol_gw=TOL_E5M2, tag=f"learned {'compiled' if compiled else 'eager'}")
+    ptrs = [t.data_ptr() for t in kern.packed_buffers()]
+    wm2 = masked_weight(out_f, in_f, in_f ** -0.5)
+    kern.pack(wm2)  # in place
+    assert ptrs == [t.data_ptr() for t in kern.packed_buffers()]
+    check_kernel(kern, wm2, (4096,), fn, tol_gx=TOL_E5M2, tol_gw=TOL_E5M2, tag="learned repacked")
 
 
 @needs_sm90

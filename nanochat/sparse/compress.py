@@ -30,7 +30,7 @@ def _pattern(pair):
     return (1 << pair[0]) | (1 << pair[1])
 
 
-def _dense_from_codes(codes, m, k, values=None, dtype=torch.bfloat16):
+def dense_from_codes(codes, m, k, values=None, dtype=torch.bfloat16):
     """(m, k) matrix whose group g keeps the positions set in codes[g] (4-bit), with value 1 or values[g, pos]."""
     bits = (codes.unsqueeze(-1) >> torch.arange(4, device=codes.device)) & 1
     dense = bits.to(dtype)
@@ -47,6 +47,69 @@ def _bits(buf):
 def _pack_bits(bits):
     weights = (1 << torch.arange(8, device=bits.device, dtype=torch.int32))
     return (bits.view(-1, 8).to(torch.int32) * weights).sum(-1).to(torch.uint8)
+
+
+def learn_metadata(meta_of, G, nbits, device):
+    """Learn a library's metadata bit order for G groups from probes alone. meta_of(codes) compresses the
+    matrix whose group g keeps the positions set in codes[g] (4-bit) and returns its nbits/8 metadata bytes.
+    Returns (lut_a, lut_b, src_group, src_field, const_bits): the two positions a < b the library stores
+    for each keep-pattern (16 entries, at most two kept), and for every metadata bit the group and field
+    (bit f of a | b << 2; 4 for a bit that is constant) it holds, and the constant bits' values."""
+    group = torch.arange(G, device=device)
+    ones = torch.ones(G, dtype=torch.int64, device=device)
+    src_group = torch.zeros(nbits, dtype=torch.int64, device=device)
+    src_field = torch.full((nbits,), 4, dtype=torch.int64, device=device)
+    for f, (without, with_) in _FIELDS.items():
+        base = meta_of(ones * _pattern(without))
+        changed = _bits(base ^ meta_of(ones * _pattern(with_)))
+        pos = changed.nonzero().view(-1)
+        if pos.numel() != G:
+            raise CompressorMismatch(f"field {f}: {pos.numel()} metadata bits changed, expected one per group ({G})")
+        owner = torch.zeros(G, dtype=torch.int64, device=device)
+        for j in range(max(1, (G - 1).bit_length())):
+            codes = torch.where((group >> j) & 1 == 1, _pattern(with_), _pattern(without))
+            owner |= _bits(base ^ meta_of(codes))[pos].to(torch.int64) << j
+        if not torch.equal(torch.sort(owner).values, group):
+            raise CompressorMismatch(f"field {f}: metadata bits do not map one-to-one onto groups")
+        if (src_field[pos] != 4).any():
+            raise CompressorMismatch(f"field {f}: metadata bits shared with another field")
+        src_group[pos], src_field[pos] = owner, f
+    # positions stored for each mask pattern the library can get (at most 2 kept per group)
+    lut_a = torch.zeros(16, dtype=torch.int64, device=device)
+    lut_b = torch.ones(16, dtype=torch.int64, device=device)
+    field_bits = src_field != 4
+    first = {f: (src_field == f) & (src_group == 0) for f in range(4)}
+    for code in range(16):
+        if bin(code).count("1") > 2:
+            continue
+        bits = _bits(meta_of(ones * code))
+        ab = sum(int(bits[first[f]].item()) << f for f in range(4))
+        lut_a[code], lut_b[code] = ab & 3, ab >> 2
+    const_bits = _bits(meta_of(ones * _pattern((0, 1)))) & ~field_bits
+    return lut_a, lut_b, src_group, src_field, const_bits
+
+
+def metadata_tables(lut_a, lut_b, src_group, src_field, const_bits, G):
+    """("nibbles", (lut_a, lut_b, nibble_group)) when every metadata nibble is one group's four fields in order
+    (one gather per nibble), else ("bits", (lut_a, lut_b, src_group, src_field, const_meta)), one gather per bit.
+    The index tables are int32 and uint8: the compressor reads them every step, so their bytes count."""
+    nbits = src_field.numel()
+    fields_in_nibbles = (nbits == 4 * G and torch.equal(src_field.view(-1, 4), torch.arange(4, device=src_field.device).expand(G, 4))
+                         and bool((src_group.view(-1, 4) == src_group.view(-1, 4)[:, :1]).all()))
+    if fields_in_nibbles:
+        return "nibbles", (lut_a, lut_b, src_group.view(-1, 4)[:, 0].to(torch.int32))
+    return "bits", (lut_a, lut_b, src_group.to(torch.int32), src_field.to(torch.uint8), _pack_bits(const_bits))
+
+
+def metadata_bytes(fields, layout, tables):
+    """The metadata bytes of per-group fields (a | b << 2, uint8) in a learned layout (metadata_tables)."""
+    if layout == "nibbles":
+        nib = fields[tables[2]].view(-1, 2)
+        return nib[:, 0] | (nib[:, 1] << 4)
+    src_group, src_field, const_meta = tables[2:]
+    bits = (fields[src_group] >> src_field) & 1
+    shifts = torch.arange(8, device=fields.device, dtype=torch.int32)
+    return (bits.view(-1, 8).to(torch.int32) << shifts).sum(-1).to(torch.uint8) | const_meta
 
 
 class LibraryCompressor:
@@ -80,17 +143,14 @@ def _compress_nibbles(wm, out_values, out_meta, lut_a, lut_b, nibble_group):
     """Metadata whose every nibble is one group's 4 fields in order: one gather per nibble."""
     values, fields = _values_and_fields(wm, lut_a, lut_b)
     out_values.copy_(values)
-    nib = fields[nibble_group].view(-1, 2)
-    out_meta.copy_(nib[:, 0] | (nib[:, 1] << 4))
+    out_meta.copy_(metadata_bytes(fields, "nibbles", (lut_a, lut_b, nibble_group)))
 
 
 def _compress_bits(wm, out_values, out_meta, lut_a, lut_b, src_group, src_field, const_meta):
     """Any bit order: one gather per metadata bit (src_field 4 marks a constant bit, which reads 0)."""
     values, fields = _values_and_fields(wm, lut_a, lut_b)
     out_values.copy_(values)
-    bits = (fields[src_group] >> src_field) & 1
-    shifts = torch.arange(8, device=wm.device, dtype=torch.int32)
-    out_meta.copy_((bits.view(-1, 8).to(torch.int32) << shifts).sum(-1).to(torch.uint8) | const_meta)
+    out_meta.copy_(metadata_bytes(fields, "bits", (lut_a, lut_b, src_group, src_field, const_meta)))
 
 
 class LearnedCompressor:
@@ -108,50 +168,12 @@ class LearnedCompressor:
             raise CompressorMismatch(f"compressed size {total} B is smaller than values + metadata")
 
         def meta_of(codes):
-            lib.compress(_dense_from_codes(codes, m, k), probe_out)
+            lib.compress(dense_from_codes(codes, m, k), probe_out)
             return probe_out[self.value_bytes:].clone()
 
-        group = torch.arange(G, device=device)
-        ones = torch.ones(G, dtype=torch.int64, device=device)
         nbits = 8 * (total - self.value_bytes)
-        src_group = torch.zeros(nbits, dtype=torch.int64, device=device)
-        src_field = torch.full((nbits,), 4, dtype=torch.int64, device=device)
-        for f, (without, with_) in _FIELDS.items():
-            base = meta_of(ones * _pattern(without))
-            changed = _bits(base ^ meta_of(ones * _pattern(with_)))
-            pos = changed.nonzero().view(-1)
-            if pos.numel() != G:
-                raise CompressorMismatch(f"field {f}: {pos.numel()} metadata bits changed, expected one per group ({G})")
-            owner = torch.zeros(G, dtype=torch.int64, device=device)
-            for j in range(max(1, (G - 1).bit_length())):
-                codes = torch.where((group >> j) & 1 == 1, _pattern(with_), _pattern(without))
-                owner |= _bits(base ^ meta_of(codes))[pos].to(torch.int64) << j
-            if not torch.equal(torch.sort(owner).values, group):
-                raise CompressorMismatch(f"field {f}: metadata bits do not map one-to-one onto groups")
-            if (src_field[pos] != 4).any():
-                raise CompressorMismatch(f"field {f}: metadata bits shared with another field")
-            src_group[pos], src_field[pos] = owner, f
-        # positions stored for each mask pattern the library can get (at most 2 kept per group)
-        lut_a = torch.zeros(16, dtype=torch.int64, device=device)
-        lut_b = torch.ones(16, dtype=torch.int64, device=device)
-        field_bits = src_field != 4
-        first = {f: (src_field == f) & (src_group == 0) for f in range(4)}
-        for code in range(16):
-            if bin(code).count("1") > 2:
-                continue
-            bits = _bits(meta_of(ones * code))
-            ab = sum(int(bits[first[f]].item()) << f for f in range(4))
-            lut_a[code], lut_b[code] = ab & 3, ab >> 2
-        const_bits = _bits(meta_of(ones * _pattern((0, 1)))) & ~field_bits
-        # int32 / uint8 tables: the compressor reads them every step, so their bytes count
-        fields_in_nibbles = (nbits == 4 * G and torch.equal(src_field.view(-1, 4), torch.arange(4, device=device).expand(G, 4))
-                             and bool((src_group.view(-1, 4) == src_group.view(-1, 4)[:, :1]).all()))
-        if fields_in_nibbles:
-            fn, self.tables = _compress_nibbles, (lut_a, lut_b, src_group.view(-1, 4)[:, 0].to(torch.int32))
-        else:
-            fn, self.tables = _compress_bits, (lut_a, lut_b, src_group.to(torch.int32), src_field.to(torch.uint8),
-                                               _pack_bits(const_bits))
-        self.layout = "nibbles" if fields_in_nibbles else "bits"
+        self.layout, self.tables = metadata_tables(*learn_metadata(meta_of, G, nbits, device), G)
+        fn = _compress_nibbles if self.layout == "nibbles" else _compress_bits
         # dynamic shapes: one compiled graph serves every (m, k) (per memory order) instead of one
         # recompile per shape, which would soon hit dynamo's recompile limit and fall back to eager
         self.fn = torch.compile(fn, dynamic=True) if compile else fn
@@ -174,7 +196,7 @@ class LearnedCompressor:
                 codes = torch.tensor([3, 5, 6, 9, 10, 12], device=device)[codes % 6]
             vals = torch.randn(m * k // 4, 4, device=device, generator=g).abs().add(0.5)
             vals = vals * torch.where(torch.rand(vals.shape, device=device, generator=g) < 0.5, -1.0, 1.0)
-            dense = _dense_from_codes(codes, m, k, vals.to(torch.bfloat16))
+            dense = dense_from_codes(codes, m, k, vals.to(torch.bfloat16))
             want = lib.compress(dense, lib.empty_compressed(m, k))
             for layout in ("contiguous", "transposed"):
                 wm = dense if layout == "contiguous" else dense.t().contiguous().t()

@@ -23,7 +23,7 @@ class SparseConfig:
     tokens: Optional[int] = None  # tokens per micro-batch to choose kernels for (None: ops run dense until tuned)
     micro_batches: int = 1       # micro-batches per optimizer step: GEMM savings are weighed against one pack per step
     impl: str = "auto"           # cuSPARSELt calls: auto (nvmath-python if installed) | nvmath | torch
-    compressor: str = "auto"     # auto (learned GPU-speed compressor where it matches cuSPARSELt) | learned | cusparselt
+    compressor: str = "auto"     # auto (our GPU-speed compressor where it matches the library's bytes) | learned | cusparselt (the library's own: cuSPARSELt's compress, torchao's fp8 packer)
     force: Optional[str] = None  # None | "sparse" | "dense": every op on cuSPARSELt / dense (tests, benchmarks)
     timing_cache: Optional[str] = None  # JSON of measured GEMM timings; None = <base dir>/cusparselt_timings.json
     log: Callable = field(default=print0, repr=False)
@@ -135,23 +135,25 @@ def _tune(layers, config, impl, device):
 
 def _tune_fp8(layers, config, device):
     """Per shape, each op of the fp8 kernels 2:4 or dense fp8 (on the masked weight), from measured GPU
-    time weighed like the bf16 kernels' (nanochat/sparse/tune.py)."""
-    from nanochat.sparse.fp8 import choose_ops, time_ops
+    time weighed like the bf16 kernels' (nanochat/sparse/tune.py), and the packers of W and W^T."""
+    from nanochat.sparse.fp8 import choose_ops, make_fp8_packer, time_ops
+    kind = "cutlass" if config.compressor == "cusparselt" else config.compressor  # the library's own packer
     for (N, K), members in _by_shape(layers).items():
+        packers = {op: make_fp8_packer(m, k, device, kind, log=config.log) for op, (m, k) in (("fwd", (N, K)), ("dgrad", (K, N)))}
         if config.tokens is None or config.force is not None:
             choice = {op: config.force != "dense" for op in ("fwd", "dgrad")}  # no token count: both 2:4
             info = "not tuned" if config.force is None else f"forced {config.force}"
         else:
-            timings = time_ops(N, K, config.tokens, device)
+            timings = time_ops(N, K, config.tokens, device, packers)
             choice = choose_ops(timings, config.micro_batches)
             info = f"T={config.tokens}, " + ", ".join(
                 f"{op} {'2:4' if choice[op] else 'dense fp8'} (2:4 {t['sparse_ms']:.3f} ms, dense {t['dense_ms']:.3f} ms; "
                 f"pack {t['pack_ms']:.3f} ms/step, cast {t['cast_ms']:.3f})" for op, t in timings.items())
         choice = _rank0s(choice)
         for _, layer in members:
-            layer.kernel.configure(choice["fwd"], choice["dgrad"])
+            layer.kernel.configure(choice["fwd"], choice["dgrad"], packers["fwd"], packers["dgrad"])
         config.log(f"fp8 2:4 kernels for {len(members)} layers of weight {N}x{K} ({_short_names([n for n, _ in members])}): "
-                   f"{members[0][1].kernel.describe()} ({info})")
+                   f"{members[0][1].kernel.describe()}; packers {packers['fwd'].name}/{packers['dgrad'].name} ({info})")
 
 
 def convert_mlp_to_sparse(model, device, config=None):
