@@ -1,8 +1,10 @@
 """
 End-to-end training throughput: tokens/s, MFU, step time and peak memory of the real trainer
 (nanochat.train.train, compiled) for dense, --sparse, --fp8 and --fp8 --sparse at several depths.
-Each configuration runs in its own process (clean compile caches and memory), steady-state steps only
-(the trainer's average skips the first 10 steps, which include compilation).
+Each configuration runs in its own process (clean compile caches and memory), steady-state steps only:
+tok/s and step time are the median over the steps after the 10th (the first ones include compilation),
+since one stalled step (a neighbour's compile on a shared host stalled one 1.45 s step for 4 s) moves a mean
+by several percent; the trainer's own mean is kept as tok_per_sec_mean.
 
     NANOCHAT_BASE_DIR=... python -m benchmarks.bench_train --depths 12 20 --modes dense sparse fp8 fp8_sparse
 
@@ -15,6 +17,7 @@ import datetime
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,7 +39,10 @@ def run_one(flags, json_path):
     h = out["history"]
     steady = h["tok_per_sec"][10:] or h["tok_per_sec"]
     total_batch_size = int(flags[flags.index("--total-batch-size") + 1])
-    s["step_time_ms"] = 1000 * sum(total_batch_size / t for t in steady) / len(steady)
+    s["tok_per_sec_mean"], s["tok_per_sec"] = s["tok_per_sec"], statistics.median(steady)
+    s["step_time_ms"] = 1000 * total_batch_size / s["tok_per_sec"]
+    mfus = [m for m in (h["mfu"][10:] or h["mfu"]) if m is not None]
+    s["mfu"] = statistics.median(mfus) if mfus else s.get("mfu")
     s["loss_curve"] = h["loss"]
     with open(json_path, "w") as f:
         json.dump(s, f)
@@ -52,10 +58,11 @@ def steady_from_log(log, skip=10):
     steady = [(float(dt), float(tps.replace(",", "")), mfu) for i, dt, tps, mfu, _ in steps if int(i) > skip]
     if not steady:
         return None
-    n = len(steady)
     mfus = [float(m[:-1]) for _, _, m in steady if m != "-"]
-    return dict(tok_per_sec=sum(t for _, t, _ in steady) / n, step_time_ms=sum(d for d, _, _ in steady) / n,
-                mfu=sum(mfus) / len(mfus) if mfus else None, peak_memory_gib=float(steps[-1][4]), steps_logged=len(steps))
+    tps = [t for _, t, _ in steady]
+    return dict(tok_per_sec=statistics.median(tps), tok_per_sec_mean=sum(tps) / len(tps),
+                step_time_ms=statistics.median(d for d, _, _ in steady),
+                mfu=statistics.median(mfus) if mfus else None, peak_memory_gib=float(steps[-1][4]), steps_logged=len(steps))
 
 
 def plot(results, path):
@@ -98,7 +105,7 @@ def write_outputs(results, args):
     with open(args.out + ".json", "w") as f:
         json.dump(dict(meta=meta, results=results), f, indent=2)
     lines = [f"# Training throughput ({meta['gpu']}, torch {meta['torch']}, cuSPARSELt {meta['cusparselt']}, {meta['date']})", "",
-             f"Command: `{meta['command']}`. Compiled, {args.steps} steps, steady state after step 10, "
+             f"Command: `{meta['command']}`. Compiled, {args.steps} steps, median of the steps after step 10, "
              f"sequence {args.seq_len}, {args.grad_accum} micro-batches per step.", "",
              "| depth | mode | device batch | tok/s | vs dense | MFU (dense FLOPs) | step ms | peak mem GiB |", "|---|---|---|---|---|---|---|---|"]
     for r in results:

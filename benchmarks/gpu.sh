@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu.sh mlp_fp8 [args]            the same for the fp8 variants
 #   bash benchmarks/gpu.sh train [bench_train args]  trainer tokens/s per depth x mode
 #   bash benchmarks/gpu.sh parity [bench_parity args]  paired val-bpb runs (corpus: stdlib + site-packages)
-#   bash benchmarks/gpu.sh fp8_pack [bench_fp8_pack args]  the fp8 2:4 re-pack of one layer, torchao's packer vs ours
+#   bash benchmarks/gpu.sh fp8_ops [bench_fp8_ops args]  one fp8 2:4 layer's GEMMs (CUTLASS, cuBLAS, cuSPARSELt) and re-pack
 #   bash benchmarks/gpu.sh memory [bench_memory args]  peak memory per mode
 #   bash benchmarks/gpu.sh profile [profile_step args]  where a step's GPU time goes, per mode
 #   bash benchmarks/gpu.sh act_sparsity [act_sparsity args]  relu² output sparsity per layer over a run (issue 14)
@@ -22,7 +22,7 @@
 # nvmath-python) and .gpu_base (NANOCHAT_BASE_DIR=.gpu_base python -m nanochat.dataset --default-corpus
 # && python -m scripts.tok_train). Results and logs go to $OUT (default benchmarks/results).
 set -uo pipefail
-stage=${1:?usage: gpu.sh tests|mlp|mlp_fp8|train|fp8_pack|parity|memory|profile|act_sparsity|optim|ddp|resume|parallel|env|smoke [args]}
+stage=${1:?usage: gpu.sh tests|mlp|mlp_fp8|train|fp8_ops|parity|memory|profile|act_sparsity|optim|ddp|resume|parallel|env|smoke [args]}
 shift
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
@@ -53,14 +53,15 @@ larger_corpus() {
 case $stage in
   tests)
     [ $# -gt 0 ] || set -- tests/test_sparse_gpu.py tests/test_fp8_gpu.py tests/test_sparse.py
-    python3 -m pytest -s -rfEs --tb=short -p no:cacheprovider "$@" > "$OUT/gpu_tests.log" 2>&1
+    log="$OUT/gpu_tests.log"; n=1; while [ -e "$log" ]; do n=$((n + 1)); log="$OUT/gpu_tests_$n.log"; done
+    python3 -m pytest -s -rfEs --tb=short -p no:cacheprovider "$@" > "$log" 2>&1
     rc=$?
-    grep -E "^(FAILED|ERROR)|^E  |passed|failed" "$OUT/gpu_tests.log" | head -40
+    grep -E "^(FAILED|ERROR)|^E  |passed|failed" "$log" | head -40
     exit $rc ;;
   mlp) python3 -m benchmarks.bench_mlp --out "$OUT" "$@" 2>&1 | tee "$OUT/mlp_bench.log" ;;
   mlp_fp8) python3 -m benchmarks.bench_mlp_fp8 --out-dir "$OUT" "$@" 2>&1 | tee "$OUT/mlp_fp8_bench.log" | grep -v "^d=" ;;
   train) python3 -m benchmarks.bench_train "$@" 2>&1 | tee -a "$OUT/train_bench.log" ;;
-  fp8_pack) python3 -m benchmarks.bench_fp8_pack --out "$OUT" "$@" 2>&1 | tee -a "$OUT/fp8_pack_bench.log" ;;
+  fp8_ops) python3 -m benchmarks.bench_fp8_ops --out "$OUT" "$@" 2>&1 | tee -a "$OUT/fp8_ops_bench.log" ;;
   memory) python3 -m benchmarks.bench_memory "$@" 2>&1 | tee -a "$OUT/memory_bench.log" ;;
   profile) python3 -m benchmarks.profile_step --out "$OUT" "$@" 2>&1 | tee -a "$OUT/profile.log" | grep -vE "^  " ;;
   act_sparsity)  # on parity's corpus; the trainer's step lines go to the log only, the measured points are printed

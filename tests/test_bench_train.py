@@ -13,7 +13,9 @@ def test_steady_from_log_matches_the_trainer_summary(tiny_data_dir, tiny_tokeniz
     parsed = steady_from_log(capsys.readouterr().out)
     s = out["summary"]
     assert parsed["steps_logged"] == 13
-    assert parsed["tok_per_sec"] == pytest.approx(s["tok_per_sec"], rel=1e-3, abs=1.0)  # the log rounds to 1 tok/s
+    assert parsed["tok_per_sec_mean"] == pytest.approx(s["tok_per_sec"], rel=1e-3, abs=1.0)  # the log rounds to 1 tok/s
+    steady = sorted(out["history"]["tok_per_sec"][10:])
+    assert parsed["tok_per_sec"] == pytest.approx(steady[1], rel=1e-3, abs=1.0)  # the median of the 3 steady steps
     assert parsed["mfu"] is None  # CPU: no peak FLOPs, the log prints "-"
 
 

@@ -266,6 +266,7 @@ def _dense_operand(w, out=None):
 
 def cutlass_pack(q):
     """torchao's CUTLASS sm90 packer: (values, metadata) of a row-major e4m3 2:4 matrix."""
+    import torchao.ops  # noqa: F401  (registers torch.ops.torchao.*)
     return torch.ops.torchao.to_sparse_semi_structured_cutlass_sm9x_f8(q)
 
 
