@@ -53,6 +53,8 @@ def cusparselt_fp8(w_q, a_q, alpha):
         try:
             ms = time_gpu_ms(lambda: fn(c, a_q, alg), reps=3, batch=3)
         except (RuntimeError, ValueError):
+            if alg == 0:
+                raise
             break
         if best_ms is None or ms < best_ms:
             best, best_ms = alg, ms
@@ -79,15 +81,13 @@ def bench_gemm(m, k, T, device, a_dtype, copies=4):
         a8 = [_quantize_tensor(a, E4M3) for a in a16]
         alpha = (wd[0][2] * a8[0][1]).expand(m).contiguous()
         fn, c, alg, ms = cusparselt_fp8(wd[0][0], a8[0][0], alpha)
-        if alg is None:
-            raise RuntimeError("no algorithm id ran")
         cs = [c] + [torch._cslt_compress(p[0]) for p in wd[1:]]
         ref = dense(a8[0], wd[0]).float()
         row.update(cusparselt_alg=alg, cusparselt_hot=ms,
                    cusparselt_cold=time_cycled(lambda c_, a_: fn(c_, a_, alg), [(c_, a[0]) for c_, a in zip(cs, a8)]),
                    cusparselt_rel_err_vs_cublas=((fn(c, a8[0][0], alg).float() - ref).norm() / ref.norm()).item())
     except Exception as e:  # not offered by this build: the row says so
-        row.update(cusparselt_error=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+        row.update(cusparselt_error=f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
     return row
 
 

@@ -16,6 +16,7 @@
 #                                                    first as "@2,3 STAGE ..."; logs in $OUT/parallel_gpu<i>.log)
 #   bash benchmarks/gpu.sh resume NPROC [resume_check args] -- [base_train flags]  kill -9 of the launcher mid-run,
 #                                                    resume, compare with the unbroken run (issue 13); $OUT/resume_*
+#   bash benchmarks/gpu.sh smi SECONDS               SM clock, power and temperature of every GPU every 0.5 s, in $OUT/smi.csv
 #   bash benchmarks/gpu.sh env                       the set-up alone
 #   bash benchmarks/gpu.sh smoke                     d4 train, save, resume
 # The GPU machine has no package registry: carry .whl (../shared/gpu/wheels.sh: torchao, rustbpe,
@@ -86,7 +87,8 @@ case $stage in
       devs=$i  # a list starting "@2,3 " runs on those GPUs instead (a 2-GPU torchrun beside 1-GPU lists)
       if [[ $list == @* ]]; then devs=${list%% *}; devs=${devs#@}; list=${list#* }; fi
       ( IFS=';' read -ra stages <<< "$list"
-        for st in "${stages[@]}"; do echo "== GPU $devs: $st"; CUDA_VISIBLE_DEVICES=$devs bash "$0" $st; done
+        for st in "${stages[@]}"; do echo "== GPU $devs: $st ($(date -u +%T))"; CUDA_VISIBLE_DEVICES=$devs bash "$0" $st; done
+        echo "== GPU $devs: done ($(date -u +%T))"
       ) > "$OUT/parallel_gpu$i.log" 2>&1 &
       pids+=($!); i=$((i + 1))
     done
@@ -97,6 +99,9 @@ case $stage in
     nproc=$1; shift
     python3 -m benchmarks.resume_check --nproc "$nproc" --out "$OUT/resume_{device}_g{nproc}_d{depth}_{mode}" "$@" 2>&1 \
       | tee -a "$OUT/resume_check.log" ;;
+  smi)  # in the background beside other stages: "bash benchmarks/gpu.sh smi 500 &"
+    timeout "${1:-600}" nvidia-smi --query-gpu=timestamp,index,clocks.sm,power.draw,power.limit,temperature.gpu,utilization.gpu \
+      --format=csv -lms 500 > "$OUT/smi.csv" 2>&1 || true ;;
   env) ;;  # the set-up above only (wheels installed, versions printed)
   smoke)
     smoke="--depth 4 --device-batch-size 8 --max-seq-len 512 --total-batch-size 8192 --num-iterations 20 --eval-every 10 --eval-tokens 16384 --sample-every 20 --model-tag gpu_smoke"

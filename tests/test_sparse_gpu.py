@@ -281,3 +281,38 @@ def test_trainer_conversion_packs_once_per_step_and_tunes(tmp_path):
 
 def sparse_layers_of(model):
     return [m for m in model.modules() if isinstance(m, SemiSparseLinear)]
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_graphed_refresh_packs_what_the_eager_refresh_packs(fp8):
+    """The CUDA-graph re-pack (GraphedRefresh, the trainer's default) writes the same bytes as per-layer refresh()
+    after every step, and captures again when a weight moves."""
+    from nanochat.fp8 import fp8_sparse_supported
+    from nanochat.sparse.convert import GraphedRefresh, sparse_layers
+    if fp8 and not fp8_sparse_supported(torch.device("cuda"))[0]:
+        pytest.skip("fp8 2:4 needs sm90 and torchao")
+    torch.manual_seed(6)
+    holders = [holder_with_mlp(768) for _ in range(2)]
+    holders[1].load_state_dict(holders[0].state_dict())
+    for h in holders:
+        convert_mlp_to_sparse(h, "cuda", SparseConfig(fp8=fp8, force="sparse", tokens=4096, log=print))
+    graphed_layers, eager_layers = sparse_layers(holders[0]), sparse_layers(holders[1])
+    graphed = GraphedRefresh(graphed_layers, log=print)
+    for step in range(4):
+        if step == 2:  # a weight moves (as .to() or a new Parameter would): the graph must be captured again
+            graphed_layers[0].weight.data = graphed_layers[0].weight.data.clone()
+        for a, b in zip(graphed_layers, eager_layers):
+            noise = torch.randn_like(a.weight) * 1e-2
+            a.weight.data.add_(noise)
+            b.weight.data.add_(noise)
+        assert graphed() == len(graphed_layers)
+        for m in eager_layers:
+            assert m.refresh()
+        assert not graphed.failed and graphed.graph is not None
+        for a, b in zip(graphed_layers, eager_layers):
+            assert not a.stale()
+            bufs_a, bufs_b = a.kernel.packed_buffers(), b.kernel.packed_buffers()
+            assert len(bufs_a) == len(bufs_b) > 0
+            for x, y in zip(bufs_a, bufs_b):
+                assert torch.equal(x.view(torch.uint8), y.view(torch.uint8)), (step, type(a.kernel).__name__)
+    assert graphed() == 0  # nothing changed since: the eager path runs and packs nothing

@@ -230,26 +230,72 @@ def refresh_sharded(layers, group=None):
     return packed
 
 
-def install_refresh_hooks(model, optimizers, shard=False, group=None):
+class GraphedRefresh:
+    """Re-pack a fixed list of CUDA sparse layers by replaying one CUDA graph: one host call per optimizer step
+    instead of a few per layer (the host time of 40 layers' mask and pack calls outlasts their GPU work, and
+    the GPU waits). Captured at the first call, after an eager re-pack that compiles and allocates what the
+    capture needs; captured again when a weight moved (.to(), a new Parameter). The graph re-packs every
+    layer, so it runs only when every layer changed (an optimizer step); otherwise, or if capture fails
+    (the failure is logged once), the layers re-pack eagerly."""
+
+    def __init__(self, layers, log=print0):
+        self.layers, self.log = list(layers), log
+        self.graph, self.ptrs, self.failed = None, None, False
+
+    @torch.no_grad()
+    def __call__(self):
+        layers = self.layers
+        if self.failed or not all(m.stale() for m in layers):
+            return sum(int(m.refresh()) for m in layers)
+        ptrs = [m.weight.data_ptr() for m in layers]
+        if self.graph is None or ptrs != self.ptrs:
+            for m in layers:
+                m.refresh(force=True)  # warm-up: compiles and first allocations happen outside the capture
+            try:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    for m in layers:
+                        m.refresh(force=True)
+            except Exception as e:  # a kernel that cannot be captured: keep the eager re-pack
+                self.failed = True
+                self.log(f"Warning: the sparse re-pack could not be captured as a CUDA graph ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200] if str(e) else ''}); re-packing layer by layer")
+                return len(layers)
+            self.graph, self.ptrs = graph, ptrs
+            return len(layers)
+        self.graph.replay()
+        for m in layers:
+            m.mark_packed()
+            m.num_packs += 1
+        return len(layers)
+
+
+def install_refresh_hooks(model, optimizers, shard=False, group=None, graph=True, log=print0):
     """Re-pack the sparse layers right after each optimizer step that updates them (once per step,
     never per micro-batch) and after model.load_state_dict. shard=True (DDP only) splits the re-pack
-    after each optimizer step over the ranks (refresh_sharded). Returns the hook handles."""
+    after each optimizer step over the ranks (refresh_sharded). graph=True re-packs CUDA layers by
+    replaying a CUDA graph (GraphedRefresh). Returns the hook handles."""
     layers = sparse_layers(model)
     handles = []
-    def refresher(mine, sharded=False):
+    def refresher(mine, mode):
+        graphed = GraphedRefresh(mine, log) if mode == "graph" else None
         def hook(*_):
-            if sharded:
+            if mode == "sharded":
                 refresh_sharded(mine, group)
-                return
-            for m in mine:
-                m.refresh()
+            elif graphed is not None:
+                graphed()
+            else:
+                for m in mine:
+                    m.refresh()
         return hook
     for opt in optimizers:
         params = {id(p) for group_ in opt.param_groups for p in group_["params"]}
         mine = [m for m in layers if id(m.weight) in params]
         if mine:
-            handles.append(opt.register_step_post_hook(refresher(mine, shard)))
-    handles.append(model.register_load_state_dict_post_hook(refresher(layers)))
+            cuda = all(m.weight.is_cuda for m in mine)
+            mode = "sharded" if shard else "graph" if graph and cuda else "eager"
+            handles.append(opt.register_step_post_hook(refresher(mine, mode)))
+    handles.append(model.register_load_state_dict_post_hook(refresher(layers, "eager")))
     return handles
 
 
