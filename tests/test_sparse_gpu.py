@@ -300,17 +300,18 @@ def test_graphed_refresh_packs_what_the_eager_refresh_packs(fp8):
     graphed = GraphedRefresh(graphed_layers, log=print)
     for step in range(4):
         if step == 2:  # a weight moves (as .to() or a new Parameter would): the graph must be captured again
-            graphed_layers[0].weight.data = graphed_layers[0].weight.data.clone()
-        for a, b in zip(graphed_layers, eager_layers):
-            noise = torch.randn_like(a.weight) * 1e-2
-            a.weight.data.add_(noise)
-            b.weight.data.add_(noise)
+            graphed_layers[0].weight = nn.Parameter(graphed_layers[0].weight.detach().clone())
+        with torch.no_grad():  # in place on the Parameters, as an optimizer step (bumps their versions)
+            for a, b in zip(graphed_layers, eager_layers):
+                noise = torch.randn_like(a.weight) * 1e-2
+                a.weight.add_(noise)
+                b.weight.add_(noise)
         assert graphed() == len(graphed_layers)
         for m in eager_layers:
             assert m.refresh()
         assert not graphed.failed and graphed.graph is not None
         for a, b in zip(graphed_layers, eager_layers):
-            assert not a.stale()
+            assert not a.stale() and a.num_packs == b.num_packs
             bufs_a, bufs_b = a.kernel.packed_buffers(), b.kernel.packed_buffers()
             assert len(bufs_a) == len(bufs_b) > 0
             for x, y in zip(bufs_a, bufs_b):

@@ -251,9 +251,10 @@ class GraphedRefresh:
         if self.graph is None or ptrs != self.ptrs:
             for m in layers:
                 m.refresh(force=True)  # warm-up: compiles and first allocations happen outside the capture
+            counts = [m.num_packs for m in layers]
             try:
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
+                with torch.cuda.graph(graph):  # records the kernels without running them
                     for m in layers:
                         m.refresh(force=True)
             except Exception as e:  # a kernel that cannot be captured: keep the eager re-pack
@@ -261,6 +262,9 @@ class GraphedRefresh:
                 self.log(f"Warning: the sparse re-pack could not be captured as a CUDA graph ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:200] if str(e) else ''}); re-packing layer by layer")
                 return len(layers)
+            finally:
+                for m, n in zip(layers, counts):
+                    m.num_packs = n
             self.graph, self.ptrs = graph, ptrs
             return len(layers)
         self.graph.replay()
@@ -270,11 +274,12 @@ class GraphedRefresh:
         return len(layers)
 
 
-def install_refresh_hooks(model, optimizers, shard=False, group=None, graph=True, log=print0):
+def install_refresh_hooks(model, optimizers, shard=False, group=None, graph=False, log=print0):
     """Re-pack the sparse layers right after each optimizer step that updates them (once per step,
     never per micro-batch) and after model.load_state_dict. shard=True (DDP only) splits the re-pack
     after each optimizer step over the ranks (refresh_sharded). graph=True re-packs CUDA layers by
-    replaying a CUDA graph (GraphedRefresh). Returns the hook handles."""
+    replaying a CUDA graph (GraphedRefresh; off by default: no step got faster with it, docs/fp8-notes.md).
+    Returns the hook handles."""
     layers = sparse_layers(model)
     handles = []
     def refresher(mine, mode):
