@@ -3,6 +3,11 @@ One table and one bar chart of end-to-end trainer throughput gathered from sever
 (bench_train JSONs, and rows copied from run logs whose files were lost), each row naming its source.
 
     python -m benchmarks.summarize_train benchmarks/results/train_bench_h100.json
+    python -m benchmarks.summarize_train --gather OUT.json --meta META.json A.json=LABEL [B.json=LABEL ...]
+
+--gather builds OUT.json from bench_train JSONs: rows of the same LABEL form one config (one GPU, or GPUs named
+in the label), and where a run's log lies beside its JSON the row's numbers are recomputed from its step lines
+(bench_train.steady_from_log: the median of the steps after the 10th). META.json holds title, about, notes.
 
 The JSON holds {"meta": {...}, "results": [{depth, mode, tok_per_sec | tok_per_sec_range, mfu,
 step_time_ms, peak_memory_gib, source, config?}, ...]}; rows compare with the dense row of the same
@@ -10,9 +15,10 @@ config (default "d<depth>"; e.g. "d20, 1 micro-batch"). Writes <json>.md and <js
 """
 
 import json
+import os
 import sys
 
-from benchmarks.bench_train import MODES
+from benchmarks.bench_train import MODES, steady_from_log
 
 
 def fmt(v, spec, suffix=""):
@@ -31,18 +37,21 @@ def config(r):
 def table(data):
     meta, rows = data["meta"], data["results"]
     lines = [f"# {meta['title']}", "", meta["about"], "",
-             "| config | mode | tok/s | vs dense | MFU (dense FLOPs) | step ms | peak mem GiB | source |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| config | mode | tok/s | vs dense | vs fp8 | MFU (dense FLOPs) | step ms | peak mem GiB | source |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        dense = next((d for d in rows if config(d) == config(r) and d["mode"] == "dense" and d.get("call") == r.get("call")
-                      and d.get("tok_per_sec")), None)
+        def same(mode):
+            return next((d for d in rows if config(d) == config(r) and d["mode"] == mode and d.get("call") == r.get("call")
+                         and d.get("tok_per_sec")), None)
+        dense, fp8 = same("dense"), same("fp8")
         if r.get("tok_per_sec_range"):
             lo, hi = r["tok_per_sec_range"]
             tps = f"{lo:,.0f}–{hi:,.0f}"
         else:
             tps = fmt(r.get("tok_per_sec"), ",.0f")
         ratio = f"{tok_per_sec(r) / dense['tok_per_sec']:.3f}x" if dense and tok_per_sec(r) else "-"
-        lines.append(f"| {config(r)} | {r['mode']} | {tps} | {ratio} | {fmt(r.get('mfu'), '.1f', '%')} | "
+        vs_fp8 = f"{tok_per_sec(r) / fp8['tok_per_sec']:.3f}x" if fp8 and tok_per_sec(r) and r["mode"] == "fp8_sparse" else "-"
+        lines.append(f"| {config(r)} | {r['mode']} | {tps} | {ratio} | {vs_fp8} | {fmt(r.get('mfu'), '.1f', '%')} | "
                      f"{fmt(r.get('step_time_ms'), '.0f')} | {fmt(r.get('peak_memory_gib'), '.2f')} | {r['source']} |")
     return lines + [""] + ["- " + n for n in meta.get("notes", [])]
 
@@ -87,10 +96,26 @@ def plot(data, path):
     plt.close(fig)
 
 
-def main():
-    if len(sys.argv) != 2 or not sys.argv[1].endswith(".json"):
-        sys.exit("usage: python -m benchmarks.summarize_train RESULTS.json")
-    path = sys.argv[1]
+def gather(sources, meta):
+    """The combined results of bench_train JSONs [(path, label)], each row's numbers from its log where it exists."""
+    rows = []
+    for path, label in sources:
+        with open(path) as f:
+            data = json.load(f)
+        for r in data["results"]:
+            row = {k: v for k, v in r.items() if k != "log_tail"}
+            log = f"{path[:-len('.json')]}_d{r['depth']}_{r['mode']}.log"
+            steady = steady_from_log(open(log).read()) if os.path.exists(log) else None
+            if steady:
+                row.update(steady)
+            mb = r.get("micro_batches", r.get("grad_accum"))
+            row.update(config=f"d{r['depth']}, {mb} micro-batch{'es' if mb != 1 else ''}, {label}", call=label,
+                       source=f"{label}: `{data['meta']['command'].replace('python -m benchmarks.bench_train ', 'bench_train ')}`")
+            rows.append(row)
+    return dict(meta=meta, results=rows)
+
+
+def render(path):
     with open(path) as f:
         data = json.load(f)
     base = path[:-len(".json")]
@@ -99,6 +124,22 @@ def main():
     plot(data, base + ".png")
     print("\n".join(table(data)))
 
+
+def main():
+    args = sys.argv[1:]
+    if args[:1] == ["--gather"] and len(args) >= 5 and args[2] == "--meta" and args[1].endswith(".json"):
+        with open(args[3]) as f:
+            meta = json.load(f)
+        sources = [tuple(a.split("=", 1)) for a in args[4:]]
+        if any(len(s) != 2 or not s[0].endswith(".json") for s in sources):
+            sys.exit("error: sources are BENCH.json=LABEL")
+        with open(args[1], "w") as f:
+            json.dump(gather(sources, meta), f, indent=1)
+        render(args[1])
+    elif len(args) == 1 and args[0].endswith(".json"):
+        render(args[0])
+    else:
+        sys.exit("usage: python -m benchmarks.summarize_train RESULTS.json | --gather OUT.json --meta META.json A.json=LABEL ...")
 
 if __name__ == "__main__":
     main()
