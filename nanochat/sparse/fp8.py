@@ -234,7 +234,7 @@ class Fp8SparseKernel(nn.Module):
 _COMPILED = {}  # function -> its one torch.compile wrapper for the process
 
 
-def compiled(fn):
+def _compiled(fn):
     """fn compiled with dynamic shapes, one wrapper per function: every wrapper of the same code counts
     against dynamo's recompile limit, so packers of all shapes share one."""
     if fn not in _COMPILED:
@@ -256,7 +256,7 @@ def _quantize_rows_e4m3(w):
 @torch.no_grad()
 def _dense_operand(w, out=None):
     """(q, None, scale) for a dense fp8 op, written into out's first and last tensors if given."""
-    q, scale = compiled(_cast_tensorwise)(w)
+    q, scale = _compiled(_cast_tensorwise)(w)
     if out is None:
         return q, None, scale
     out[0].copy_(q)
@@ -275,7 +275,7 @@ class LibraryFp8Packer:
     name = "cutlass"
 
     def __init__(self, compile=True):
-        self.quantize = compiled(_quantize_rows_e4m3) if compile else _quantize_rows_e4m3
+        self.quantize = _compiled(_quantize_rows_e4m3) if compile else _quantize_rows_e4m3
 
     @torch.no_grad()
     def __call__(self, w, out=None):
@@ -334,7 +334,7 @@ class LearnedFp8Packer:
         self.value_src = self._learn_value_slots(lib, m, k, device)
         self.meta_layout, self.tables = metadata_tables(*learn_metadata(meta_of, G, 8 * meta.numel(), device), G)
         self.layout = f"values {'row-major' if self.value_src is None else 'gathered'}, metadata {self.meta_layout}"
-        self.fn = compiled(_pack_learned) if compile else _pack_learned
+        self.fn = _compiled(_pack_learned) if compile else _pack_learned
         self._check(lib, device, check_rounds)
 
     def empty(self, device):
