@@ -17,8 +17,8 @@ grad-outputs are scaled one of two ways:
   bf16 (or fp8 tensorwise with fp8_grad_weight). Each operand is cast separately for each GEMM.
 
 Packing: the weight operands are quantized and packed once per step by a packer per shape. LearnedFp8Packer
-writes torchao's CUTLASS sm90 layout itself, quantization fused in, at GPU memory speed; it learns that layout
-from torchao's packer and checks itself byte for byte against it, and a shape whose check fails keeps
+writes torchao's CUTLASS sm90 layout itself, quantization fused in (a third less GPU time than quantize + torchao's
+packer; still well above memory speed); it learns that layout from torchao's packer and checks itself byte for byte against it, and a shape whose check fails keeps
 LibraryFp8Packer (compiled quantization, then torchao's packer).
 
 torchao is imported only when a kernel is built.
