@@ -1,12 +1,10 @@
 import io
-import os
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from nanochat.optim import Muon, lr_multiplier, zeropower_via_newtonschulz5
+from tests.gloo_workers import spawn_gloo
 
 # odd counts of one shape (3, 3, 1) and shapes split over two param groups
 SHAPES = [(8, 16)] * 3 + [(16, 8)] * 5 + [(12, 12)] + [(6, 10)] * 2
@@ -106,28 +104,22 @@ def test_muon_state_dict_round_trip():
         assert torch.equal(p, q)
 
 
-def sharded_worker(rank, world, tmp):
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
-    try:
-        params = make_params()
-        opt = make_muon(params, shard=True)
-        run_steps(opt, params, range(STEPS))
-        torch.save(dict(params=[p.detach() for p in params], state=opt.state_dict()), f"{tmp}/rank{rank}.pt")
-        dist.barrier()  # no rank tears gloo down while a peer's last transfer is in flight (SIGABRT at exit)
-    finally:
-        dist.destroy_process_group()
+def sharded_steps(rank, world):
+    params = make_params()
+    opt = make_muon(params, shard=True)
+    run_steps(opt, params, range(STEPS))
+    return dict(params=[p.detach() for p in params], state=opt.state_dict())
 
 
 def test_sharded_muon_on_two_processes_equals_one_process(tmp_path):
     """Each rank orthogonalizes its share and all-gathers: every rank ends with the params and
     optimizer state (all momentum buffers) of the unsharded optimizer."""
-    mp.spawn(sharded_worker, args=(2, str(tmp_path)), nprocs=2)
+    results = spawn_gloo(sharded_steps, 2, tmp_path)
     params = make_params()
     opt = make_muon(params)
     run_steps(opt, params, range(STEPS))
     state = opt.state_dict()
-    for rank in range(2):
-        out = torch.load(os.path.join(tmp_path, f"rank{rank}.pt"), weights_only=True)
+    for out in results:
         # the same math per matrix, in batches of another size: equal up to the batched matmul's rounding
         for p, q in zip(params, out["params"]):
             torch.testing.assert_close(q, p.detach(), rtol=1e-6, atol=1e-7)

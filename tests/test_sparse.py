@@ -11,6 +11,7 @@ from nanochat.common import UserError
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.sparse import (CusparseltKernel, SemiSparseLinear, SparseConfig, convert_mlp_to_sparse,
                              install_refresh_hooks, refresh_sparse_weights, transposable_mask_reference)
+from tests.gloo_workers import spawn_gloo
 
 
 def convert(model, device="cpu", log=None, **settings):
@@ -340,25 +341,16 @@ def test_fp8_choose_ops_weighs_gemm_saving_against_pack():
     assert choose_ops({"fwd": t, "dgrad": slower}, micro_batches=64, slowdown=1.0) == {"fwd": True, "dgrad": False}
 
 
-def _rank0s_worker(rank, world, tmp):
-    import torch.distributed as dist
+def _rank_choice(rank, world):
     from nanochat.sparse.convert import _rank0s
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
-    try:
-        torch.save(_rank0s({"fwd": rank == 0, "dgrad": 10 + rank}), f"{tmp}/choice{rank}.pt")
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    return _rank0s({"fwd": rank == 0, "dgrad": 10 + rank})
 
 
 def test_kernel_choices_are_rank0s_on_every_rank(tmp_path):
     """Timings differ between ranks; the kernels (and packed buffers) must not."""
-    import torch.multiprocessing as mp
     from nanochat.sparse.convert import _rank0s
     assert _rank0s({"fwd": 3}) == {"fwd": 3}  # no process group: unchanged
-    mp.spawn(_rank0s_worker, args=(2, str(tmp_path)), nprocs=2)
-    for rank in range(2):
-        assert torch.load(tmp_path / f"choice{rank}.pt") == {"fwd": True, "dgrad": 10}
+    assert spawn_gloo(_rank_choice, 2, tmp_path) == [{"fwd": True, "dgrad": 10}] * 2
 
 
 # -----------------------------------------------------------------------------
@@ -378,23 +370,16 @@ def _one_sparse_step(shard):
     return [m.kernel.wm.clone() for m in layers], [m.num_packs for m in layers]
 
 
-def _sharded_worker(rank, world, tmp):
-    import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
-    try:
-        torch.save(_one_sparse_step(shard=True), f"{tmp}/rank{rank}.pt")
-        dist.barrier()  # no rank tears gloo down while a peer's last transfer is in flight (SIGABRT at exit)
-    finally:
-        dist.destroy_process_group()
+def _sharded_step(rank, world):
+    return _one_sparse_step(shard=True)
 
 
 def test_sharded_repack_gives_every_rank_the_unsharded_bytes(tmp_path):
-    import torch.multiprocessing as mp
-    mp.spawn(_sharded_worker, args=(2, str(tmp_path)), nprocs=2)
+    results = spawn_gloo(_sharded_step, 2, tmp_path)
     want, packs = _one_sparse_step(shard=False)
     assert packs == [2] * 6  # conversion + the step
     for rank in range(2):
-        got, got_packs = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        got, got_packs = results[rank]
         for a, b in zip(got, want):
             assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
         # this rank packed layers rank, rank + 2, ...; the others' bytes came by broadcast
