@@ -9,7 +9,8 @@ GEMMs, GPU ms per call (median of batches queued back to back), x in e4m3 (forwa
 tensorwise scales as in training:
   cutlass     torchao's CUTLASS sm90 fp8 2:4 GEMM on the packed operand (what --fp8 --sparse runs)
   cublas      torch._scaled_mm on the dense e4m3 masked weight (the dense-op alternative)
-  cusparselt  cuSPARSELt's E4M3 2:4 GEMM through torch._cslt_sparse_mm (per-row alpha), fastest algorithm id;
+  cusparselt  cuSPARSELt's E4M3 2:4 GEMM through torch._cslt_sparse_mm, fastest algorithm id: with the scales as
+              a per-row alpha, or where that is rejected with no alpha (alpha 1, the scalar scale applied after);
               e5m2 operands are not offered by cuSPARSELt, so grad-input runs it with gy in e4m3
 Each twice: "hot", the same operands every call (they stay in the 50 MB L2), and "cold", cycling through
 4 copies of each operand, as in a training step where other work evicts them between calls.
@@ -30,7 +31,7 @@ import os
 import torch
 
 from nanochat.sparse.fp8 import (E4M3, E5M2, Fp8SparseKernel, LibraryFp8Packer, _dense_operand, _mm_q,
-                                 _quantize_tensor, make_fp8_packer)
+                                 quantize_tensor, make_fp8_packer)
 from nanochat.sparse.linear import SemiSparseLinear
 from nanochat.sparse.mask import masked_bf16
 from nanochat.sparse.tune import time_gpu_ms
@@ -43,8 +44,8 @@ def time_cycled(fn, args_list):
 
 
 def cusparselt_fp8(w_q, a_q, alpha):
-    """(fn, compressed w_q, best alg, its ms) for cuSPARSELt E4M3: a_q (T x k) @ w_q^T * alpha[row], w_q (m x k)
-    e4m3 2:4 along rows; alg None if no algorithm runs."""
+    """(fn, compressed w_q, best alg, its ms) for cuSPARSELt E4M3: a_q (T x k) @ w_q^T * alpha[row] (alpha None:
+    unscaled), w_q (m x k) e4m3 2:4 along rows; alg None if no algorithm runs."""
     c = torch._cslt_compress(w_q)
     def fn(c_, a_, alg):
         return torch._cslt_sparse_mm(c_, a_.t(), alpha=alpha, out_dtype=torch.bfloat16, transpose_result=True, alg_id=alg)
@@ -69,7 +70,7 @@ def bench_gemm(m, k, T, device, a_dtype, copies=4):
     wp = [packer(w) for _ in range(copies)]
     wd = [_dense_operand(w) for _ in range(copies)]
     a16 = [torch.randn(T, k, device=device, dtype=torch.bfloat16, generator=g) for _ in range(copies)]
-    acts = [_quantize_tensor(a, a_dtype) for a in a16]
+    acts = [quantize_tensor(a, a_dtype) for a in a16]
     def cut(a, p):
         return _mm_q(a[0], a[1], T, p[0], p[1], p[2])
     def dense(a, p):
@@ -77,17 +78,24 @@ def bench_gemm(m, k, T, device, a_dtype, copies=4):
     row = dict(m=m, k=k, T=T, activation="e4m3" if a_dtype == E4M3 else "e5m2",
                cutlass_hot=time_gpu_ms(lambda: cut(acts[0], wp[0])), cutlass_cold=time_cycled(cut, list(zip(acts, wp))),
                cublas_hot=time_gpu_ms(lambda: dense(acts[0], wd[0])), cublas_cold=time_cycled(dense, list(zip(acts, wd))))
-    try:  # cuSPARSELt takes e4m3 activations only: always quantized so here
-        a8 = [_quantize_tensor(a, E4M3) for a in a16]
-        alpha = (wd[0][2] * a8[0][1]).expand(m).contiguous()
-        fn, c, alg, ms = cusparselt_fp8(wd[0][0], a8[0][0], alpha)
-        cs = [c] + [torch._cslt_compress(p[0]) for p in wd[1:]]
-        ref = dense(a8[0], wd[0]).float()
-        row.update(cusparselt_alg=alg, cusparselt_hot=ms,
-                   cusparselt_cold=time_cycled(lambda c_, a_: fn(c_, a_, alg), [(c_, a[0]) for c_, a in zip(cs, a8)]),
-                   cusparselt_rel_err_vs_cublas=((fn(c, a8[0][0], alg).float() - ref).norm() / ref.norm()).item())
-    except Exception as e:  # not offered by this build: the row says so
-        row.update(cusparselt_error=f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
+    a8 = [quantize_tensor(a, E4M3) for a in a16]  # cuSPARSELt takes e4m3 activations only: always quantized so here
+    ref = dense(a8[0], wd[0]).float()
+    scale = wd[0][2] * a8[0][1]
+    errors = []
+    for alpha_kind in ("per-row", "none"):
+        alpha = scale.expand(m).contiguous() if alpha_kind == "per-row" else None
+        try:
+            fn, c, alg, ms = cusparselt_fp8(wd[0][0], a8[0][0], alpha)
+            cs = [c] + [torch._cslt_compress(p[0]) for p in wd[1:]]
+            out = fn(c, a8[0][0], alg).float() * (1 if alpha is not None else scale)
+            row.update(cusparselt_alpha=alpha_kind, cusparselt_alg=alg, cusparselt_hot=ms,
+                       cusparselt_cold=time_cycled(lambda c_, a_: fn(c_, a_, alg), [(c_, a[0]) for c_, a in zip(cs, a8)]),
+                       cusparselt_rel_err_vs_cublas=((out - ref).norm() / ref.norm()).item())
+            break
+        except Exception as e:  # not offered by this build: the row says so
+            errors.append(f"{alpha_kind} alpha: {type(e).__name__}: {' '.join(str(e).split())[:200]}")
+    if errors:
+        row.update(cusparselt_error="; ".join(errors))
     return row
 
 
@@ -146,7 +154,9 @@ def main():
              "| depth | layer | op | weight operand | cutlass 2:4 hot / cold | cuBLAS dense fp8 hot / cold | cuSPARSELt E4M3 hot / cold (alg) |",
              "|---|---|---|---|---|---|---|"]
     for r in gemms:
-        csl = r.get("cusparselt_error") or f"{ms(r.get('cusparselt_hot'))} / {ms(r.get('cusparselt_cold'))} ({r.get('cusparselt_alg')})"
+        csl = (f"{ms(r['cusparselt_hot'])} / {ms(r['cusparselt_cold'])} (alg {r['cusparselt_alg']}, {r['cusparselt_alpha']} alpha, "
+               f"error vs cuBLAS {r['cusparselt_rel_err_vs_cublas']:.1e})" if r.get("cusparselt_hot") is not None
+               else r.get("cusparselt_error", "-"))
         lines.append(f"| {r['depth']} | {r['layer']} | {r['op']} ({r['activation']}) | {r['m']}x{r['k']} | "
                      f"{ms(r['cutlass_hot'])} / {ms(r['cutlass_cold'])} | {ms(r['cublas_hot'])} / {ms(r['cublas_cold'])} | {csl} |")
     lines += ["", "Re-pack of one layer, GPU ms per call; refresh = mask + quantize and pack of W and W^T, as in training.", "",

@@ -60,7 +60,7 @@ def build(depth, mode, tokens, grad_accum, device, vocab=32768, seq_len=2048):
         convert_mlp_to_sparse(model, device, SparseConfig(fp8=fp8, tokens=tokens, micro_batches=grad_accum,
                                                           log=lambda m: print("  " + m, flush=True)))
     if fp8:
-        convert_to_float8(model, device, log=lambda m: print("  " + m, flush=True))
+        convert_to_float8(model, device, log=lambda m: print("  " + m, flush=True), tokens=tokens)  # as the trainer
     opts = setup_optimizers(model, 0.2, 0.004, 0.02, 0.0, "cuda")
     if sparse:
         install_refresh_hooks(model, opts)

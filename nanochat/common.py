@@ -87,6 +87,16 @@ def compute_init(device_type="cpu"):
     return is_ddp, rank, local_rank, world_size, device
 
 
+def rank0s(choice):
+    """Rank 0's value of choice on every rank under torch.distributed (unchanged otherwise). Choices made
+    from timings differ a little between ranks; every rank must run the same kernels and layers."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [choice]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return choice
+
+
 def compute_cleanup():
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -7,6 +7,10 @@ Dense recipe: tensorwise scaling (one scale per tensor, cuBLAS fp8 GEMMs). torch
 as its fastest recipe and upstream nanochat measured it faster end to end than rowwise
 (d26 on 8xH100: 740K tok/s tensorwise vs 564K rowwise, 630K bf16). benchmarks/bench_mlp_fp8.py
 times both on our MLP shapes.
+
+Per layer shape, fp8 pays only where its GEMMs save more than its casts cost: narrow layers (d768)
+ran slower in fp8 than in bf16. Given the token count of a micro-batch, convert_to_float8 times one
+layer's forward + backward both ways and leaves a shape in bf16 where fp8 is not faster (logged).
 """
 
 import types
@@ -15,7 +19,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
-from nanochat.common import print0
+from nanochat.common import print0, rank0s
 from nanochat.sparse.linear import SemiSparseLinear
 
 
@@ -81,21 +85,79 @@ def fp8_module_filter(mod, fqn, skipped=None):
     return True
 
 
-def convert_to_float8(model, device, log=print0, recipe="tensorwise"):
+def _fp8_linear_fwd_bwd(x, w, gy):
+    """One layer's forward and backward as torchao's tensorwise recipe runs them: x and the (fp32 master)
+    weight cast to e4m3, gy to e5m2, one scale each, each cast feeding two cuBLAS fp8 GEMMs
+    (_scaled_mm wants a row-major first and a column-major second operand)."""
+    from nanochat.sparse.fp8 import E4M3, E5M2, quantize_tensor
+    xq, xs = quantize_tensor(x, E4M3)
+    wq, ws = quantize_tensor(w, E4M3)
+    gq, gs = quantize_tensor(gy, E5M2)
+    y = torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws, out_dtype=torch.bfloat16)
+    gx = torch._scaled_mm(gq, wq.t().contiguous().t(), scale_a=gs, scale_b=ws, out_dtype=torch.bfloat16)
+    gw = torch._scaled_mm(gq.t().contiguous(), xq.t().contiguous().t(), scale_a=gs, scale_b=xs, out_dtype=torch.bfloat16)
+    return y, gx, gw
+
+
+def _bf16_linear_fwd_bwd(x, w, gy):
+    wb = w.to(torch.bfloat16)  # autocast's per-forward cast of the fp32 master weight
+    return x @ wb.t(), gy @ wb, gy.t() @ x
+
+
+def time_linear_ms(out_features, in_features, tokens, device):
+    """{bf16_ms, fp8_ms}: GPU ms of one linear layer's forward + backward (output, grad-input, grad-weight)
+    at this token count, in bf16 and in tensorwise fp8 (casts compiled, as torch.compile fuses them in the
+    model; the first call compiles). Random data, fp32 master weight."""
+    from nanochat.sparse.fp8 import TOKEN_ALIGN, compile_once
+    from nanochat.sparse.tune import time_gpu_ms
+    T = -(-tokens // TOKEN_ALIGN) * TOKEN_ALIGN
+    g = torch.Generator(device=device).manual_seed(out_features * 131 + in_features)
+    x = torch.randn(T, in_features, device=device, dtype=torch.bfloat16, generator=g)
+    w = torch.randn(out_features, in_features, device=device, generator=g) / in_features ** 0.5
+    gy = torch.randn(T, out_features, device=device, dtype=torch.bfloat16, generator=g)
+    fp8 = compile_once(_fp8_linear_fwd_bwd)
+    return dict(bf16_ms=time_gpu_ms(lambda: _bf16_linear_fwd_bwd(x, w, gy)),
+                fp8_ms=time_gpu_ms(lambda: fp8(x, w, gy)))
+
+
+def choose_fp8_shapes(model, tokens, device, log=print0, time_fn=time_linear_ms):
+    """{(out, in): True for fp8} over the shapes of the layers convert_to_float8 may swap: fp8 iff its
+    forward + backward at `tokens` per micro-batch timed faster than bf16. One line per shape in the log.
+    Under torch.distributed every rank takes rank 0's choice."""
+    shapes = {}
+    for fqn, mod in model.named_modules():
+        if fp8_module_filter(mod, fqn):
+            shapes.setdefault((mod.out_features, mod.in_features), []).append(fqn)
+    choice = {}
+    for (N, K), names in shapes.items():
+        t = time_fn(N, K, tokens, device)
+        choice[(N, K)] = t["fp8_ms"] < t["bf16_ms"]
+        short = ",".join(sorted({n.split(".")[-1] for n in names}))
+        log(f"fp8: {len(names)} layers of weight {N}x{K} ({short}) {'in fp8' if choice[(N, K)] else 'stay bf16'}: "
+            f"forward + backward {t['fp8_ms']:.3f} ms in fp8, {t['bf16_ms']:.3f} ms in bf16 at T={tokens}")
+    return rank0s(choice)
+
+
+def convert_to_float8(model, device, log=print0, recipe="tensorwise", tokens=None, time_fn=time_linear_ms):
     """Swap the transformer's nn.Linear layers for torchao Float8Linear, in place.
-    Call before torch.compile and DDP. Returns the names of the converted layers ([] when fp8
-    is not supported here: then it logs one warning line and leaves the model in bf16)."""
+    Call before torch.compile and DDP. tokens (per micro-batch, tensorwise only): convert only the layer
+    shapes whose fp8 forward + backward timed faster than bf16 at that count (choose_fp8_shapes); None
+    converts every eligible layer. Returns the names of the converted layers ([] when fp8 is not
+    supported here: then it logs one warning line and leaves the model in bf16)."""
     ok, reason = fp8_supported(device)
     if not ok:
         log(f"Warning: --fp8 requires a CUDA GPU with compute capability >= 8.9 and torchao 0.17/0.18 ({reason}), training in bf16")
         return []
+    if tokens is not None and recipe != "tensorwise":
+        raise ValueError(f"choosing fp8 layers by timing models the tensorwise recipe, not {recipe!r}: pass tokens=None")
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
+    chosen = None if tokens is None else choose_fp8_shapes(model, tokens, device, log, time_fn)
     config = Float8LinearConfig.from_recipe_name(recipe)
     converted, skipped = [], []
 
     def module_filter_fn(mod, fqn):
-        keep = fp8_module_filter(mod, fqn, skipped)
+        keep = fp8_module_filter(mod, fqn, skipped) and (chosen is None or chosen[(mod.out_features, mod.in_features)])
         if keep:
             converted.append(fqn)
         return keep

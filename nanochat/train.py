@@ -97,6 +97,9 @@ def build_arg_parser():
                    help="under torchrun: each rank re-packs its share of the sparse layers after the optimizer step "
                         "and broadcasts the packed bytes (not yet measured on GPUs; off by default)")
     p.add_argument("--fp8", action="store_true", help="fp8 training of the linear layers (compute capability >= 8.9)")
+    p.add_argument("--fp8-layers", type=str, default="auto", choices=["auto", "all"],
+                   help="with --fp8: auto = a layer shape goes fp8 only where its forward + backward timed faster than "
+                        "bf16 at this micro-batch's token count (the log lists each shape); all = every eligible layer")
     return p
 
 
@@ -273,7 +276,8 @@ def convert_model(model, args, device, grad_accum_steps):
         num_sparse = convert_mlp_to_sparse(model, device, sparse_config)
     if args.fp8:
         from nanochat.fp8 import convert_to_float8
-        convert_to_float8(model, device, log=print0)
+        tokens = args.device_batch_size * args.max_seq_len if args.fp8_layers == "auto" else None
+        convert_to_float8(model, device, log=print0, tokens=tokens)
     return num_sparse
 
 

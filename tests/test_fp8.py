@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from nanochat.fp8 import convert_to_float8, fp8_module_filter, fp8_sparse_supported, fp8_supported
+from nanochat.fp8 import choose_fp8_shapes, convert_to_float8, fp8_module_filter, fp8_sparse_supported, fp8_supported
 from nanochat.sparse import SemiSparseLinear
 
 
@@ -45,6 +45,33 @@ def test_convert_on_cpu_warns_and_leaves_model():
     assert len(lines) == 1
     assert lines[0].startswith("Warning: --fp8 requires a CUDA GPU with compute capability >= 8.9")
     assert lines[0].endswith("training in bf16")
+
+
+def test_convert_on_cpu_with_tokens_times_nothing():
+    def time_fn(*_):
+        raise AssertionError("no timing where fp8 is unsupported")
+    lines = []
+    assert convert_to_float8(tiny_model(), torch.device("cpu"), log=lines.append, tokens=4096, time_fn=time_fn) == []
+    assert len(lines) == 1 and lines[0].startswith("Warning: --fp8 requires")
+
+
+def test_choose_fp8_shapes_keeps_slower_shapes_bf16_and_logs_each():
+    model = tiny_model()
+    model.transformer.h.append(tiny_model().transformer.h[0])  # two blocks: shapes are timed once each
+    calls = []
+
+    def time_fn(out_features, in_features, tokens, device):
+        calls.append((out_features, in_features, tokens))
+        fp8_ms = 1.0 if out_features > in_features else 2.0  # c_fc (256x64) wins, c_q (64x64) loses
+        return dict(bf16_ms=1.5, fp8_ms=fp8_ms)
+
+    lines = []
+    choice = choose_fp8_shapes(model, 4096, torch.device("cpu"), log=lines.append, time_fn=time_fn)
+    assert choice == {(64, 64): False, (256, 64): True}
+    assert sorted(calls) == [(64, 64, 4096), (256, 64, 4096)]
+    assert lines == [
+        "fp8: 2 layers of weight 64x64 (c_q) stay bf16: forward + backward 2.000 ms in fp8, 1.500 ms in bf16 at T=4096",
+        "fp8: 2 layers of weight 256x64 (c_fc) in fp8: forward + backward 1.000 ms in fp8, 1.500 ms in bf16 at T=4096"]
 
 
 def test_module_filter_picks_the_right_layers():

@@ -294,6 +294,43 @@ def test_convert_to_float8_trains_compiled(ddp):
         train_steps(model)
 
 
+def test_convert_to_float8_converts_only_the_chosen_shapes():
+    """With a token count, shapes whose timing says bf16 stay nn.Linear; the mixed model trains compiled."""
+    torch.manual_seed(0)
+    model = TinyLM().to(DEV)
+    lines = []
+
+    def time_fn(out_features, in_features, tokens, device):
+        assert tokens == 1024
+        return dict(bf16_ms=1.0, fp8_ms=2.0 if out_features == in_features else 0.5)  # square (attention) loses
+
+    names = convert_to_float8(model, DEV, log=lines.append, tokens=1024, time_fn=time_fn)
+    print("\n".join(lines))
+    assert sorted(names) == [f"transformer.h.{i}.mlp.{n}" for i in range(2) for n in ("c_fc", "c_proj")], names
+    assert type(model.transformer.h[0].attn.c_q) is nn.Linear
+    assert sum("stay bf16" in l for l in lines) == 1 and sum(" in fp8:" in l for l in lines) == 2, lines
+    train_steps(model)
+
+
+def test_fp8_layer_timing_runs_the_layer_and_wide_layers_win():
+    """time_linear_ms's fp8 function computes the layer's three products (checked against float32), and at
+    d2048 with 32k tokens fp8 must time faster than bf16."""
+    from nanochat.fp8 import _fp8_linear_fwd_bwd, time_linear_ms
+    from nanochat.sparse.fp8 import compile_once
+    for T, N, K in ((4096, 1024, 512), (336, 768, 3072)):
+        x = torch.randn(T, K, device=DEV, dtype=torch.bfloat16)
+        w = torch.randn(N, K, device=DEV) / K ** 0.5
+        gy = torch.randn(T, N, device=DEV, dtype=torch.bfloat16)
+        for fn in (_fp8_linear_fwd_bwd, compile_once(_fp8_linear_fwd_bwd)):
+            y, gx, gw = fn(x, w, gy)
+            errs = (rel_err(y, x.float() @ w.t()), rel_err(gx, gy.float() @ w), rel_err(gw, gy.float().t() @ x.float()))
+            print(f"\nfp8 layer {N}x{K} T={T}: errors y {errs[0]:.4f}, gx {errs[1]:.4f}, gw {errs[2]:.4f}")
+            assert errs[0] < TOL_FP8 and errs[1] < TOL_E5M2 and errs[2] < TOL_E5M2, errs
+    t = time_linear_ms(8192, 2048, 32768, DEV)
+    print(f"8192x2048 T=32768: fp8 {t['fp8_ms']:.3f} ms, bf16 {t['bf16_ms']:.3f} ms")
+    assert 0 < t["fp8_ms"] < t["bf16_ms"], t
+
+
 @needs_sm90
 def test_fp8_plus_sparse_trains_compiled():
     """--fp8 --sparse shape: MLPs through Fp8SparseKernel, the rest through torchao float8."""

@@ -342,14 +342,14 @@ def test_fp8_choose_ops_weighs_gemm_saving_against_pack():
 
 
 def _rank_choice(rank, world):
-    from nanochat.sparse.convert import _rank0s
-    return _rank0s({"fwd": rank == 0, "dgrad": 10 + rank})
+    from nanochat.common import rank0s
+    return rank0s({"fwd": rank == 0, "dgrad": 10 + rank})
 
 
 def test_kernel_choices_are_rank0s_on_every_rank(tmp_path):
     """Timings differ between ranks; the kernels (and packed buffers) must not."""
-    from nanochat.sparse.convert import _rank0s
-    assert _rank0s({"fwd": 3}) == {"fwd": 3}  # no process group: unchanged
+    from nanochat.common import rank0s
+    assert rank0s({"fwd": 3}) == {"fwd": 3}  # no process group: unchanged
     assert spawn_gloo(_rank_choice, 2, tmp_path) == [{"fwd": True, "dgrad": 10}] * 2
 
 

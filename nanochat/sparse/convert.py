@@ -10,7 +10,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from nanochat.common import UserError, get_base_dir, print0
+from nanochat.common import UserError, get_base_dir, print0, rank0s
 from nanochat.sparse.linear import DENSE, CusparseltKernel, MaskedKernel, SemiSparseLinear
 from nanochat.sparse.mask import masks_checksum, transposable_mask
 
@@ -70,17 +70,6 @@ def _short_names(names):
     return ",".join(sorted({n.split(".")[-1] for n in names})) or "-"
 
 
-def _rank0s(choice):
-    """Kernel choices come from timings, which differ a little between ranks: under torch.distributed
-    every rank takes rank 0's, so all ranks run the same kernels and hold the same packed buffers."""
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        box = [choice]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-    return choice
-
-
 def _by_shape(layers):
     shapes = {}
     for name, layer in layers:
@@ -115,7 +104,7 @@ def _tune(layers, config, impl, device):
             choice[op] = DENSE if alg is None else alg
             info.append(f"{op} {'dense' if alg is None else f'cuSPARSELt alg {alg}'} (sparse {gemm['sparse_ms']:.3f} ms, "
                         f"dense {gemm['dense_ms']:.3f} ms; compress {pack_ms:.3f} ms/step, {comp.name})")
-        choice = _rank0s(choice)
+        choice = rank0s(choice)
         for _, layer in members:
             kernel = layer.kernel
             fwd_sparse, dgrad_sparse = choice["fwd"] != DENSE, choice["dgrad"] != DENSE
@@ -149,7 +138,7 @@ def _tune_fp8(layers, config, device):
             info = f"T={config.tokens}, " + ", ".join(
                 f"{op} {'2:4' if choice[op] else 'dense fp8'} (2:4 {t['sparse_ms']:.3f} ms, dense {t['dense_ms']:.3f} ms; "
                 f"pack {t['pack_ms']:.3f} ms/step, cast {t['cast_ms']:.3f})" for op, t in timings.items())
-        choice = _rank0s(choice)
+        choice = rank0s(choice)
         for _, layer in members:
             layer.kernel.configure(choice["fwd"], choice["dgrad"], packers["fwd"], packers["dgrad"])
         config.log(f"fp8 2:4 kernels for {len(members)} layers of weight {N}x{K} ({_short_names([n for n, _ in members])}): "
