@@ -85,39 +85,41 @@ def fp8_module_filter(mod, fqn, skipped=None):
     return True
 
 
-def _fp8_linear_fwd_bwd(x, w, gy):
-    """One layer's forward and backward as torchao's tensorwise recipe runs them: x and the (fp32 master)
-    weight cast to e4m3, gy to e5m2, one scale each, each cast feeding two cuBLAS fp8 GEMMs
-    (_scaled_mm wants a row-major first and a column-major second operand)."""
-    from nanochat.sparse.fp8 import E4M3, E5M2, quantize_tensor
-    xq, xs = quantize_tensor(x, E4M3)
-    wq, ws = quantize_tensor(w, E4M3)
-    gq, gs = quantize_tensor(gy, E5M2)
-    y = torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws, out_dtype=torch.bfloat16)
-    gx = torch._scaled_mm(gq, wq.t().contiguous().t(), scale_a=gs, scale_b=ws, out_dtype=torch.bfloat16)
-    gw = torch._scaled_mm(gq.t().contiguous(), xq.t().contiguous().t(), scale_a=gs, scale_b=xs, out_dtype=torch.bfloat16)
-    return y, gx, gw
-
-
-def _bf16_linear_fwd_bwd(x, w, gy):
-    wb = w.to(torch.bfloat16)  # autocast's per-forward cast of the fp32 master weight
-    return x @ wb.t(), gy @ wb, gy.t() @ x
+def _linear_step(layer, x):
+    return layer(x)
 
 
 def time_linear_ms(out_features, in_features, tokens, device):
-    """{bf16_ms, fp8_ms}: GPU ms of one linear layer's forward + backward (output, grad-input, grad-weight)
-    at this token count, in bf16 and in tensorwise fp8 (casts compiled, as torch.compile fuses them in the
-    model; the first call compiles). Random data, fp32 master weight."""
-    from nanochat.sparse.fp8 import TOKEN_ALIGN, compile_once
+    """{bf16_ms, fp8_ms}: GPU ms of one linear layer's forward + backward (output, grad-input, grad-weight) at
+    this token count, as the trainer runs it: fp32 master weight under bf16 autocast, compiled with static
+    shapes (torch.compile fuses fp8's casts; timed eager or with dynamic shapes, fp8 lost even where it wins
+    in the model), as nn.Linear and as torchao's tensorwise Float8Linear. Compiles each once."""
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    from nanochat.sparse.fp8 import TOKEN_ALIGN
     from nanochat.sparse.tune import time_gpu_ms
+    device = torch.device(device)
     T = -(-tokens // TOKEN_ALIGN) * TOKEN_ALIGN
     g = torch.Generator(device=device).manual_seed(out_features * 131 + in_features)
-    x = torch.randn(T, in_features, device=device, dtype=torch.bfloat16, generator=g)
-    w = torch.randn(out_features, in_features, device=device, generator=g) / in_features ** 0.5
+    x = torch.randn(T, in_features, device=device, dtype=torch.bfloat16, generator=g).requires_grad_()
     gy = torch.randn(T, out_features, device=device, dtype=torch.bfloat16, generator=g)
-    fp8 = compile_once(_fp8_linear_fwd_bwd)
-    return dict(bf16_ms=time_gpu_ms(lambda: _bf16_linear_fwd_bwd(x, w, gy)),
-                fp8_ms=time_gpu_ms(lambda: fp8(x, w, gy)))
+    step = torch.compile(_linear_step, dynamic=False)
+    times = {}
+    for kind in ("bf16", "fp8"):
+        holder = nn.Sequential(nn.Linear(in_features, out_features, bias=False, device=device))
+        if kind == "fp8":
+            convert_to_float8_training(holder, config=Float8LinearConfig.from_recipe_name("tensorwise"))
+        layer = holder[0]
+
+        def run():
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                y = step(layer, x)
+            y.backward(gy)
+        # each shape and kind is one more compiled entry of _linear_step: past dynamo's default limit (8)
+        # it would silently run eager and time the wrong thing
+        with torch._dynamo.config.patch(recompile_limit=1024):
+            times[f"{kind}_ms"] = time_gpu_ms(run)
+    return times
 
 
 def choose_fp8_shapes(model, tokens, device, log=print0, time_fn=time_linear_ms):

@@ -312,23 +312,14 @@ def test_convert_to_float8_converts_only_the_chosen_shapes():
     train_steps(model)
 
 
-def test_fp8_layer_timing_runs_the_layer_and_wide_layers_win():
-    """time_linear_ms's fp8 function computes the layer's three products (checked against float32), and at
-    d2048 with 32k tokens fp8 must time faster than bf16."""
-    from nanochat.fp8 import _fp8_linear_fwd_bwd, time_linear_ms
-    from nanochat.sparse.fp8 import compile_once
-    for T, N, K in ((4096, 1024, 512), (336, 768, 3072)):
-        x = torch.randn(T, K, device=DEV, dtype=torch.bfloat16)
-        w = torch.randn(N, K, device=DEV) / K ** 0.5
-        gy = torch.randn(T, N, device=DEV, dtype=torch.bfloat16)
-        for fn in (_fp8_linear_fwd_bwd, compile_once(_fp8_linear_fwd_bwd)):
-            y, gx, gw = fn(x, w, gy)
-            errs = (rel_err(y, x.float() @ w.t()), rel_err(gx, gy.float() @ w), rel_err(gw, gy.float().t() @ x.float()))
-            print(f"\nfp8 layer {N}x{K} T={T}: errors y {errs[0]:.4f}, gx {errs[1]:.4f}, gw {errs[2]:.4f}")
-            assert errs[0] < TOL_FP8 and errs[1] < TOL_E5M2 and errs[2] < TOL_E5M2, errs
-    t = time_linear_ms(8192, 2048, 32768, DEV)
-    print(f"8192x2048 T=32768: fp8 {t['fp8_ms']:.3f} ms, bf16 {t['bf16_ms']:.3f} ms")
-    assert 0 < t["fp8_ms"] < t["bf16_ms"], t
+def test_fp8_layer_timing_picks_fp8_for_d20_mlp_layers():
+    """At d20's MLP shape with 32k tokens per micro-batch fp8 trains faster (benchmarks/results/mlp_fp8_bench*.md:
+    1.33x for the whole MLP on H200); the per-layer timing must see that, or --fp8 would leave them bf16."""
+    from nanochat.fp8 import time_linear_ms
+    for N, K in ((5120, 1280), (1280, 5120)):
+        t = time_linear_ms(N, K, 32768, DEV)
+        print(f"\n{N}x{K} T=32768: fp8 {t['fp8_ms']:.3f} ms, bf16 {t['bf16_ms']:.3f} ms")
+        assert 0 < t["fp8_ms"] < 0.95 * t["bf16_ms"], t
 
 
 @needs_sm90
