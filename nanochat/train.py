@@ -98,8 +98,8 @@ def build_arg_parser():
                         "and broadcasts the packed bytes (not yet measured on GPUs; off by default)")
     p.add_argument("--fp8", action="store_true", help="fp8 training of the linear layers (compute capability >= 8.9)")
     p.add_argument("--fp8-layers", type=str, default="auto", choices=["auto", "all"],
-                   help="with --fp8: auto = a layer shape goes fp8 only where its forward + backward timed faster than "
-                        "bf16 at this micro-batch's token count (the log lists each shape); all = every eligible layer")
+                   help="with --fp8: auto = a layer shape stays bf16 where its fp8 forward + backward timed more than 10%% "
+                        "slower than bf16 at this micro-batch's token count (the log lists each shape); all = every eligible layer")
     return p
 
 
