@@ -85,7 +85,7 @@ def plot(data, path):
     for y, label in data["meta"].get("targets", []):
         ax.axhline(y, color="tab:red", lw=0.8, ls="--", label=label)
     ax.set_xticks([j + width * (len(modes) - 1) / 2 for j in range(len(depths))])
-    ax.set_xticklabels(depths, fontsize=8)
+    ax.set_xticklabels([d.replace(", ", "\n", 2) for d in depths], fontsize=7)  # config, micro-batches, source
     ax.set_ylim(0.8, 1.2)
     ax.set_ylabel("tokens/s relative to dense bf16")
     ax.set_title(data["meta"]["gpu"] + ", compiled", fontsize=9)

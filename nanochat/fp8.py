@@ -13,6 +13,7 @@ ran slower in fp8 than in bf16. Given the token count of a micro-batch, convert_
 layer's forward + backward both ways and leaves a shape in bf16 where fp8 is clearly slower (logged).
 """
 
+import time
 import types
 from contextlib import contextmanager
 
@@ -138,6 +139,7 @@ def choose_fp8_shapes(model, tokens, device, log=print0, time_fn=time_linear_ms,
     for fqn, mod in model.named_modules():
         if fp8_module_filter(mod, fqn):
             shapes.setdefault((mod.out_features, mod.in_features), []).append(fqn)
+    start = time.perf_counter()
     choice = {}
     for (N, K), names in shapes.items():
         t = time_fn(N, K, tokens, device)
@@ -145,6 +147,8 @@ def choose_fp8_shapes(model, tokens, device, log=print0, time_fn=time_linear_ms,
         short = ",".join(sorted({n.split(".")[-1] for n in names}))
         log(f"fp8: {len(names)} layers of weight {N}x{K} ({short}) {'in fp8' if choice[(N, K)] else 'stay bf16'}: "
             f"forward + backward {t['fp8_ms']:.3f} ms in fp8, {t['bf16_ms']:.3f} ms in bf16 at T={tokens}")
+    if shapes:
+        log(f"fp8: timed {len(shapes)} layer shapes in {time.perf_counter() - start:.1f}s (--fp8-layers all skips this)")
     return rank0s(choice)
 
 
