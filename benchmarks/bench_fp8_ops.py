@@ -31,7 +31,7 @@ import os
 import torch
 
 from nanochat.sparse.fp8 import (E4M3, E5M2, Fp8SparseKernel, LibraryFp8Packer, _dense_operand, _mm_q,
-                                 quantize_tensor, make_fp8_packer)
+                                 _quantize_tensor, make_fp8_packer)
 from nanochat.sparse.linear import SemiSparseLinear
 from nanochat.sparse.mask import masked_bf16
 from nanochat.sparse.tune import time_gpu_ms
@@ -70,7 +70,7 @@ def bench_gemm(m, k, T, device, a_dtype, copies=4):
     wp = [packer(w) for _ in range(copies)]
     wd = [_dense_operand(w) for _ in range(copies)]
     a16 = [torch.randn(T, k, device=device, dtype=torch.bfloat16, generator=g) for _ in range(copies)]
-    acts = [quantize_tensor(a, a_dtype) for a in a16]
+    acts = [_quantize_tensor(a, a_dtype) for a in a16]
     def cut(a, p):
         return _mm_q(a[0], a[1], T, p[0], p[1], p[2])
     def dense(a, p):
@@ -78,7 +78,7 @@ def bench_gemm(m, k, T, device, a_dtype, copies=4):
     row = dict(m=m, k=k, T=T, activation="e4m3" if a_dtype == E4M3 else "e5m2",
                cutlass_hot=time_gpu_ms(lambda: cut(acts[0], wp[0])), cutlass_cold=time_cycled(cut, list(zip(acts, wp))),
                cublas_hot=time_gpu_ms(lambda: dense(acts[0], wd[0])), cublas_cold=time_cycled(dense, list(zip(acts, wd))))
-    a8 = [quantize_tensor(a, E4M3) for a in a16]  # cuSPARSELt takes e4m3 activations only: always quantized so here
+    a8 = [_quantize_tensor(a, E4M3) for a in a16]  # cuSPARSELt takes e4m3 activations only: always quantized so here
     ref = dense(a8[0], wd[0]).float()
     scale = wd[0][2] * a8[0][1]
     errors = []

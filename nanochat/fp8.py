@@ -93,8 +93,9 @@ def _linear_step(layer, x):
 def time_linear_ms(out_features, in_features, tokens, device):
     """{bf16_ms, fp8_ms}: GPU ms of one linear layer's forward + backward (output, grad-input, grad-weight) at
     this token count, as the trainer runs it: fp32 master weight under bf16 autocast, compiled with static
-    shapes (torch.compile fuses fp8's casts; timed eager or with dynamic shapes, fp8 lost even where it wins
-    in the model), as nn.Linear and as torchao's tensorwise Float8Linear. Compiles each once."""
+    shapes (torch.compile fuses fp8's casts; a hand-written fp8 layer compiled with dynamic shapes lost even at
+    d20's MLP shapes, where fp8 wins in the model), as nn.Linear and as torchao's tensorwise Float8Linear.
+    Compiles each once."""
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
     from nanochat.sparse.fp8 import TOKEN_ALIGN
@@ -155,8 +156,7 @@ def choose_fp8_shapes(model, tokens, device, log=print0, time_fn=time_linear_ms,
 def convert_to_float8(model, device, log=print0, recipe="tensorwise", tokens=None, time_fn=time_linear_ms):
     """Swap the transformer's nn.Linear layers for torchao Float8Linear, in place.
     Call before torch.compile and DDP. tokens (per micro-batch, tensorwise only): convert only the layer
-    shapes whose fp8 forward + backward timed faster than bf16 at that count (choose_fp8_shapes); None
-    converts every eligible layer. Returns the names of the converted layers ([] when fp8 is not
+    shapes choose_fp8_shapes keeps in fp8 at that count; None converts every eligible layer. Returns the names of the converted layers ([] when fp8 is not
     supported here: then it logs one warning line and leaves the model in bf16)."""
     ok, reason = fp8_supported(device)
     if not ok:

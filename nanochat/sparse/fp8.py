@@ -45,7 +45,7 @@ def _quantize_rows(t, dtype):
     return q, scale.squeeze(-1)
 
 
-def quantize_tensor(t, dtype):
+def _quantize_tensor(t, dtype):
     """Tensorwise fp8 quantization: t ~ q * scale, one fp32 scale for the whole tensor."""
     fmax = torch.finfo(dtype).max
     t32 = t.float()
@@ -69,8 +69,8 @@ def _fp8_grad_weight(gy, x):
     """gy^T @ x in fp8 with tensorwise scales (as torchao's tensorwise recipe: e5m2 for the gradient,
     e4m3 for the activation). Token-dim (column) scales would need a reduction across tokens per
     feature and ran much slower in our first measurement."""
-    gq, gs = quantize_tensor(_pad_rows(gy, TOKEN_ALIGN), E5M2)
-    xq, xs = quantize_tensor(_pad_rows(x, TOKEN_ALIGN), E4M3)
+    gq, gs = _quantize_tensor(_pad_rows(gy, TOKEN_ALIGN), E5M2)
+    xq, xs = _quantize_tensor(_pad_rows(x, TOKEN_ALIGN), E4M3)
     return _scaled_grad_weight(gq, gs, xq, xs)
 
 
@@ -101,7 +101,7 @@ class _Fp8SparseTensorwiseFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, w_packed, w_meta, w_scale, wt_packed, wt_meta, wt_scale):
         x2 = x.reshape(-1, x.shape[-1])
-        xq, xs = quantize_tensor(_pad_rows(x2, TOKEN_ALIGN), E4M3)
+        xq, xs = _quantize_tensor(_pad_rows(x2, TOKEN_ALIGN), E4M3)
         y = _mm_q(xq, xs, x2.shape[0], w_packed, w_meta, w_scale)
         ctx.save_for_backward(xq, xs, wt_packed, wt_meta, wt_scale)  # fp8: half the bytes of a bf16 x
         ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
@@ -111,7 +111,7 @@ class _Fp8SparseTensorwiseFn(torch.autograd.Function):
     def backward(ctx, gy):
         xq, xs, wt_packed, wt_meta, wt_scale = ctx.saved_tensors
         gy2 = gy.reshape(-1, gy.shape[-1])
-        gq, gs = quantize_tensor(_pad_rows(gy2, TOKEN_ALIGN), E5M2)
+        gq, gs = _quantize_tensor(_pad_rows(gy2, TOKEN_ALIGN), E5M2)
         gx = _mm_q(gq, gs, gy2.shape[0], wt_packed, wt_meta, wt_scale)
         gw = _scaled_grad_weight(gq, gs, xq, xs)
         gx = gx.reshape(*gy.shape[:-1], gx.shape[-1]).to(ctx.x_dtype)
@@ -231,20 +231,20 @@ class Fp8SparseKernel(nn.Module):
 # -----------------------------------------------------------------------------
 # Quantizing and packing a weight operand once per step
 
-_COMPILED_ONCE = {}  # function -> its one torch.compile wrapper for the process
+_COMPILED = {}  # function -> its one torch.compile wrapper for the process
 
 
-def compile_once(fn):
+def _compiled(fn):
     """fn compiled with dynamic shapes, one wrapper per function: every wrapper of the same code counts
     against dynamo's recompile limit, so packers of all shapes share one."""
-    if fn not in _COMPILED_ONCE:
-        _COMPILED_ONCE[fn] = torch.compile(fn, dynamic=True)
-    return _COMPILED_ONCE[fn]
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=True)
+    return _COMPILED[fn]
 
 
 def _cast_tensorwise(w):
     """A dense op's operand: w in e4m3 with one scale, row-major whatever w's strides."""
-    q, scale = quantize_tensor(w, E4M3)
+    q, scale = _quantize_tensor(w, E4M3)
     return q.contiguous(), scale
 
 
@@ -256,7 +256,7 @@ def _quantize_rows_e4m3(w):
 @torch.no_grad()
 def _dense_operand(w, out=None):
     """(q, None, scale) for a dense fp8 op, written into out's first and last tensors if given."""
-    q, scale = compile_once(_cast_tensorwise)(w)
+    q, scale = _compiled(_cast_tensorwise)(w)
     if out is None:
         return q, None, scale
     out[0].copy_(q)
@@ -275,7 +275,7 @@ class LibraryFp8Packer:
     name = "cutlass"
 
     def __init__(self, compile=True):
-        self.quantize = compile_once(_quantize_rows_e4m3) if compile else _quantize_rows_e4m3
+        self.quantize = _compiled(_quantize_rows_e4m3) if compile else _quantize_rows_e4m3
 
     @torch.no_grad()
     def __call__(self, w, out=None):
@@ -334,7 +334,7 @@ class LearnedFp8Packer:
         self.value_src = self._learn_value_slots(lib, m, k, device)
         self.meta_layout, self.tables = metadata_tables(*learn_metadata(meta_of, G, 8 * meta.numel(), device), G)
         self.layout = f"values {'row-major' if self.value_src is None else 'gathered'}, metadata {self.meta_layout}"
-        self.fn = compile_once(_pack_learned) if compile else _pack_learned
+        self.fn = _compiled(_pack_learned) if compile else _pack_learned
         self._check(lib, device, check_rounds)
 
     def empty(self, device):
@@ -443,7 +443,7 @@ def time_ops(out_features, in_features, tokens, device, packers=None):
     w = masked_bf16(torch.randn(out_features, in_features, device=device, dtype=torch.bfloat16, generator=g))
     timings = {}
     for op, b, a_dtype in (("fwd", w, E4M3), ("dgrad", w.t(), E5M2)):
-        aq, ascale = quantize_tensor(torch.randn(T, b.shape[1], device=device, dtype=torch.bfloat16, generator=g), a_dtype)
+        aq, ascale = _quantize_tensor(torch.randn(T, b.shape[1], device=device, dtype=torch.bfloat16, generator=g), a_dtype)
         packer = packers.get(op) or LibraryFp8Packer()
         packed = packer(b)
         dense = _dense_operand(b)
