@@ -36,7 +36,7 @@ import sys
 import tempfile
 import traceback
 
-from benchmarks.bench_train import MODES, trainer_flags
+from benchmarks.bench_train import DEFAULT_MODES, MODES, trainer_flags
 
 LOSSES = ("chunked", "reference")
 GIB = 1024**3
@@ -317,7 +317,7 @@ def print_saved_activations(n_embd, seq_len, partitioner=None):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--depths", type=int, nargs="+", default=[26])
-    p.add_argument("--modes", nargs="+", default=["dense", "sparse", "fp8", "fp8_sparse"], choices=list(MODES))
+    p.add_argument("--modes", nargs="+", default=DEFAULT_MODES, choices=list(MODES))
     p.add_argument("--device-batch-sizes", type=int, nargs="+", default=[16])
     p.add_argument("--loss", nargs="+", default=["chunked"], choices=LOSSES, help="chunked (the model's) and/or reference (old)")
     p.add_argument("--partitioner", nargs="+", default=["default"], metavar="default|KEY=VALUE[,KEY=VALUE]",

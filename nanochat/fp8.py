@@ -156,8 +156,9 @@ def choose_fp8_shapes(model, tokens, device, log=print0, time_fn=time_linear_ms,
 def convert_to_float8(model, device, log=print0, recipe="tensorwise", tokens=None, time_fn=time_linear_ms):
     """Swap the transformer's nn.Linear layers for torchao Float8Linear, in place.
     Call before torch.compile and DDP. tokens (per micro-batch, tensorwise only): convert only the layer
-    shapes choose_fp8_shapes keeps in fp8 at that count; None converts every eligible layer. Returns the names of the converted layers ([] when fp8 is not
-    supported here: then it logs one warning line and leaves the model in bf16)."""
+    shapes choose_fp8_shapes keeps in fp8 at that count; None converts every eligible layer. Returns the
+    names of the converted layers ([] when fp8 is not supported here: then it logs one warning line and
+    leaves the model in bf16)."""
     ok, reason = fp8_supported(device)
     if not ok:
         log(f"Warning: --fp8 requires a CUDA GPU with compute capability >= 8.9 and torchao 0.17/0.18 ({reason}), training in bf16")
