@@ -1,30 +1,48 @@
 """
-End-to-end training throughput: tokens/s, MFU, step time and peak memory of the real trainer
-(nanochat.train.train, compiled) for dense, --sparse, --fp8 and --fp8 --sparse at several depths.
-Each configuration runs in its own process (clean compile caches and memory), steady-state steps only:
-tok/s and step time are the median over the steps after the 10th (the first ones include compilation),
-since one stalled step (a neighbour's compile on a shared host stalled one 1.45 s step for 4 s) moves a mean
-by several percent; the trainer's own mean is kept as tok_per_sec_mean.
+End-to-end training throughput of the real trainer (nanochat.train's setup() and train_step(), compiled, real
+data, the loss read every step) for dense, --sparse, --fp8 and --fp8 --sparse, with the GPU's SM clock,
+power, energy per step and temperature in every row (benchmarks/gpu_monitor.py).
 
-    NANOCHAT_BASE_DIR=... python -m benchmarks.bench_train --depths 12 20 --modes dense sparse fp8 fp8_sparse
+The GPU trains at its power cap, so its clock follows the load, the die temperature and how long the load has
+lasted: a ratio between modes depends on how it is measured. Two methods (--method):
 
-Needs data shards and a tokenizer under NANOCHAT_BASE_DIR (benchmarks/gpu.sh train sets that up on a GPU machine).
-Writes <out>.json, <out>.md and <out>.png.
+  interleaved  every mode set up in ONE process. A heat soak (--soak-seconds of short blocks cycling the
+               modes) brings the GPU to its steady temperature; then --rounds rounds of one block of
+               --block-seconds per mode, the order reversed every other round (ABBA...). The first
+               --drop-steps steps of each block are dropped. A mode's ratio to the first mode is the
+               geometric mean over rounds of (first mode's block median step / this mode's), min and max
+               alongside: both modes of a round see the same GPU state, and drift cancels across rounds.
+  process      one process per mode (what a user runs), --seconds of training after its --drop-steps
+               first steps and --settle-seconds of settling; the trace (tok/s, clock, power, temperature per
+               30 s window, settling included) shows the first minute against the rest.
+
+    python -m benchmarks.bench_train --depths 20 --modes dense sparse --micro-batches 4
+    python -m benchmarks.bench_train --method process --seconds 300 --depths 20 --modes dense sparse
+
+Needs data shards and a tokenizer under NANOCHAT_BASE_DIR (benchmarks/gpu.sh sets that up on a GPU machine).
+Writes <out>.json (every step's time stamps and the GPU samples too), <out>.md and <out>.png.
 """
 
 import argparse
 import datetime
 import json
+import math
 import os
 import re
+import shlex
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
+
+from benchmarks.gpu_monitor import GpuMonitor, window_stats
 
 MODES = {"dense": [], "sparse": ["--sparse"], "fp8": ["--fp8"], "fp8_sparse": ["--fp8", "--sparse"],
          "fp8_all": ["--fp8", "--fp8-layers", "all"], "fp8_sparse_all": ["--fp8", "--sparse", "--fp8-layers", "all"]}
 DEFAULT_MODES = ["dense", "sparse", "fp8", "fp8_sparse"]  # the *_all modes compare against the per-layer fp8 choice
+LONG_RUN_STEPS = 1_000_000  # the lr schedule's horizon in a benchmark: warmup, then a flat lr for as long as it runs
+TRACE_WINDOW_S = 30.0
 
 
 def trainer_flags(depth, mode, steps, device_batch_size, seq_len, total_batch_size):
@@ -33,29 +51,189 @@ def trainer_flags(depth, mode, steps, device_batch_size, seq_len, total_batch_si
             "--eval-every", "0", "--sample-every", "0", "--save-every", "0", "--model-tag", f"bench_d{depth}_{mode}", *MODES[mode]]
 
 
-def run_one(flags, json_path):
-    """Child process: train with these flags, write the summary as JSON."""
-    from nanochat.train import build_arg_parser, train
-    out = train(build_arg_parser().parse_args(flags))
-    s = out["summary"]
-    h = out["history"]
-    steady = h["tok_per_sec"][10:] or h["tok_per_sec"]
-    total_batch_size = int(flags[flags.index("--total-batch-size") + 1])
-    s["tok_per_sec_mean"], s["tok_per_sec"] = s["tok_per_sec"], statistics.median(steady)
-    s["step_time_ms"] = 1000 * total_batch_size / s["tok_per_sec"]
-    mfus = [m for m in (h["mfu"][10:] or h["mfu"]) if m is not None]
-    s["mfu"] = statistics.median(mfus) if mfus else s.get("mfu")
-    s["loss_curve"] = h["loss"]
-    with open(json_path, "w") as f:
-        json.dump(s, f)
+# -----------------------------------------------------------------------------
+# The schedule and the statistics (no GPU needed: tests drive them with a fake step)
 
+def schedule(modes, rounds, soak_seconds, soak_block_seconds):
+    """[(mode, seconds, kind)] in order: soak blocks cycling the modes, then `rounds` rounds of one block per mode,
+    every other round reversed (A B, B A, A B, ...) so that a drift in time does not favour any mode."""
+    plan = []
+    n_soak = math.ceil(soak_seconds / soak_block_seconds) if soak_seconds > 0 else 0
+    for i in range(n_soak):
+        plan.append((modes[i % len(modes)], soak_block_seconds, "soak"))
+    for r in range(rounds):
+        for m in (modes if r % 2 == 0 else modes[::-1]):
+            plan.append((m, None, f"round{r}"))
+    return plan
+
+
+def run_schedule(plan, step_fn, block_seconds, clock=time.time):
+    """Runs step_fn(mode) back to back, block after block of `plan`, for each block's seconds (None =
+    block_seconds). Returns the steps as dicts (mode, block, kind, t0, t1)."""
+    steps = []
+    for block, (mode, seconds, kind) in enumerate(plan):
+        end = clock() + (block_seconds if seconds is None else seconds)
+        while True:
+            t0 = clock()
+            step_fn(mode)
+            t1 = clock()
+            steps.append(dict(mode=mode, block=block, kind=kind, t0=t0, t1=t1))
+            if t1 >= end:
+                break
+    return steps
+
+
+def kept_blocks(steps, drop_steps):
+    """{block: (mode, kind, [kept steps])}: each block without its first drop_steps steps (the switch to a
+    mode, and its compile or cache warm-up, land there)."""
+    blocks = {}
+    for s in steps:
+        blocks.setdefault(s["block"], (s["mode"], s["kind"], []))[2].append(s)
+    return {b: (m, k, ss[drop_steps:]) for b, (m, k, ss) in blocks.items() if len(ss) > drop_steps}
+
+
+def median_ms(ss):
+    return 1000 * statistics.median(s["t1"] - s["t0"] for s in ss)
+
+
+def block_rows(steps, samples, drop_steps):
+    """One row per block: mode, kind, steps kept, median step ms, and the GPU's state over the kept steps."""
+    rows = []
+    for b, (mode, kind, ss) in sorted(kept_blocks(steps, drop_steps).items()):
+        t0, t1 = ss[0]["t0"], ss[-1]["t1"]
+        gpu = window_stats(samples, t0, t1)
+        joules = gpu["energy_w"] * (t1 - t0) / len(ss) if gpu["energy_w"] is not None else None
+        rows.append(dict(block=b, mode=mode, kind=kind, steps=len(ss), step_ms=median_ms(ss), t0=t0, t1=t1,
+                         joules_per_step=joules, **{k: v for k, v in gpu.items() if k != "samples"}))
+    return rows
+
+
+def mode_summary(blocks, modes, tokens_per_step):
+    """Per mode over the measured (non-soak) blocks: median step and tok/s, the GPU's state, and the ratio of
+    tok/s to the first mode's as the geometric mean over rounds of the block-median ratios (min, max)."""
+    measured = [b for b in blocks if b["kind"] != "soak"]
+    rounds = sorted({b["kind"] for b in measured})
+    base = modes[0]
+    out = {}
+    for m in modes:
+        mine = [b for b in measured if b["mode"] == m]
+        if not mine:
+            continue
+        ratios = []
+        for r in rounds:
+            a = [b["step_ms"] for b in measured if b["kind"] == r and b["mode"] == base]
+            x = [b["step_ms"] for b in measured if b["kind"] == r and b["mode"] == m]
+            if a and x:
+                ratios.append(a[0] / x[0])
+        step_ms = statistics.median(b["step_ms"] for b in mine)
+
+        def mean_of(key):
+            vals = [b[key] for b in mine if b.get(key) is not None]
+            return statistics.fmean(vals) if vals else None
+
+        out[m] = dict(step_ms=step_ms, tok_per_sec=tokens_per_step / (step_ms / 1000), blocks=len(mine),
+                      steps=sum(b["steps"] for b in mine),
+                      ratio=math.exp(statistics.fmean(math.log(r) for r in ratios)) if ratios else None,
+                      ratio_min=min(ratios) if ratios else None, ratio_max=max(ratios) if ratios else None,
+                      sm_mhz=mean_of("sm_mhz"), power_w=mean_of("power_w"), joules_per_step=mean_of("joules_per_step"),
+                      temp_c=mean_of("temp_c"), mem_temp_c=mean_of("mem_temp_c"), power_capped=mean_of("power_capped"))
+    return out
+
+
+def trace(steps, samples, tokens_per_step, window_s=TRACE_WINDOW_S):
+    """Per mode, per window of window_s seconds from the mode's first step: tok/s (median step), SM clock,
+    power and temperature. For the process method: the first minute against the rest."""
+    out = {}
+    for mode in dict.fromkeys(s["mode"] for s in steps):
+        ss = [s for s in steps if s["mode"] == mode]
+        start, rows = ss[0]["t0"], []
+        while True:
+            lo = start + len(rows) * window_s
+            w = [s for s in ss if lo <= s["t0"] < lo + window_s]
+            if not w:
+                break
+            gpu = window_stats(samples, w[0]["t0"], w[-1]["t1"])
+            rows.append(dict(t=len(rows) * window_s, steps=len(w), tok_per_sec=tokens_per_step / (median_ms(w) / 1000),
+                             sm_mhz=gpu["sm_mhz"], power_w=gpu["power_w"], temp_c=gpu["temp_c"]))
+        out[mode] = rows
+    return out
+
+
+# -----------------------------------------------------------------------------
+# The child process: trainers set up, the schedule run
+
+def child(spec_path, out_path):
+    import torch
+    import torch._dynamo.config as dynamo_config
+    from nanochat.common import gpu_peak_flops
+    from nanochat.train import TrainBatches, build_arg_parser, setup, train_step
+
+    with open(spec_path) as f:
+        spec = json.load(f)
+    # one compiled graph set per model: several models in one process must not hit dynamo's recompile limit
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(64, getattr(dynamo_config, name)))
+    trainers, info = {}, {}
+    for mode in spec["modes"]:
+        t = time.time()
+        run = setup(build_arg_parser().parse_args(spec["flags"][mode]))
+        trainers[mode] = [run, TrainBatches(run.loader), 0]
+        info[mode] = dict(flops_per_token=run.flops_per_token, num_params=run.num_params, setup_s=time.time() - t,
+                          tokens_per_step=run.total_batch_size, micro_batches=run.grad_accum_steps)
+
+    losses = {m: [] for m in trainers}
+
+    def step(mode):
+        tr = trainers[mode]
+        run, batches, n = tr
+        run.sync()
+        loss, _ = train_step(run, batches, n)  # reads the loss: a host sync every step, as the trainer does
+        run.sync()
+        tr[2] += 1
+        losses[mode].append(loss)
+
+    for mode in trainers:  # compile, autotune and warm each mode before anything is timed
+        t = time.time()
+        for _ in range(spec["warm_steps"]):
+            step(mode)
+        info[mode]["warm_s"] = time.time() - t
+    plan = [tuple(p) for p in spec["plan"]]
+    steps = run_schedule(plan, step, spec["block_seconds"])
+    peak = gpu_peak_flops(next(iter(trainers.values()))[0].device)
+    with open(out_path, "w") as f:
+        json.dump(dict(steps=steps, info=info, peak_flops=peak, final_loss={m: l[-1] for m, l in losses.items()},
+                       peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None), f)
+
+
+def run_child(spec, log_path, timeout):
+    """One child process; returns its JSON, or raises RuntimeError with the end of its log."""
+    with tempfile.TemporaryDirectory() as tmp, open(log_path, "w") as log:
+        spec_path, out_path = os.path.join(tmp, "spec.json"), os.path.join(tmp, "out.json")
+        with open(spec_path, "w") as f:
+            json.dump(spec, f)
+        try:
+            r = subprocess.run([sys.executable, "-m", "benchmarks.bench_train", "--child", spec_path, out_path],
+                               stdout=log, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+            failed = r.returncode != 0 and f"exit code {r.returncode}"
+        except subprocess.TimeoutExpired:
+            failed = f"timed out after {timeout}s"
+        if failed:
+            with open(log_path) as f:
+                raise RuntimeError(f"{failed}: " + f.read()[-1500:])
+        with open(out_path) as f:
+            return json.load(f)
+
+
+# -----------------------------------------------------------------------------
+# Outputs
 
 STEP_LINE = re.compile(r"step (\d+)/\d+ \|.*\| dt ([\d.]+)ms \| tok/s ([\d,]+) \| mfu ([\d.]+%|-) \| mem ([\d.]+)GiB")
 
 
 def steady_from_log(log, skip=10):
-    """The same steady-state numbers as run_one, from the trainer's step lines: for a run cut off after
-    training (a timeout in eval, sampling or exit) or rebuilt with --from-logs. None if no steady step."""
+    """Steady-state numbers from the trainer's step lines (median of the steps after the 10th): for a
+    trainer run's log. None if no steady step."""
     steps = [m.groups() for m in STEP_LINE.finditer(log)]
     steady = [(float(dt), float(tps.replace(",", "")), mfu) for i, dt, tps, mfu, _ in steps if int(i) > skip]
     if not steady:
@@ -67,145 +245,184 @@ def steady_from_log(log, skip=10):
                 mfu=statistics.median(mfus) if mfus else None, peak_memory_gib=float(steps[-1][4]), steps_logged=len(steps))
 
 
-def plot(results, path):
+def fmt(v, spec, dash="-"):
+    return dash if v is None else format(v, spec)
+
+
+def markdown(meta, rows, traces):
+    lines = [f"# Training throughput ({meta['gpu']}, torch {meta['torch']}, cuSPARSELt {meta['cusparselt']}, {meta['date']})", "",
+             f"Command: `{meta['command']}`", "", f"Method: {meta['method_text']}", "",
+             "| depth | micro-batches | mode | tok/s | vs first mode (min-max) | MFU % | step ms | SM MHz | W | J/step | GPU C | mem C |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.get("error"):
+            lines.append(f"| {r['depth']} | {r['micro_batches']} | {r['mode']} | failed: {r['error'][:100]} |||||||||")
+            continue
+        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.3f}x ({r['ratio_min']:.3f}-{r['ratio_max']:.3f})"
+        lines.append(f"| {r['depth']} | {r['micro_batches']} | {r['mode']} | {r['tok_per_sec']:,.0f} | {ratio} | "
+                     f"{fmt(r['mfu'], '.1f')} | {r['step_ms']:.1f} | {fmt(r['sm_mhz'], '.0f')} | {fmt(r['power_w'], '.0f')} | "
+                     f"{fmt(r['joules_per_step'], '.1f')} | {fmt(r['temp_c'], '.1f')} | {fmt(r['mem_temp_c'], '.1f')} |")
+    for key, modes in traces.items():
+        lines += ["", f"Trace, {key} (per {TRACE_WINDOW_S:.0f} s window from the mode's first timed step):", "",
+                  "| mode | t s | steps | tok/s | SM MHz | W | GPU C |", "|---|---|---|---|---|---|---|"]
+        for mode, ws in modes.items():
+            for w in ws:
+                lines.append(f"| {mode} | {w['t']:.0f} | {w['steps']} | {w['tok_per_sec']:,.0f} | {fmt(w['sm_mhz'], '.0f')} | "
+                             f"{fmt(w['power_w'], '.0f')} | {fmt(w['temp_c'], '.1f')} |")
+    return lines
+
+
+def plot(samples, results, path):
+    """SM clock, power and temperature over the whole benchmark, the measured blocks shaded by mode."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    depths = sorted({r["depth"] for r in results})
-    modes = [m for m in MODES if any(r["mode"] == m for r in results)]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    width = 0.8 / max(1, len(modes))
-    for i, mode in enumerate(modes):
-        xs, ys = [], []
-        for j, d in enumerate(depths):
-            r = next((r for r in results if r["depth"] == d and r["mode"] == mode and r.get("tok_per_sec")), None)
-            if r:
-                xs.append(j + i * width)
-                ys.append(r["tok_per_sec"] / 1e3)
-        ax.bar(xs, ys, width, label=mode)
-    ax.set_xticks([j + width * (len(modes) - 1) / 2 for j in range(len(depths))])
-    ax.set_xticklabels([f"d{d}" for d in depths])
-    ax.set_ylabel("thousand tokens/s")
-    ax.legend()
-    ax.grid(axis="y", alpha=0.3)
+    if not samples:
+        return
+    t0 = samples[0]["t"]
+    fig, axes = plt.subplots(3, 1, figsize=(10, 7), sharex=True)
+    for ax, key, label in zip(axes, ("sm_mhz", "power_w", "temp_c"), ("SM MHz", "power W", "GPU C")):
+        ax.plot([s["t"] - t0 for s in samples], [s[key] for s in samples], lw=0.6, color="k")
+        ax.set_ylabel(label)
+        colors = {}
+        for res in results:
+            for b in res["blocks"]:
+                c = colors.setdefault(b["mode"], f"C{len(colors)}")
+                ax.axvspan(b["t0"] - t0, b["t1"] - t0, color=c, alpha=0.15 if b["kind"] != "soak" else 0.05,
+                           label=b["mode"] if key == "sm_mhz" and b["mode"] not in ax.get_legend_handles_labels()[1] else None)
+    axes[0].legend(loc="lower right", fontsize=8)
+    axes[-1].set_xlabel("seconds")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def write_outputs(results, args):
-    """JSON + markdown (+ PNG) of what has been measured so far; returns the markdown lines."""
-    import torch
-    meta = dict(date=datetime.date.today().isoformat(), torch=torch.__version__,
-                gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                cusparselt=torch.backends.cusparselt.version() if torch.cuda.is_available() else None,
-                command="python -m benchmarks.bench_train " + " ".join(sys.argv[1:]))
-    if args.from_logs and os.path.exists(args.out + ".json"):
-        with open(args.out + ".json") as f:  # the machine, versions and command of the run that wrote the logs
-            meta = dict(json.load(f)["meta"], rebuilt_from_logs=meta["date"])
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(dict(meta=meta, results=results), f, indent=2)
-    lines = [f"# Training throughput ({meta['gpu']}, torch {meta['torch']}, cuSPARSELt {meta['cusparselt']}, {meta['date']})", "",
-             f"Command: `{meta['command']}`. Compiled, {args.steps} steps, median of the steps after step 10, "
-             f"sequence {args.seq_len}, {args.grad_accum} micro-batches per step.", "",
-             "| depth | mode | device batch | tok/s | vs dense | MFU (dense FLOPs) | step ms | peak mem GiB |", "|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        dense = next((d for d in results if d["depth"] == r["depth"] and d["mode"] == "dense" and d.get("tok_per_sec")), None)
-        if r.get("tok_per_sec"):
-            ratio = f"{r['tok_per_sec'] / dense['tok_per_sec']:.3f}x" if dense else "-"
-            mark = " †" if r.get("note") else ""
-            lines.append(f"| {r['depth']} | {r['mode']} | {r['device_batch_size']} | {r['tok_per_sec']:,.0f}{mark} | {ratio} | "
-                         f"{'-' if r.get('mfu') is None else format(r['mfu'], '.1f') + '%'} | {r['step_time_ms']:.0f} | {r['peak_memory_gib']:.1f} |")
-        else:
-            lines.append(f"| {r['depth']} | {r['mode']} | {r['device_batch_size']} | failed: {r['error'].strip().splitlines()[-1][:120]} | | | | |")
-    notes = sorted({r["note"] for r in results if r.get("note")})
-    if notes:
-        lines += ["", "† steps 11 and later, " + "; ".join(notes) + "."]
-    with open(args.out + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    if any(r.get("tok_per_sec") for r in results):
-        plot(results, args.out + ".png")
-    return lines
-
-
-def run_child(flags, log_path, timeout, row):
-    """One configuration in a fresh process; fills `row` from its summary. Returns an error text or None."""
-    os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp, open(log_path, "w") as log_file:
-        out_json = os.path.join(tmp, "summary.json")
-        try:
-            r = subprocess.run([sys.executable, "-m", "benchmarks.bench_train", "--one", json.dumps(flags), out_json],
-                               stdout=log_file, stderr=subprocess.STDOUT, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return f"timed out after {timeout}s"
-        if r.returncode != 0:
-            with open(log_path) as f:
-                return f.read()[-1500:]
-        with open(out_json) as f:
-            row.update(json.load(f))
-    return None
-
+# -----------------------------------------------------------------------------
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--depths", type=int, nargs="+", default=[12, 20, 26])
-    p.add_argument("--modes", nargs="+", default=DEFAULT_MODES, choices=list(MODES))
-    p.add_argument("--steps", type=int, default=30)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    p.add_argument("--method", choices=["interleaved", "process"], default="interleaved")
+    p.add_argument("--depths", type=int, nargs="+", default=[20])
+    p.add_argument("--modes", nargs="+", default=DEFAULT_MODES, choices=list(MODES), help="the first is the baseline")
+    p.add_argument("--micro-batches", type=int, nargs="+", default=[4], help="micro-batches per optimizer step")
     p.add_argument("--device-batch-size", type=int, default=16)
     p.add_argument("--device-batch-size-d26", type=int, default=None, help="override for depth >= 26 (memory)")
     p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step")
-    p.add_argument("--timeout", type=int, default=420, help="seconds per configuration")
-    p.add_argument("--out", default="benchmarks/results/train_bench")
-    p.add_argument("--from-logs", action="store_true",
-                   help="run nothing: rebuild the results from the <out>_d<depth>_<mode>.log files of an earlier run")
-    p.add_argument("--one", nargs=2, metavar=("FLAGS_JSON", "OUT_JSON"), help=argparse.SUPPRESS)
+    p.add_argument("--warm-steps", type=int, default=12, help="steps per mode before anything is timed (compile)")
+    p.add_argument("--drop-steps", type=int, default=2, help="steps dropped at the start of each block")
+    p.add_argument("--soak-seconds", type=float, default=60, help="interleaved: heat soak before the rounds")
+    p.add_argument("--soak-block-seconds", type=float, default=10)
+    p.add_argument("--block-seconds", type=float, default=20, help="interleaved: one mode's block in a round")
+    p.add_argument("--rounds", type=int, default=4, help="interleaved: rounds of one block per mode")
+    p.add_argument("--seconds", type=float, default=300, help="process: measured seconds per mode, after the settling")
+    p.add_argument("--settle-seconds", type=float, default=60,
+                   help="process: seconds of training before the measured ones (in the trace, not in the median)")
+    p.add_argument("--trainer-flags", default="", help="more base_train flags for every run, one quoted string")
+    p.add_argument("--gpu-index", type=int, default=0, help="the NVML index of the GPU the runs use")
+    p.add_argument("--timeout", type=int, default=3600, help="seconds per child process")
+    p.add_argument("--out", default="out/train_bench")
+    p.add_argument("--rebuild", metavar="JSON", help="run nothing: rows, markdown and plot again from this JSON")
+    p.add_argument("--child", nargs=2, metavar=("SPEC_JSON", "OUT_JSON"), help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.one:
-        run_one(json.loads(args.one[0]), args.one[1])
+    if args.child:
+        child(*args.child)
+        return
+    if args.rebuild:
+        rebuild(args.rebuild, args.drop_steps)
         return
 
     import torch
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    earlier = {}
-    if args.from_logs and os.path.exists(args.out + ".json"):
-        with open(args.out + ".json") as f:
-            earlier = {(r["depth"], r["mode"]): r for r in json.load(f)["results"]}
+    meta = dict(date=datetime.date.today().isoformat(), torch=torch.__version__, gpu=gpu,
+                cusparselt=torch.backends.cusparselt.version() if torch.cuda.is_available() else None,
+                command="python -m benchmarks.bench_train " + shlex.join(sys.argv[1:]), method=args.method)
+    if args.method == "interleaved":
+        meta["method_text"] = (f"interleaved in one process: {args.soak_seconds:.0f} s heat soak, {args.rounds} rounds of "
+                               f"{args.block_seconds:.0f} s per mode (order reversed every other round), first "
+                               f"{args.drop_steps} steps of each block dropped; median step per mode; ratio = geometric "
+                               f"mean over rounds")
+    else:
+        meta["method_text"] = (f"one process per mode: {args.warm_steps} warm-up steps, {args.settle_seconds:.0f} s of training "
+                               f"(in the trace only), then {args.seconds:.0f} s measured; median step")
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     results = []
-    for depth in args.depths:
-        B = args.device_batch_size_d26 if (depth >= 26 and args.device_batch_size_d26) else args.device_batch_size
-        for mode in args.modes:
-            flags = trainer_flags(depth, mode, args.steps, B, args.seq_len, B * args.seq_len * args.grad_accum)
-            row = dict(depth=depth, mode=mode, device_batch_size=B, seq_len=args.seq_len, grad_accum=args.grad_accum,
-                       micro_batches=args.grad_accum, steps=args.steps, gpu=gpu, date=datetime.date.today().isoformat(),
-                       command="python -m scripts.base_train " + " ".join(flags))
-            log_path = f"{args.out}_d{depth}_{mode}.log"  # the child's full output, kept even if it times out
-            if args.from_logs:
-                if not os.path.exists(log_path):
-                    continue
-                # the flags that actually ran are in the earlier JSON, if the run got to write its row
-                row.update(earlier.get((depth, mode), dict(command=None)))
-                if not row.get("tok_per_sec"):  # a row the run completed stays as it was
-                    row["error"] = row.get("error") or "the log ends before step 11"
-                row.setdefault("error", None)
-            else:
-                row["error"] = run_child(flags, log_path, args.timeout, row)
-            with open(log_path) as f:
-                log = f.read()
-            steady = steady_from_log(log) if row["error"] else None
-            if steady:
-                # trained past step 10, then stopped (e.g. timed out in the final eval): the step lines hold the numbers
-                row.update(steady, note="from the step lines of the log: " + row["error"].strip().splitlines()[-1][:100])
-            if row["error"] is None or row.get("note"):
-                row.pop("error")
-            row["log_tail"] = "\n".join(l for l in log.splitlines() if "sparsity" in l or "fp8" in l.lower() or "kernel" in l)
-            results.append(row)
-            status = f"{row['tok_per_sec']:,.0f} tok/s" if row.get("tok_per_sec") else "FAILED: " + row["error"].strip().splitlines()[-1][:200]
-            print(f"d{depth} {mode}: {status}", flush=True)
-            write_outputs(results, args)  # after every configuration: a cut-off run keeps what it measured
+    with GpuMonitor(args.gpu_index) as mon:
+        if mon.error:
+            print(f"Warning: no GPU samples ({mon.error})", flush=True)
+        for depth in args.depths:
+            B = args.device_batch_size_d26 if (depth >= 26 and args.device_batch_size_d26) else args.device_batch_size
+            for mb in args.micro_batches:
+                flags = {m: trainer_flags(depth, m, LONG_RUN_STEPS, B, args.seq_len, B * args.seq_len * mb) + args.trainer_flags.split()
+                         for m in args.modes}
+                key = f"d{depth}_mb{mb}"
+                if args.method == "interleaved":
+                    specs = [dict(modes=args.modes, flags=flags, warm_steps=args.warm_steps, block_seconds=args.block_seconds,
+                                  plan=schedule(args.modes, args.rounds, args.soak_seconds, args.soak_block_seconds))]
+                else:
+                    settle = args.settle_seconds > 0
+                    specs = [dict(modes=[m], flags={m: flags[m]}, warm_steps=args.warm_steps, block_seconds=args.seconds,
+                                  plan=[(m, args.settle_seconds, "soak")] * settle + [(m, None, "round0")]) for m in args.modes]
+                result = dict(key=key, depth=depth, micro_batches=mb, device_batch_size=B, modes=args.modes, steps=[], info={})
+                results.append(result)
+                for i, spec in enumerate(specs):
+                    try:
+                        out = run_child(spec, f"{args.out}_{key}_{i}.log", args.timeout)
+                    except RuntimeError as e:
+                        result["error"] = str(e).strip().splitlines()[-1][:200]
+                        print(f"{key}: FAILED {result['error']}", flush=True)
+                        break
+                    # block ids are per child: renumber so blocks of separate processes stay apart
+                    offset = max((s["block"] for s in result["steps"]), default=-1) + 1
+                    result["steps"] += [dict(s, block=s["block"] + offset) for s in out["steps"]]
+                    result["info"].update(out["info"])
+                    result["peak_flops"] = out["peak_flops"]
+                    dump(args.out, meta, results, mon.samples)  # after every child: a cut-off run keeps what it measured
+    rows, traces = summarize(results, samples=mon.samples, drop_steps=args.drop_steps, method=args.method, meta=meta)
+    write_outputs(args.out, meta, results, mon.samples, rows, traces)
 
-    print("\n".join(write_outputs(results, args)))
+
+def dump(out, meta, results, samples, rows=None, traces=None):
+    with open(out + ".json", "w") as f:
+        json.dump(dict(meta=meta, rows=rows, traces=traces, results=results, samples=samples), f)
+
+
+def summarize(results, samples, drop_steps, method, meta):
+    """Result rows (one per configuration and mode) and, for the process method, the traces over time."""
+    rows, traces = [], {}
+    for res in results:
+        base = dict(depth=res["depth"], micro_batches=res["micro_batches"], device_batch_size=res["device_batch_size"],
+                    gpu=meta["gpu"], date=meta["date"], method=method, command=meta["command"])
+        if res.get("error"):
+            rows += [dict(base, mode=m, error=res["error"]) for m in res["modes"]]
+            continue
+        info = res["info"]
+        tokens = info[res["modes"][0]]["tokens_per_step"]
+        res["blocks"] = block_rows(res["steps"], samples, drop_steps)
+        if method == "process":
+            traces[res["key"]] = trace(res["steps"], samples, tokens)
+        for m, s in mode_summary(res["blocks"], res["modes"], tokens).items():
+            peak = res.get("peak_flops")
+            mfu = 100 * info[m]["flops_per_token"] * s["tok_per_sec"] / peak if peak else None
+            rows.append(dict(base, mode=m, mfu=mfu, setup_s=info[m]["setup_s"], warm_s=info[m]["warm_s"], **s))
+    return rows, traces
+
+
+def write_outputs(out, meta, results, samples, rows, traces):
+    dump(out, meta, results, samples, rows, traces)
+    lines = markdown(meta, rows, traces)
+    with open(out + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    plot(samples, results, out + ".png")
+    print("\n".join(lines))
+
+
+def rebuild(path, drop_steps):
+    """Rows, markdown and plot again from a JSON of this benchmark (also one cut off before its summary)."""
+    with open(path) as f:
+        data = json.load(f)
+    meta = data["meta"]
+    rows, traces = summarize(data["results"], data["samples"], drop_steps, meta["method"], meta)
+    write_outputs(path[:-len(".json")], meta, data["results"], data["samples"], rows, traces)
 
 
 if __name__ == "__main__":
