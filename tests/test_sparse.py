@@ -89,7 +89,7 @@ def test_mask_zero_weights_deterministic():
 def test_straight_through_gradients(kernel):
     torch.manual_seed(0)
     lin = nn.Linear(64, 128, bias=False)
-    layer = SemiSparseLinear.from_linear(lin, CusparseltKernel("torch") if kernel == "cusparselt" else None)
+    layer = SemiSparseLinear.from_linear(lin, CusparseltKernel() if kernel == "cusparselt" else None)
     assert layer.weight is lin.weight
     x = torch.randn(3, 7, 64, requires_grad=True)  # odd token count, leading dims
     y = layer(x)
@@ -210,7 +210,7 @@ def test_compile_matches_eager_and_no_recompile(backend):
     assert convert(holder, backend="masked") == 2
     if backend == "cusparselt":  # the cuSPARSELt kernel object (untuned: both ops dense off CUDA)
         for name in ("0", "2"):
-            setattr(mlp, name, SemiSparseLinear.from_linear(getattr(mlp, name), CusparseltKernel("torch")))
+            setattr(mlp, name, SemiSparseLinear.from_linear(getattr(mlp, name), CusparseltKernel()))
     cnt = CompileCounterWithBackend("aot_eager")
     cmlp = torch.compile(mlp, backend=cnt)
     opt = torch.optim.SGD(mlp.parameters(), lr=0.1)
@@ -331,7 +331,7 @@ def test_decide_weighs_saving_per_step_against_compression():
 
 
 def test_fp8_choose_ops_weighs_gemm_saving_against_pack():
-    from nanochat.sparse.fp8 import choose_ops
+    from nanochat.sparse.tune import choose_fp8_ops as choose_ops
     # d20's c_fc in a 4-micro-batch step: 2:4 saves 0.04 ms a GEMM, the pack costs 0.2 ms more than a cast
     t = dict(sparse_ms=0.25, dense_ms=0.29, pack_ms=0.23, cast_ms=0.03)
     assert choose_ops({"fwd": t}, micro_batches=4, slowdown=1.0) == {"fwd": False}
@@ -351,36 +351,3 @@ def test_kernel_choices_are_rank0s_on_every_rank(tmp_path):
     from nanochat.common import rank0s
     assert rank0s({"fwd": 3}) == {"fwd": 3}  # no process group: unchanged
     assert spawn_gloo(_rank_choice, 2, tmp_path) == [{"fwd": True, "dgrad": 10}] * 2
-
-
-# -----------------------------------------------------------------------------
-# sharded re-pack (DDP): each rank packs its share, the bytes are broadcast
-
-def _one_sparse_step(shard):
-    from nanochat.sparse import install_refresh_hooks, sparse_layers
-    model = tiny_gpt(n_layer=3)
-    convert(model, backend="masked")
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    install_refresh_hooks(model, [opt], shard=shard)
-    g = torch.Generator().manual_seed(7)
-    for p in model.parameters():
-        p.grad = torch.randn(p.shape, generator=g)
-    opt.step()  # the hook re-packs
-    layers = sparse_layers(model)
-    return [m.kernel.wm.clone() for m in layers], [m.num_packs for m in layers]
-
-
-def _sharded_step(rank, world):
-    return _one_sparse_step(shard=True)
-
-
-def test_sharded_repack_gives_every_rank_the_unsharded_bytes(tmp_path):
-    results = spawn_gloo(_sharded_step, 2, tmp_path)
-    want, packs = _one_sparse_step(shard=False)
-    assert packs == [2] * 6  # conversion + the step
-    for rank in range(2):
-        got, got_packs = results[rank]
-        for a, b in zip(got, want):
-            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
-        # this rank packed layers rank, rank + 2, ...; the others' bytes came by broadcast
-        assert got_packs == [2 if i % 2 == rank else 1 for i in range(6)], got_packs
