@@ -52,10 +52,10 @@ def evaluate(args):
     from nanochat import core_eval
     from nanochat.checkpoint import load_model_for_inference
     from nanochat.dataloader import DistributedDataLoader
+    from nanochat.evaluation import evaluate_bpb, sample_text
     from nanochat.fp8 import bf16_linears
     from nanochat.report import core_line, write_eval_report
     from nanochat.tokenizer import get_token_bytes, get_tokenizer
-    from nanochat.train import evaluate_bpb, sample_text
 
     if args.download_bundle:
         if get_dist_info()[1] == 0:
