@@ -6,11 +6,14 @@ and calls a stage on each:
   after_optimizers(model, optimizers)  what needs the optimizers (the 2:4 re-pack after each step)
   after_wrap(model)                    after DDP, whose initial broadcast wrote the weights in place
   check_replicas(model, log)           under DDP, at each evaluation: the replicas still agree
+  eager(model)                         a context for running the model eagerly (CORE, sampling)
   meta()                               what a checkpoint records for inference to rebuild the model
   from_meta(meta, device)              the converter inference needs for a checkpoint (None: none)
 Inference (scripts/base_eval.py, scripts/base_sample.py, nanochat/sparse_export.py) rebuilds its
 converters with Converters.from_meta and never imports the trainer.
 """
+
+from contextlib import ExitStack, nullcontext
 
 import torch
 import torch.distributed as dist
@@ -61,6 +64,9 @@ class SparseConverter:
             raise RuntimeError("ranks pruned different 2:4 masks: the replicas' weights have diverged")
         log(f"2:4 masks identical on all {dist.get_world_size()} ranks")
 
+    def eager(self, model):
+        return nullcontext()  # SemiSparseLinear re-packs itself when run eagerly
+
     def meta(self):
         return dict(sparse=self.num_layers > 0, sparse_backend=self.config.backend, sparse_layers=self.num_layers)
 
@@ -95,6 +101,12 @@ class Fp8Converter:
 
     def check_replicas(self, model, log):
         pass
+
+    def eager(self, model):
+        """Float8Linear layers run as bf16 nn.Linear: eager sampling feeds one token at a time, which fp8
+        GEMMs cannot take, and a Float8 tensor rejects autocast's casts."""
+        from nanochat.fp8 import bf16_linears
+        return bf16_linears(model)
 
     def meta(self):
         return dict(fp8=True)
@@ -135,6 +147,12 @@ class Converters:
 
     def check_replicas(self, model, log):
         self._each("check_replicas", model, log)
+
+    def eager(self, model):
+        stack = ExitStack()
+        for c in self.converters:
+            stack.enter_context(c.eager(model))
+        return stack
 
     def meta(self):
         """For the checkpoint: sparse and fp8 are False unless a converter says otherwise."""

@@ -22,7 +22,6 @@ from nanochat.common import (UserError, autodetect_device_type, compute_cleanup,
                              gpu_peak_flops, print0)
 from nanochat.converters import Converters, Fp8Converter, SparseConverter
 from nanochat.evaluation import evaluate_bpb, sample_text
-from nanochat.fp8 import bf16_linears
 from nanochat.gpt import GPT, config_from_depth
 from nanochat.optim import lr_multiplier, muon_momentum, setup_optimizers
 
@@ -495,7 +494,7 @@ def validate(run, log):
 def core_metric(run):
     """CORE on the bundle's tasks: every rank scores its share, with the eager model (the example shapes vary)."""
     run.model.eval()
-    with run.autocast_ctx, bf16_linears(run.model):
+    with run.autocast_ctx, run.converters.eager(run.model):
         core = run.core_eval.evaluate(run.model, run.device)
     run.model.train()
     return core
@@ -504,7 +503,7 @@ def core_metric(run):
 def sample(run):
     """Greedy continuations of SAMPLE_PROMPTS."""
     run.model.eval()
-    with run.autocast_ctx, bf16_linears(run.model):  # fp8 layers sample in bf16 (one token at a time)
+    with run.autocast_ctx, run.converters.eager(run.model):  # fp8 layers sample in bf16 (one token at a time)
         samples = sample_text(run.model, run.tokenizer)
     run.model.train()
     return samples

@@ -4,6 +4,7 @@ inference path from it; and the import graph they keep acyclic (lazy imports inc
 import ast
 import os
 
+import pytest
 import torch
 
 from nanochat.converters import ORDER, Converters, Fp8Converter, SparseConverter
@@ -116,3 +117,16 @@ def test_import_graph_has_no_cycles_and_respects_layers():
     for inference in ("scripts.base_eval", "scripts.base_sample", "scripts.export_sparse", "nanochat.sparse_export",
                       "nanochat.checkpoint"):
         assert "nanochat.train" not in reachable(graph, inference), inference
+
+
+def test_eager_runs_float8_layers_as_bf16_linears():
+    class Float8Linear(torch.nn.Linear):  # stands in for torchao's class (matched by name)
+        def forward(self, x):
+            raise RuntimeError("fp8 path used")
+
+    model = torch.nn.Sequential(Float8Linear(16, 8))
+    x = torch.randn(3, 16)
+    with Converters([SparseConverter("cpu"), Fp8Converter("cpu")]).eager(model):
+        torch.testing.assert_close(model(x), x @ model[0].weight.t() + model[0].bias)
+    with Converters().eager(model), pytest.raises(RuntimeError, match="fp8 path used"):
+        model(x)
