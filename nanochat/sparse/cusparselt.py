@@ -59,8 +59,9 @@ def pick_impl(requested="auto"):
 
 
 class Library:
-    """What both implementations share: an integer handle through which the custom op finds the object.
-    The handle table is weak: it keeps nothing alive, a library lives as long as its runtime."""
+    """What both implementations share: an integer handle through which the custom op, which takes only
+    tensors and numbers, finds the object. The handle table is weak: it keeps nothing alive, and a library
+    lives as long as the runtime or kernels that hold it."""
     _by_handle = weakref.WeakValueDictionary()
     _next_handle = itertools.count(1)
 

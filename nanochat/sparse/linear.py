@@ -111,6 +111,8 @@ class CusparseltKernel(nn.Module):
     def __init__(self, library=None):
         super().__init__()
         self.library = library
+        # the custom op's argument; a plain int, so torch.compile never traces into the library object
+        self.library_handle = library.handle if library is not None else 0
         self.fwd_alg = self.dgrad_alg = DENSE
         self.compress_w = self.compress_wt = None
         self.register_buffer("wm", None, persistent=False)
@@ -136,8 +138,8 @@ class CusparseltKernel(nn.Module):
             self.compress_wt(wm.t(), self.ct)
 
     def linear(self, x, weight):
-        handle = self.library.handle if self.library is not None else 0
-        return _SparseLinearFn.apply(x, weight, self.wm, self.c, self.ct, self.fwd_alg, self.dgrad_alg, handle)
+        return _SparseLinearFn.apply(x, weight, self.wm, self.c, self.ct, self.fwd_alg, self.dgrad_alg,
+                                     self.library_handle)
 
     def packed_buffers(self):
         return [b for b in (self.wm, self.c, self.ct) if b is not None]
