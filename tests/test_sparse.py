@@ -351,3 +351,42 @@ def test_kernel_choices_are_rank0s_on_every_rank(tmp_path):
     from nanochat.common import rank0s
     assert rank0s({"fwd": 3}) == {"fwd": 3}  # no process group: unchanged
     assert spawn_gloo(_rank_choice, 2, tmp_path) == [{"fwd": True, "dgrad": 10}] * 2
+
+
+# -----------------------------------------------------------------------------
+# the custom op finds its library through an integer handle
+
+class DenseStandIn:
+    """A cuSPARSELt stand-in on CPU: the 'compressed' operand is the dense matrix itself."""
+
+    def matmul(self, c, x, m, alg):
+        self.calls.append((x.shape[0], alg))
+        return x @ c.t()
+
+
+def test_spmm_op_takes_a_library_handle_and_compiles_to_one_graph():
+    import gc
+
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from nanochat.sparse.cusparselt import TOKEN_PAD, Library
+    lib = type("StandIn", (Library, DenseStandIn), {})("cpu")
+    lib.calls = []
+    a, x = torch.randn(48, 64), torch.randn(37, 64)  # 37 tokens: padded to TOKEN_PAD inside the op
+    y = torch.ops.nanochat_sparse.spmm(x, a, 48, 3, lib.handle)
+    torch.testing.assert_close(y, x @ a.t())
+    assert lib.calls == [(64, 3)] and 64 % TOKEN_PAD == 0
+    torch._dynamo.reset()
+    cnt = CompileCounterWithBackend("aot_eager")
+    fn = torch.compile(lambda x_: torch.ops.nanochat_sparse.spmm(x_, a, 48, 3, lib.handle).relu(), backend=cnt, fullgraph=True)
+    for _ in range(2):
+        torch.testing.assert_close(fn(x), (x @ a.t()).relu())
+    assert cnt.frame_count == 1
+    torch._dynamo.reset()
+    other = type("StandIn", (Library, DenseStandIn), {})("cpu")
+    handle = other.handle
+    assert handle != lib.handle and Library.from_handle(handle) is other
+    del other
+    gc.collect()
+    with pytest.raises(KeyError):  # the handle table keeps nothing alive
+        Library.from_handle(handle)
