@@ -1,7 +1,7 @@
 """
 Benchmark (not a test): the ops of one fp8 2:4 MLP layer at the MLP shapes of the given depths: its GEMMs
 (forward x Wm^T and grad-input gy Wm) through each fp8 kernel, and its once-per-step re-pack with torchao's
-packer and with the learned one (nanochat/sparse/fp8.py).
+packer and with the learned one (nanochat/sparse/fp8_pack.py).
 
     python -m benchmarks.bench_fp8_ops --depths 20 26 --tokens 32768
 
@@ -30,11 +30,13 @@ import os
 
 import torch
 
-from nanochat.sparse.fp8 import (E4M3, E5M2, Fp8SparseKernel, LibraryFp8Packer, _dense_operand, _mm_q,
-                                 _quantize_tensor, make_fp8_packer)
-from nanochat.sparse.linear import SemiSparseLinear
+from nanochat.hardware import time_gpu_ms
+from nanochat.sparse.fp8_kernel import Fp8SparseKernel
+from nanochat.sparse.fp8_ops import E4M3, E5M2, cast_tensorwise, dense_operand, fp8_mm, quantize_tensor
+from nanochat.sparse.fp8_pack import LibraryFp8Packer
+from nanochat.sparse.linear import SemiSparseLinear, SparseOp
 from nanochat.sparse.mask import masked_bf16
-from nanochat.sparse.tune import time_gpu_ms
+from nanochat.sparse.runtime import SparseRuntime
 
 
 def time_cycled(fn, args_list):
@@ -62,23 +64,24 @@ def cusparselt_fp8(w_q, a_q, alpha):
     return fn, c, best, best_ms
 
 
-def bench_gemm(m, k, T, device, a_dtype, copies=4):
+def bench_gemm(m, k, T, runtime, a_dtype, copies=4):
     """One row: a (T x k) @ Wop^T for a 2:4 weight operand Wop (m x k), activations in a_dtype, per kernel."""
+    device = runtime.device
     g = torch.Generator(device=device).manual_seed(m * 7 + k)
     w = masked_bf16(torch.randn(m, k, device=device, generator=g) * k ** -0.5)
-    packer = make_fp8_packer(m, k, device, "learned")
+    packer = runtime.fp8_packer(m, k, "learned")
     wp = [packer(w) for _ in range(copies)]
-    wd = [_dense_operand(w) for _ in range(copies)]
+    wd = [dense_operand(w) for _ in range(copies)]
     a16 = [torch.randn(T, k, device=device, dtype=torch.bfloat16, generator=g) for _ in range(copies)]
-    acts = [_quantize_tensor(a, a_dtype) for a in a16]
+    acts = [quantize_tensor(a, a_dtype) for a in a16]
     def cut(a, p):
-        return _mm_q(a[0], a[1], T, p[0], p[1], p[2])
+        return fp8_mm(a[0], a[1], T, p[0], p[1], p[2])
     def dense(a, p):
-        return _mm_q(a[0], a[1], T, p[0], None, p[2])
+        return fp8_mm(a[0], a[1], T, p[0], None, p[2])
     row = dict(m=m, k=k, T=T, activation="e4m3" if a_dtype == E4M3 else "e5m2",
                cutlass_hot=time_gpu_ms(lambda: cut(acts[0], wp[0])), cutlass_cold=time_cycled(cut, list(zip(acts, wp))),
                cublas_hot=time_gpu_ms(lambda: dense(acts[0], wd[0])), cublas_cold=time_cycled(dense, list(zip(acts, wd))))
-    a8 = [_quantize_tensor(a, E4M3) for a in a16]  # cuSPARSELt takes e4m3 activations only: always quantized so here
+    a8 = [quantize_tensor(a, E4M3) for a in a16]  # cuSPARSELt takes e4m3 activations only: always quantized so here
     ref = dense(a8[0], wd[0]).float()
     scale = wd[0][2] * a8[0][1]
     errors = []
@@ -99,22 +102,24 @@ def bench_gemm(m, k, T, device, a_dtype, copies=4):
     return row
 
 
-def bench_layer(m, k, device):
+def bench_layer(m, k, runtime):
     """Rows for one (m x k) weight: one per packer."""
+    device = runtime.device
     w = torch.randn(m, k, device=device) * k ** -0.5  # fp32 master weight, as the trainer keeps it
     wm = masked_bf16(w)
     mask_ms = time_gpu_ms(lambda: masked_bf16(w))
-    dense = _dense_operand(wm)
-    cast_ms = time_gpu_ms(lambda: _dense_operand(wm, dense))
+    cast = runtime.compiled(cast_tensorwise)
+    dense = dense_operand(wm, cast=cast)
+    cast_ms = time_gpu_ms(lambda: dense_operand(wm, dense, cast))
     rows = []
-    for name, make in (("cutlass", lambda m_, k_: LibraryFp8Packer()),
-                       ("learned", lambda m_, k_: make_fp8_packer(m_, k_, device, "learned"))):
+    for name, make in (("cutlass", lambda m_, k_: LibraryFp8Packer(runtime.compiled)),
+                       ("learned", lambda m_, k_: runtime.fp8_packer(m_, k_, "learned"))):
         pw, pwt = make(m, k), make(k, m)
         bw, bwt = pw(wm), pwt(wm.t())
         layer = SemiSparseLinear(k, m, device=device)
         layer.weight.data.copy_(w)
-        layer.kernel = Fp8SparseKernel(m, k, device)
-        layer.kernel.configure(True, True, pw, pwt)
+        layer.kernel = Fp8SparseKernel(m, k, device, runtime)
+        layer.kernel.configure(SparseOp(pw), SparseOp(pwt))
         layer.refresh(force=True)
         rows.append(dict(out_features=m, in_features=k, packer=name, mask_ms=mask_ms, cast_ms=cast_ms,
                          pack_w_ms=time_gpu_ms(lambda: pw(wm, bw)), pack_wt_ms=time_gpu_ms(lambda: pwt(wm.t(), bwt)),
@@ -128,7 +133,7 @@ def main():
     p.add_argument("--tokens", type=int, default=32768, help="tokens per micro-batch (device batch 16 x 2048)")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args()
-    device = torch.device("cuda")
+    runtime = SparseRuntime("cuda")
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, cusparselt=torch.backends.cusparselt.version(),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 command="python -m benchmarks.bench_fp8_ops --depths " + " ".join(map(str, args.depths)) + f" --tokens {args.tokens}")
@@ -138,9 +143,9 @@ def main():
         for layer, (m, k) in (("c_fc", (4 * d, d)), ("c_proj", (d, 4 * d))):
             # forward: x (e4m3) @ W^T; grad-input: gy (e5m2) @ W, whose 2:4 operand is W^T
             for op, (mo, ko), a_dtype in (("fwd", (m, k), E4M3), ("dgrad", (k, m), E5M2)):
-                gemms.append(dict(depth=depth, layer=layer, op=op, **bench_gemm(mo, ko, args.tokens, device, a_dtype)))
+                gemms.append(dict(depth=depth, layer=layer, op=op, **bench_gemm(mo, ko, args.tokens, runtime, a_dtype)))
                 print({k_: round(v, 4) if isinstance(v, float) else v for k_, v in gemms[-1].items()}, flush=True)
-            for row in bench_layer(m, k, device):
+            for row in bench_layer(m, k, runtime):
                 packs.append(dict(depth=depth, layer=layer, **row))
                 print({k_: round(v, 4) if isinstance(v, float) else v for k_, v in packs[-1].items()}, flush=True)
     os.makedirs(args.out, exist_ok=True)

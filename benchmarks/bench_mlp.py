@@ -88,12 +88,12 @@ def spmm_host_us(layer, T, calls=50):
     k = layer.kernel
     x = torch.randn(T, layer.in_features, device="cuda", dtype=torch.bfloat16)
     op = torch.ops.nanochat_sparse.spmm
-    op(x, k.c, layer.out_features, k.fwd_alg, k.impl)
+    op(x, k.c, layer.out_features, k.fwd_alg, k.library_handle)
     torch.cuda.synchronize()
     torch.cuda._sleep(200_000_000)
     t0 = time.perf_counter()
     for _ in range(calls):
-        op(x, k.c, layer.out_features, k.fwd_alg, k.impl)
+        op(x, k.c, layer.out_features, k.fwd_alg, k.library_handle)
     host = (time.perf_counter() - t0) / calls * 1e6
     torch.cuda.synchronize()
     return host

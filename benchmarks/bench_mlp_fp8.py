@@ -1,6 +1,6 @@
 """MLP forward+backward (c_fc -> relu^2 -> c_proj), compiled, fp32 master weights under bf16
 autocast, as the trainer runs it. Columns: bf16 dense, fp8 dense (torchao float8, tensorwise and
-rowwise), fp8 2:4 (Fp8SparseKernel: tensorwise, the trainer's; rowwise with a bf16 grad-weight). Not a test.
+rowwise), fp8 2:4 (Fp8SparseKernel, tensorwise: the trainer's). Not a test.
 Static shapes: one compile per (d, T, variant); results are rewritten after every row.
 
 python -m benchmarks.bench_mlp_fp8 [--dims 768,1280,1664,2048] [--tokens 16384,32768,65536]
@@ -17,8 +17,8 @@ import torch
 
 from nanochat.gpt import MLP as GPTMLP, GPTConfig
 from nanochat.fp8 import convert_to_float8
-from nanochat.sparse import SemiSparseLinear
-from nanochat.sparse.fp8 import Fp8SparseKernel
+from nanochat.sparse import SemiSparseLinear, SparseRuntime
+from nanochat.sparse.fp8_kernel import Fp8SparseKernel
 
 
 def MLP(d):
@@ -31,18 +31,18 @@ def make(variant, d, device):
     mlp = MLP(d).to(device)
     if variant in ("fp8_tensorwise", "fp8_rowwise"):
         convert_to_float8(mlp, device, log=lambda *a: None, recipe=variant.split("_")[1])
-    elif variant.startswith("fp8_24"):
+    elif variant == "fp8_24":
+        runtime = SparseRuntime(device)
         for name in ("c_fc", "c_proj"):  # the trainer's own layer with the fp8 2:4 kernel
             layer = SemiSparseLinear.from_linear(getattr(mlp, name), Fp8SparseKernel(
-                getattr(mlp, name).out_features, getattr(mlp, name).in_features, device,
-                scaling="rowwise" if variant.endswith("rowwise") else "tensorwise"))
+                getattr(mlp, name).out_features, getattr(mlp, name).in_features, device, runtime))
             layer.refresh(force=True)  # pack before compiling: the compiled forward does not refresh
             setattr(mlp, name, layer)
     return mlp
 
 
-VARIANTS = ["bf16", "fp8_tensorwise", "fp8_rowwise", "fp8_24", "fp8_24_rowwise"]
-SPARSE = ("fp8_24", "fp8_24_rowwise")
+VARIANTS = ["bf16", "fp8_tensorwise", "fp8_rowwise", "fp8_24"]
+SPARSE = ("fp8_24",)
 
 
 def main():

@@ -308,9 +308,9 @@ def check_compatible(meta, model_config, world_size):
 
 
 def load_model_for_inference(checkpoint_dir, step=None, device="cpu"):
-    """Build a GPT from a checkpoint (latest step when step is None) for evaluation or sampling.
-    A sparse checkpoint gets its MLP layers converted back with the masked backend on CPU
-    (or the configured backend on CUDA), so the same 2:4 masks apply."""
+    """Build a GPT from a checkpoint (latest step when step is None) for evaluation or sampling, with the
+    converters its meta asks for (a sparse checkpoint: its MLP layers 2:4 again, the same masks)."""
+    from nanochat.converters import Converters
     from nanochat.gpt import GPT, GPTConfig
     if step is None:
         steps = saved_steps(checkpoint_dir)
@@ -321,10 +321,7 @@ def load_model_for_inference(checkpoint_dir, step=None, device="cpu"):
     model = GPT(GPTConfig(**meta["model_config"]))
     model.to(device)
     model.init_weights()  # buffers (rotary tables); weights are overwritten below
-    if meta.get("sparse"):
-        from nanochat.sparse import SparseConfig, convert_mlp_to_sparse
-        backend = meta.get("sparse_backend", "auto") if torch.device(device).type == "cuda" else "masked"
-        convert_mlp_to_sparse(model, torch.device(device), SparseConfig(backend=backend, log=lambda *a, **k: None))
+    Converters.from_meta(meta, device).convert(model)
     model.load_state_dict(model_state, strict=True)
     model.eval()
     return model, meta

@@ -1,5 +1,5 @@
 """FP8 training: dense Linear layers through torchao.float8 (the 2:4 sparse MLP layers of --fp8 --sparse
-have their own fp8 kernel, nanochat/sparse/fp8.py).
+have their own fp8 kernel, nanochat/sparse/fp8_kernel.py; they are converted first and left alone here).
 
 Nothing here imports torchao at module import time: CPU machines (and CI) never need it.
 
@@ -21,48 +21,7 @@ import torch
 import torch.nn as nn
 
 from nanochat.common import print0, rank0s
-from nanochat.sparse.linear import SemiSparseLinear
-
-
-# -----------------------------------------------------------------------------
-# Support checks
-
-def _torchao_version():
-    """torchao's version string, or None when it cannot be imported."""
-    try:
-        import torchao
-    except Exception:
-        return None
-    return getattr(torchao, "__version__", "unknown")
-
-
-def fp8_supported(device):
-    """(ok, reason): fp8 training needs CUDA, compute capability >= 8.9 and torchao 0.17/0.18."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return False, f"device is {device.type}, not cuda"
-    if not torch.cuda.is_available():
-        return False, "no CUDA GPU is visible"
-    major, minor = torch.cuda.get_device_capability(device)
-    if (major, minor) < (8, 9):
-        return False, f"GPU {torch.cuda.get_device_name(device)} has compute capability {major}.{minor}"
-    version = _torchao_version()
-    if version is None:
-        return False, "torchao is not installed (pip install 'torchao>=0.17,<0.19')"
-    if not version.startswith(("0.17", "0.18")):
-        return False, f"torchao {version} is untested here (need 0.17 or 0.18)"
-    return True, f"compute capability {major}.{minor}, torchao {version}"
-
-
-def fp8_sparse_supported(device):
-    """(ok, reason): the fp8 2:4 kernels are built for sm90 (Hopper) only."""
-    ok, reason = fp8_supported(device)
-    if not ok:
-        return ok, reason
-    major, minor = torch.cuda.get_device_capability(torch.device(device))
-    if major != 9:
-        return False, f"torchao's fp8 2:4 CUTLASS kernels need sm90 (Hopper), GPU is sm{major}{minor}"
-    return True, reason
+from nanochat.hardware import FP8_TOKEN_ALIGN, fp8_supported, round_up, time_gpu_ms
 
 
 # -----------------------------------------------------------------------------
@@ -71,14 +30,10 @@ def fp8_sparse_supported(device):
 def fp8_module_filter(mod, fqn, skipped=None):
     """Which Linear layers convert_to_float8 swaps. Dims that are not multiples of 16 are
     left in bf16 (fp8 GEMMs cannot take them) and their names appended to `skipped`."""
-    if not isinstance(mod, nn.Linear):
-        return False
+    if type(mod) is not nn.Linear:
+        return False  # subclasses: 2:4 layers carry their own fp8 kernel, Float8Linear is converted already
     if fqn == "lm_head" or fqn.endswith(".lm_head"):
         return False  # logits stay in bf16/fp32: small share of FLOPs, sensitive to precision
-    if isinstance(mod, SemiSparseLinear):
-        return False  # 2:4 layers have their own fp8 kernel (nanochat/sparse/fp8.py)
-    if type(mod).__name__ == "Float8Linear":
-        return False  # already converted
     if mod.in_features % 16 != 0 or mod.out_features % 16 != 0:
         if skipped is not None:
             skipped.append(f"{fqn} ({mod.out_features}x{mod.in_features})")
@@ -98,10 +53,8 @@ def time_linear_ms(out_features, in_features, tokens, device):
     Compiles each once."""
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
-    from nanochat.sparse.fp8 import TOKEN_ALIGN
-    from nanochat.sparse.tune import time_gpu_ms
     device = torch.device(device)
-    T = -(-tokens // TOKEN_ALIGN) * TOKEN_ALIGN
+    T = round_up(tokens, FP8_TOKEN_ALIGN)
     g = torch.Generator(device=device).manual_seed(out_features * 131 + in_features)
     x = torch.randn(T, in_features, device=device, dtype=torch.bfloat16, generator=g).requires_grad_()
     gy = torch.randn(T, out_features, device=device, dtype=torch.bfloat16, generator=g)

@@ -87,7 +87,7 @@ def load_sparse_export(path, device="cpu"):
     model.init_weights()  # rotary buffers; weights are overwritten next
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     if device.type == "cuda":
-        from nanochat.sparse import SparseConfig, convert_mlp_to_sparse
-        convert_mlp_to_sparse(model, device, SparseConfig(log=lambda *a, **k: None))
+        from nanochat.converters import Converters
+        Converters.from_meta(dict(sparse=True, sparse_backend="auto"), device).convert(model)
     model.eval()
     return model

@@ -1,7 +1,7 @@
 """
 The pretraining loop. `scripts/base_train.py` parses the flags and calls train(). Top to bottom:
-flags and their checks; evaluation helpers; set-up (model, sparse then fp8 swaps, optimizers, resume,
-DDP, compile) and the Checkpointer; train_step(), one optimizer step over the micro-batches; the actions
+flags and their checks; set-up (model, the --sparse/--fp8 converters (nanochat/converters.py), optimizers,
+resume, DDP, compile) and the Checkpointer; train_step(), one optimizer step over the micro-batches; the actions
 between steps (val bpb, CORE, samples); Metrics (log lines, history, wandb, summary); and train(), the loop.
 """
 
@@ -20,11 +20,11 @@ import torch.distributed as dist
 from nanochat import checkpoint
 from nanochat.common import (UserError, autodetect_device_type, compute_cleanup, compute_init, get_base_dir,
                              gpu_peak_flops, print0)
-from nanochat.fp8 import bf16_linears
+from nanochat.converters import Converters, Fp8Converter, SparseConverter
+from nanochat.evaluation import evaluate_bpb, sample_text
 from nanochat.gpt import GPT, config_from_depth
 from nanochat.optim import lr_multiplier, muon_momentum, setup_optimizers
 
-SAMPLE_PROMPTS = ["The capital of France is", "def main(", "import "]
 DEFAULT_DEPTH = 20
 # 2 CPU cores train about 40 GFLOP/s (make train's d4 run: ~3,400 tokens/s), so a model of 50M parameters
 # sees ~100 tokens/s: the GPU-sized defaults (d20, about 400M parameters, 12 tokens each) would run for years.
@@ -90,12 +90,6 @@ def build_arg_parser():
     p.add_argument("--sparse", action="store_true", help="2:4 semi-structured sparse MLP layers (c_fc, c_proj)")
     p.add_argument("--sparse-backend", type=str, default="auto", choices=["auto", "cusparselt", "masked"],
                    help="auto = fastest correct kernel; cusparselt = 2:4 GEMMs; masked = dense GEMM on the masked weight (any device)")
-    p.add_argument("--sparse-graph-repack", action="store_true",
-                   help="re-pack the sparse layers after each optimizer step by replaying one CUDA graph instead of "
-                        "per-layer calls (no faster at d20/d26 on H200)")
-    p.add_argument("--sparse-shard-repack", action="store_true",
-                   help="under torchrun: each rank re-packs its share of the sparse layers after the optimizer step "
-                        "and broadcasts the packed bytes (not yet measured on GPUs; off by default)")
     p.add_argument("--fp8", action="store_true", help="fp8 training of the linear layers (compute capability >= 8.9)")
     p.add_argument("--fp8-layers", type=str, default="auto", choices=["auto", "all"],
                    help="with --fp8: auto = a layer shape stays bf16 where its fp8 forward + backward timed more than 10%% "
@@ -189,47 +183,8 @@ def peak_memory_gib(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux reports KiB: host RSS
 
 
-@torch.no_grad()
-def evaluate_bpb(model, loader, steps, token_bytes, autocast_ctx):
-    """Bits per byte on `steps` batches: summed nats over summed UTF-8 bytes of the targets
-    (special tokens count 0 bytes and are left out), summed across ranks."""
-    total_nats = torch.zeros((), dtype=torch.float64, device=token_bytes.device)
-    total_bytes = torch.zeros((), dtype=torch.int64, device=token_bytes.device)
-    for _ in range(steps):
-        x, y = loader.next_batch()
-        with autocast_ctx:
-            loss = model(x, y, loss_reduction="none").view(-1)
-        nbytes = token_bytes[y.view(-1)]
-        total_nats += (loss.double() * (nbytes > 0)).sum()
-        total_bytes += nbytes.sum()
-    if dist.is_initialized():
-        dist.all_reduce(total_nats)
-        dist.all_reduce(total_bytes)
-    return (total_nats / (math.log(2) * total_bytes.clamp(min=1))).item()
-
-
-def check_masks_agree(model, world_size, log):
-    """Every rank must prune the same 2:4 masks (identical weights after each all-reduce)."""
-    from nanochat.sparse import mask_checksum
-    local = mask_checksum(model)
-    sums = torch.tensor([local, -local], dtype=torch.float64, device=next(model.parameters()).device)
-    dist.all_reduce(sums, op=dist.ReduceOp.MAX)  # max and -min in one call
-    if sums[0].item() != -sums[1].item():
-        raise RuntimeError("ranks pruned different 2:4 masks: the replicas' weights have diverged")
-    log(f"2:4 masks identical on all {world_size} ranks")
-
-
-def sample_text(model, tokenizer, max_tokens=32):
-    out = []
-    for prompt in SAMPLE_PROMPTS:
-        tokens = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
-        new = list(model.generate(tokens, max_tokens=max_tokens, temperature=0.0))
-        out.append(tokenizer.decode(tokens[1:] + new))
-    return out
-
-
 # -----------------------------------------------------------------------------
-# Set-up: the model, its sparse and fp8 swaps, optimizers, resume, DDP and compile
+# Set-up: the model, its converters (sparse, fp8), optimizers, resume, DDP and compile
 
 def build_model(args, depth_given, vocab_size, device, device_type):
     """The dense GPT, initialized. Returns (model, params, FLOPs per token), both counted on the plain
@@ -263,22 +218,16 @@ def plan_batches(args, world_size, flops_per_token, num_params):
     return tokens_per_micro_batch, total_batch_size, grad_accum_steps, num_iterations
 
 
-def convert_model(model, args, device, grad_accum_steps):
-    """Sparse first, then fp8 on what is left dense: the sparse MLP layers carry their own fp8 kernel.
-    Returns the number of sparse layers."""
-    num_sparse = 0
-    if args.sparse:
-        from nanochat.sparse import SparseConfig, convert_mlp_to_sparse
-        # kernels are chosen for this micro-batch's token count, weighing their saving over the step's
-        # micro-batches against one re-pack per step
-        sparse_config = SparseConfig(backend=args.sparse_backend, fp8=args.fp8, log=print0,
-                                     tokens=args.device_batch_size * args.max_seq_len, micro_batches=grad_accum_steps)
-        num_sparse = convert_mlp_to_sparse(model, device, sparse_config)
-    if args.fp8:
-        from nanochat.fp8 import convert_to_float8
-        tokens = args.device_batch_size * args.max_seq_len if args.fp8_layers == "auto" else None
-        convert_to_float8(model, device, log=print0, tokens=tokens)
-    return num_sparse
+def build_converters(args, device, grad_accum_steps):
+    """The run's model converters from --sparse and --fp8 (Converters fixes their order). Kernels and fp8
+    layers are chosen for this micro-batch's token count; the sparse ones weigh their saving over the
+    step's micro-batches against one re-pack per step."""
+    tokens = args.device_batch_size * args.max_seq_len
+    return Converters([
+        SparseConverter(device, backend=args.sparse_backend, fp8=args.fp8, tokens=tokens,
+                        micro_batches=grad_accum_steps, log=print0) if args.sparse else None,
+        Fp8Converter(device, tokens=tokens if args.fp8_layers == "auto" else None, log=print0) if args.fp8 else None,
+    ])
 
 
 class Checkpointer:
@@ -352,16 +301,14 @@ def use_recompute(setting, config, tokens_per_micro_batch, num_params, device):
     return on, f"predicted peak {need / 2**30:.1f} GiB of {total / 2**30:.1f} GiB (auto: on above 80%)"
 
 
-def wrap_model(model, is_ddp, local_rank, device_type, num_sparse, use_compile, recompute=False):
+def wrap_model(model, is_ddp, local_rank, device_type, converters, use_compile, recompute=False):
     """DDP, then compile last. Returns (the model the training forward passes call, the DDP wrapper or None)."""
     train_model, ddp_model = model, None
     if is_ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         ddp_model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
         train_model = ddp_model
-    if num_sparse:
-        from nanochat.sparse import refresh_sparse_weights
-        refresh_sparse_weights(model)  # DDP's initial broadcast wrote the weights in place
+    converters.after_wrap(model)
     if use_compile and recompute:
         # read by the partitioner when the first step compiles; process-wide, like other compile settings
         import torch._functorch.config as functorch_config
@@ -389,7 +336,7 @@ class Run:
     optimizers: list  # [adamw, muon]
     num_params: int
     flops_per_token: float
-    num_sparse: int  # sparse MLP layers (0: dense)
+    converters: Converters  # --sparse, --fp8
     total_batch_size: int  # tokens per optimizer step, all processes
     grad_accum_steps: int  # micro-batches per optimizer step
     num_iterations: int  # the step the run ends at
@@ -431,19 +378,15 @@ def setup(args):
     model, num_params, flops_per_token = build_model(args, depth_given, tokenizer.get_vocab_size(), device, device_type)
     tokens_per_micro_batch, total_batch_size, grad_accum_steps, num_iterations = \
         plan_batches(args, world_size, flops_per_token, num_params)
-    num_sparse = convert_model(model, args, device, grad_accum_steps)
+    converters = build_converters(args, device, grad_accum_steps)
+    converters.convert(model)
     optimizers = setup_optimizers(model, args.embedding_lr, args.unembedding_lr, args.matrix_lr,
                                   args.weight_decay, device_type)
-    if num_sparse:
-        from nanochat.sparse import install_refresh_hooks
-        # re-pack after each optimizer step and checkpoint load
-        install_refresh_hooks(model, optimizers, shard=args.sparse_shard_repack and world_size > 1,
-                              graph=args.sparse_graph_repack)
+    converters.after_optimizers(model, optimizers)
 
     model_tag = args.model_tag or f"d{args.depth}"
     checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", model_tag)
-    run_meta = dict(model_config=model.config.to_dict(), args=vars(args), world_size=world_size,
-                    sparse=num_sparse > 0, sparse_backend=args.sparse_backend, fp8=args.fp8)
+    run_meta = dict(model_config=model.config.to_dict(), args=vars(args), world_size=world_size, **converters.meta())
     checkpointer = Checkpointer(args, checkpoint_dir, run_meta, rank)
     start_step, loop_state, loader_state = 0, {}, None
     if args.resume_from_step >= 0:
@@ -453,7 +396,7 @@ def setup(args):
                                    num_params, device)
     if use_compile:
         print0(f"activation recompute in backward: {'on' if recompute else 'off'} ({why})")
-    train_model, ddp_model = wrap_model(model, is_ddp, local_rank, device_type, num_sparse, use_compile, recompute)
+    train_model, ddp_model = wrap_model(model, is_ddp, local_rank, device_type, converters, use_compile, recompute)
 
     loader = DistributedDataLoader(tokenizer, args.device_batch_size, args.max_seq_len, "train", device,
                                    rank=rank, world_size=world_size, state=loader_state)
@@ -468,7 +411,7 @@ def setup(args):
     return Run(args=args, device=device, device_type=device_type, rank=rank, world_size=world_size,
                autocast_ctx=autocast_ctx, sync=torch.cuda.synchronize if device_type == "cuda" else (lambda: None),
                tokenizer=tokenizer, token_bytes=token_bytes, model=model, train_model=train_model, ddp_model=ddp_model,
-               optimizers=optimizers, num_params=num_params, flops_per_token=flops_per_token, num_sparse=num_sparse,
+               optimizers=optimizers, num_params=num_params, flops_per_token=flops_per_token, converters=converters,
                total_batch_size=total_batch_size, grad_accum_steps=grad_accum_steps, num_iterations=num_iterations,
                eval_steps=max(1, args.eval_tokens // tokens_per_micro_batch), model_tag=model_tag,
                checkpointer=checkpointer, start_step=start_step, loop_state=loop_state, loader=loader, core_eval=core_eval)
@@ -535,8 +478,8 @@ def due(every, step, last_step):
 
 
 def validate(run, log):
-    """Val bpb on the first --eval-tokens of the val split; under DDP with sparse layers, also checks that
-    every rank pruned the same masks."""
+    """Val bpb on the first --eval-tokens of the val split; under DDP, also checks that the replicas still
+    agree (the converters' check: with sparse layers, every rank pruned the same masks)."""
     from nanochat.dataloader import DistributedDataLoader
     args = run.args
     run.model.eval()
@@ -544,15 +487,14 @@ def validate(run, log):
                                        rank=run.rank, world_size=run.world_size)
     val_bpb = evaluate_bpb(run.train_model, val_loader, run.eval_steps, run.token_bytes, run.autocast_ctx)
     run.model.train()
-    if run.num_sparse and dist.is_initialized():
-        check_masks_agree(run.model, run.world_size, log)
+    run.converters.check_replicas(run.model, log)
     return val_bpb
 
 
 def core_metric(run):
     """CORE on the bundle's tasks: every rank scores its share, with the eager model (the example shapes vary)."""
     run.model.eval()
-    with run.autocast_ctx, bf16_linears(run.model):
+    with run.autocast_ctx, run.converters.eager(run.model):
         core = run.core_eval.evaluate(run.model, run.device)
     run.model.train()
     return core
@@ -561,7 +503,7 @@ def core_metric(run):
 def sample(run):
     """Greedy continuations of SAMPLE_PROMPTS."""
     run.model.eval()
-    with run.autocast_ctx, bf16_linears(run.model):  # fp8 layers sample in bf16 (one token at a time)
+    with run.autocast_ctx, run.converters.eager(run.model):  # fp8 layers sample in bf16 (one token at a time)
         samples = sample_text(run.model, run.tokenizer)
     run.model.train()
     return samples
@@ -659,7 +601,8 @@ class Metrics:
             tok_per_sec=sum(steady) / len(steady) if steady else None,
             mfu=(sum(m for m in steady_mfu if m) / max(1, len(steady_mfu))) if self.peak_flops else None,
             peak_memory_gib=peak_memory_gib(run.device), num_iterations=run.num_iterations, num_params=run.num_params,
-            flops_per_token=run.flops_per_token, num_sparse_layers=run.num_sparse, world_size=run.world_size,
+            flops_per_token=run.flops_per_token, num_sparse_layers=run.converters.meta().get("sparse_layers", 0),
+            world_size=run.world_size,
             device=torch.cuda.get_device_name(run.device) if run.device_type == "cuda" else run.device_type,
             torch_version=torch.__version__, checkpoint_dir=run.checkpointer.dir, samples=self.samples,
             total_train_time=self.total_train_time,

@@ -52,10 +52,9 @@ def evaluate(args):
     from nanochat import core_eval
     from nanochat.checkpoint import load_model_for_inference
     from nanochat.dataloader import DistributedDataLoader
-    from nanochat.fp8 import bf16_linears
+    from nanochat.evaluation import evaluate_bpb, sample_text
     from nanochat.report import core_line, write_eval_report
     from nanochat.tokenizer import get_token_bytes, get_tokenizer
-    from nanochat.train import evaluate_bpb, sample_text
 
     if args.download_bundle:
         if get_dist_info()[1] == 0:
@@ -100,7 +99,7 @@ def evaluate(args):
         results["bpb"] = dict(val=val_bpb, tokens=steps * B * T * world_size)
         print0(f"val bpb {val_bpb:.4f} ({steps * B * T * world_size:,} tokens)")
     if "sample" in evals and rank == 0:
-        with autocast_ctx, bf16_linears(model):
+        with autocast_ctx:
             results["samples"] = sample_text(model, tokenizer)
         for s in results["samples"]:
             print0(f"sample: {s!r}")

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.act_stats import ActSparsity, fractions, group_sums, measure, mlp_projections, prune_2of4
+from benchmarks.experimental.act_stats import ActSparsity, fractions, group_sums, measure, mlp_projections, prune_2of4
 from nanochat.gpt import GPT, GPTConfig
 
 # One token of 16 features = 4 groups of 4, each with a known count of non-zeros.
@@ -121,7 +121,7 @@ def test_measure_pruned_loss_matches_a_pruned_mlp_forward():
 
 
 def test_benchmark_runs_and_its_step0_is_the_trainers_init(tiny_data_dir, tiny_tokenizer, nanochat_base_dir, tmp_path):
-    from benchmarks.act_sparsity import init_model, main
+    from benchmarks.experimental.act_sparsity import init_model, main
     from nanochat import checkpoint
     out = str(tmp_path / "act_{device}_d{depth}")
     # all learning rates 0: the weights saved after step 1 are still the init, which step 0 must rebuild exactly

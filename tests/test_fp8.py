@@ -1,11 +1,12 @@
-"""CPU tests of nanochat/fp8.py: support checks, the fallback warning, the layer filter.
+"""CPU tests of nanochat/fp8.py and nanochat/hardware.py's fp8 checks: support checks, the fallback warning, the layer filter.
 They do not need torchao or a GPU."""
 
 import pytest
 import torch
 import torch.nn as nn
 
-from nanochat.fp8 import choose_fp8_shapes, convert_to_float8, fp8_module_filter, fp8_sparse_supported, fp8_supported
+from nanochat.fp8 import choose_fp8_shapes, convert_to_float8, fp8_module_filter
+from nanochat.hardware import fp8_sparse_supported, fp8_supported
 from nanochat.sparse import SemiSparseLinear
 
 

@@ -1,11 +1,10 @@
-"""GPU tests of nanochat/fp8.py and nanochat/sparse/fp8.py: Fp8SparseKernel against a float32 masked-dense reference, and a
+"""GPU tests of nanochat/fp8.py and nanochat/sparse/fp8_*.py: Fp8SparseKernel against a float32 masked-dense reference, and a
 few compiled training steps with convert_to_float8. Skipped without CUDA >= 8.9 and torchao.
 
 Tolerances (relative Frobenius error against float32): e4m3 keeps 3 mantissa bits, so rounding
 one operand costs up to 2^-4 = 6% per element (~2% RMS); a product of two quantized operands
-lands at ~2-4% relative error. Outputs and grad-input: 0.06. grad-weight in bf16: 0.01.
-grad-output in e5m2 (2 mantissa bits), or fp8 grad-weight (e5m2 x e4m3, tensorwise): 0.10. The default
-tensorwise kernel has both (e5m2 grad-output, fp8 grad-weight). Measured values are printed (pytest -s).
+lands at ~2-4% relative error. Outputs: 0.06. grad-output in e5m2 (2 mantissa bits) and fp8 grad-weight
+(e5m2 x e4m3, tensorwise), as the kernel computes them: 0.10. Measured values are printed (pytest -s).
 """
 
 import os
@@ -15,9 +14,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.fp8 import convert_to_float8, fp8_sparse_supported, fp8_supported
-from nanochat.sparse import SparseConfig, convert_mlp_to_sparse, refresh_sparse_weights
-from nanochat.sparse.fp8 import E5M2, Fp8SparseKernel, LearnedFp8Packer, LibraryFp8Packer, make_fp8_packer
+from nanochat.converters import Converters, Fp8Converter, SparseConverter
+from nanochat.fp8 import convert_to_float8
+from nanochat.hardware import fp8_sparse_supported, fp8_supported
+from nanochat.sparse import SparseOp, SparseRuntime, refresh_sparse_weights
+from nanochat.sparse.fp8_kernel import Fp8SparseKernel
+from nanochat.sparse.fp8_pack import LearnedFp8Packer, LibraryFp8Packer
 
 DEV = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 FP8_OK, FP8_WHY = fp8_supported(DEV)
@@ -71,21 +73,20 @@ SHAPES = [(3072, 768), (768, 3072), (5120, 1280), (1280, 5120), (8192, 2048), (2
 
 
 @needs_sm90
-@pytest.mark.parametrize("scaling", ["tensorwise", "rowwise"])
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"{o}x{i}" for o, i in SHAPES])
-def test_fp8_sparse_kernel_matches_reference(shape, compiled, scaling):
+def test_fp8_sparse_kernel_matches_reference(shape, compiled):
     torch.manual_seed(0)
     torch._dynamo.reset()  # each kernel object is a new guard on the same code: stay under the recompile limit
     out_f, in_f = shape
     wm = masked_weight(out_f, in_f, in_f ** -0.5)
     assert_transposable_24(wm)
-    kern = Fp8SparseKernel(out_f, in_f, DEV, scaling=scaling)
+    kern = Fp8SparseKernel(out_f, in_f, DEV, SparseRuntime(DEV))
     kern.pack(wm)
     fn = torch.compile(kern.linear, fullgraph=True) if compiled else kern.linear
-    tols = dict(tol_gx=TOL_E5M2, tol_gw=TOL_E5M2) if scaling == "tensorwise" else {}
     for lead in [(4096,), (3, 333)]:  # odd token count: padded to the kernel's alignment
-        check_kernel(kern, wm, lead, fn, tag=f"{scaling} {'compiled' if compiled else 'eager'}", **tols)
+        check_kernel(kern, wm, lead, fn, tol_gx=TOL_E5M2, tol_gw=TOL_E5M2,
+                     tag=f"tensorwise {'compiled' if compiled else 'eager'}")
 
 
 @needs_sm90
@@ -98,14 +99,14 @@ def test_fp8_kernel_with_dense_ops_matches_reference(shape, compiled, ops):
     torch._dynamo.reset()
     out_f, in_f = shape
     wm = masked_weight(out_f, in_f, in_f ** -0.5)
-    kern = Fp8SparseKernel(out_f, in_f, DEV, fwd_sparse=ops[0], dgrad_sparse=ops[1])
+    runtime = SparseRuntime(DEV)
+    kern = Fp8SparseKernel(out_f, in_f, DEV, runtime)
+    kern.configure(*(SparseOp(LibraryFp8Packer(runtime.compiled)) if sparse else None for sparse in ops))
     kern.pack(wm)
     assert (kern.w_meta is None) != ops[0] and (kern.wt_meta is None) != ops[1]
     fn = torch.compile(kern.linear, fullgraph=True) if compiled else kern.linear
     for lead in [(4096,), (3, 333)]:
         check_kernel(kern, wm, lead, fn, tol_gx=TOL_E5M2, tol_gw=TOL_E5M2, tag=f"ops={ops} {'compiled' if compiled else 'eager'}")
-    with pytest.raises(ValueError, match="tensorwise"):
-        Fp8SparseKernel(out_f, in_f, DEV, scaling="rowwise", fwd_sparse=False)
 
 
 PACK_SHAPES = [(3072, 768), (768, 3072), (5120, 1280), (1280, 5120), (6656, 1664), (1664, 6656)]
@@ -120,8 +121,9 @@ def test_learned_fp8_packer_matches_torchao(shape):
     different compiled kernels: a rounding may differ by one step)."""
     torch.manual_seed(4)
     m, k = shape
-    learned = LearnedFp8Packer(m, k, DEV)
-    library = LibraryFp8Packer()
+    runtime = SparseRuntime(DEV)
+    learned = LearnedFp8Packer(m, k, DEV, compiler=runtime.compiled)
+    library = LibraryFp8Packer(runtime.compiled)
     print(f"\nLAYOUT {m}x{k}: {learned.layout}")
     wm = masked_weight(m, k, k ** -0.5)
     wm[:64] = 0  # all-zero groups, as c_proj at init
@@ -143,8 +145,9 @@ def test_fp8_kernel_with_learned_packers_matches_reference(shape, compiled):
     torch._dynamo.reset()
     out_f, in_f = shape
     wm = masked_weight(out_f, in_f, in_f ** -0.5)
-    kern = Fp8SparseKernel(out_f, in_f, DEV)
-    kern.configure(True, True, make_fp8_packer(out_f, in_f, DEV, "learned"), make_fp8_packer(in_f, out_f, DEV, "learned"))
+    runtime = SparseRuntime(DEV)
+    kern = Fp8SparseKernel(out_f, in_f, DEV, runtime)
+    kern.configure(SparseOp(runtime.fp8_packer(out_f, in_f, "learned")), SparseOp(runtime.fp8_packer(in_f, out_f, "learned")))
     kern.pack(wm)
     fn = torch.compile(kern.linear, fullgraph=True) if compiled else kern.linear
     for lead in [(4096,), (3, 333)]:
@@ -158,26 +161,19 @@ def test_fp8_kernel_with_learned_packers_matches_reference(shape, compiled):
 
 @needs_sm90
 def test_fp8_time_ops_and_choice():
-    """time_ops measures every op (finite, positive times) and choose_ops decides each."""
-    from nanochat.sparse.fp8 import choose_ops, time_ops
-    t = time_ops(5120, 1280, 8192, DEV)
+    """time_fp8_ops measures every op (finite, positive times) and choose_fp8_ops decides each."""
+    from nanochat.sparse.tune import choose_fp8_ops, time_fp8_ops
+    t = time_fp8_ops(5120, 1280, 8192, DEV)
     print("\nTIMES", t)
     assert set(t) == {"fwd", "dgrad"}
     assert all(0 < v < 100 for op in t.values() for v in op.values())
-    assert set(choose_ops(t, 4, 1.08)) == {"fwd", "dgrad"}
+    assert set(choose_fp8_ops(t, 4, 1.08)) == {"fwd", "dgrad"}
 
 
 @needs_sm90
-def test_fp8_sparse_kernel_variants():
-    """e5m2 grad-output, fp8 grad-weight, and a zero weight (c_proj at init) give finite results."""
-    torch.manual_seed(1)
-    wm = masked_weight(5120, 1280, 1280 ** -0.5)
-    kern = Fp8SparseKernel(5120, 1280, DEV, scaling="rowwise", grad_dtype=E5M2)
-    kern.pack(wm)
-    check_kernel(kern, wm, (4096,), kern.linear, tol_gx=TOL_E5M2, tag="e5m2-grad")
-    kern = Fp8SparseKernel(5120, 1280, DEV, scaling="rowwise", fp8_grad_weight=True)
-    kern.pack(wm)
-    check_kernel(kern, wm, (4096,), kern.linear, tol_gw=TOL_E5M2, tag="fp8-gw")
+def test_fp8_sparse_kernel_zero_weight():
+    """A zero weight (c_proj at init) gives finite results."""
+    kern = Fp8SparseKernel(5120, 1280, DEV)
     kern.pack(torch.zeros(5120, 1280, device=DEV, dtype=torch.bfloat16))
     y = kern.linear(torch.randn(64, 1280, device=DEV, dtype=torch.bfloat16), torch.zeros(5120, 1280, device=DEV))
     assert torch.isfinite(y).all() and (y == 0).all()
@@ -201,7 +197,8 @@ def test_repack_keeps_buffers_and_does_not_recompile():
         check_kernel(kern, wm2, (256,), fn, tol_gx=TOL_E5M2, tol_gw=TOL_E5M2, tag="repacked")  # tensorwise
     # the same with the forward dense: its e4m3 weight and scale are rewritten in place too
     torch._dynamo.reset()
-    kern = Fp8SparseKernel(3072, 768, DEV, fwd_sparse=False)
+    kern = Fp8SparseKernel(3072, 768, DEV, SparseRuntime(DEV))
+    kern.configure(None, SparseOp(LibraryFp8Packer()))
     kern.pack(masked_weight(3072, 768, 768 ** -0.5))
     ptrs = [t.data_ptr() for t in kern.packed_buffers()]
     assert len(ptrs) == 5
@@ -327,13 +324,14 @@ def test_fp8_plus_sparse_trains_compiled():
     """--fp8 --sparse shape: MLPs through Fp8SparseKernel, the rest through torchao float8."""
     torch.manual_seed(0)
     model = TinyLM().to(DEV)
-    # the trainer's order: sparse MLPs first (fp8 2:4 kernel), then torchao float8 on what is left
+    # listed fp8 first on purpose: Converters runs sparse first (fp8 2:4 kernel), then torchao float8 on the rest
     lines = []
-    assert convert_mlp_to_sparse(model, DEV, SparseConfig(fp8=True, tokens=8 * 128, log=lines.append)) == 4
+    fp8, sparse = Fp8Converter(DEV, log=print), SparseConverter(DEV, fp8=True, tokens=8 * 128, log=lines.append)
+    Converters([fp8, sparse]).convert(model)
     print("\n".join(lines))
+    assert sparse.num_layers == 4
     assert sum(l.startswith("fp8 2:4 kernels for 2 layers of weight") for l in lines) == 2, lines  # c_fc, c_proj
     assert all(type(model.get_submodule(f"transformer.h.{i}.mlp.{n}").kernel).__name__ == "Fp8SparseKernel"
                for i in range(2) for n in ("c_fc", "c_proj"))
-    names = convert_to_float8(model, DEV, log=print)
-    assert names == ["transformer.h.0.attn.c_q", "transformer.h.1.attn.c_q"], names
+    assert fp8.converted == ["transformer.h.0.attn.c_q", "transformer.h.1.attn.c_q"], fp8.converted
     train_steps(model, refresh=lambda: refresh_sparse_weights(model))

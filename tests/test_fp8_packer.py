@@ -1,4 +1,4 @@
-"""CPU tests of LearnedFp8Packer (nanochat/sparse/fp8.py) against stand-ins for torchao's CUTLASS sm90 fp8
+"""CPU tests of LearnedFp8Packer (nanochat/sparse/fp8_pack.py) against stand-ins for torchao's CUTLASS sm90 fp8
 packer whose value slots and metadata bits are scrambled: the packer must learn both from probes alone,
 reproduce the stand-in's bytes after its own row-wise quantization, and refuse a layout it cannot
 reproduce. The real packer is checked on the GPU (tests/test_fp8_gpu.py)."""
@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from nanochat.sparse.compress import CompressorMismatch
-from nanochat.sparse.fp8 import E4M3, LearnedFp8Packer, LibraryFp8Packer, _quantize_rows, make_fp8_packer
+from nanochat.sparse.fp8_ops import E4M3, quantize_rows
+from nanochat.sparse.fp8_pack import LearnedFp8Packer, LibraryFp8Packer
+from nanochat.sparse.runtime import SparseRuntime
 from nanochat.sparse.mask import transposable_mask_reference
 
 
@@ -69,11 +71,11 @@ def masked_weight(m, k, seed):
 @pytest.mark.parametrize("m,k,nibbles", [(32, 64, False), (64, 32, True), (16, 128, True)])
 def test_learned_fp8_packer_reproduces_quantize_and_library(m, k, nibbles):
     lib = ScrambledCutlass(m, k, seed=m + k, nibbles=nibbles)
-    packer = LearnedFp8Packer(m, k, "cpu", lib=lib, compile=False)  # its own byte check runs in __init__
+    packer = LearnedFp8Packer(m, k, "cpu", lib=lib)  # its own byte check runs in __init__
     assert packer.layout == f"values gathered, metadata {'nibbles' if nibbles else 'bits'}"
     for seed in range(3):
         w = masked_weight(m, k, seed)
-        q, scale = _quantize_rows(w, E4M3)
+        q, scale = quantize_rows(w, E4M3)
         want_values, want_meta = lib(q)
         for wm in (w, w.t().contiguous().t()):  # W's memory order, and W^T's (the grad-input operand)
             values, meta, got_scale = packer(wm)
@@ -86,14 +88,19 @@ def test_learned_fp8_packer_reproduces_quantize_and_library(m, k, nibbles):
 def test_learned_fp8_packer_refuses_a_layout_it_cannot_reproduce():
     lib = ScrambledCutlass(32, 64, broken=True)
     with pytest.raises(CompressorMismatch, match="value slots"):
-        LearnedFp8Packer(32, 64, "cpu", lib=lib, compile=False)
+        LearnedFp8Packer(32, 64, "cpu", lib=lib)
 
 
-def test_make_fp8_packer_validates_kind_and_names_the_fallback():
+def test_runtime_fp8_packer_validates_kind_and_names_the_fallback():
+    runtime = SparseRuntime("cpu")
     with pytest.raises(ValueError, match="auto, learned or cutlass"):
-        make_fp8_packer(32, 64, "cpu", kind="fast")
-    assert isinstance(make_fp8_packer(32, 64, "cpu", kind="cutlass"), LibraryFp8Packer)
+        runtime.fp8_packer(32, 64, kind="fast")
+    assert isinstance(runtime.fp8_packer(32, 64, kind="cutlass"), LibraryFp8Packer)
     logs = []
     # no torchao op on CPU: learning fails, "auto" logs why and keeps the library's packer
-    assert isinstance(make_fp8_packer(64, 64, "cpu", kind="auto", log=logs.append), LibraryFp8Packer)
+    packer = runtime.fp8_packer(64, 64, kind="auto", log=logs.append)
+    assert isinstance(packer, LibraryFp8Packer)
     assert len(logs) == 1 and "using torchao's packer" in logs[0]
+    assert runtime.fp8_packer(64, 64, kind="auto", log=logs.append) is packer and len(logs) == 1  # kept
+    # another runtime shares nothing: it builds (and logs) its own
+    assert SparseRuntime("cpu").fp8_packer(64, 64, kind="auto", log=logs.append) is not packer and len(logs) == 2

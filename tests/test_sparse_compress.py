@@ -51,7 +51,7 @@ class ScrambledLibrary:
 @pytest.mark.parametrize("m,k,nibbles", [(64, 32, False), (32, 128, False), (64, 64, True)])
 def test_learned_compressor_reproduces_library_bytes(m, k, nibbles):
     lib = ScrambledLibrary(m, k, seed=m + k, nibbles=nibbles)
-    comp = LearnedCompressor(lib, m, k, "cpu", compile=False)  # its own byte check runs in __init__
+    comp = LearnedCompressor(lib, m, k, "cpu")  # its own byte check runs in __init__
     assert comp.layout == ("nibbles" if nibbles else "bits")
     torch.manual_seed(0)
     for transposed in (False, True):
@@ -71,7 +71,7 @@ def test_learned_compressor_reproduces_library_bytes(m, k, nibbles):
 def test_learned_compressor_refuses_a_layout_it_cannot_reproduce():
     lib = ScrambledLibrary(32, 64, swap_fields=True)
     with pytest.raises(CompressorMismatch):
-        LearnedCompressor(lib, 32, 64, "cpu", compile=False)
+        LearnedCompressor(lib, 32, 64, "cpu")
     logs = []
     comp = make_compressor(lib, 32, 64, "cpu", "auto", log=logs.append)
     assert isinstance(comp, LibraryCompressor) and len(logs) == 1 and "using cuSPARSELt's compress" in logs[0]

@@ -10,10 +10,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanochat.gpt import MLP as GPTMLP, GPTConfig
-from nanochat.sparse import (DENSE, SemiSparseLinear, SparseConfig, convert_mlp_to_sparse, install_refresh_hooks,
-                             refresh_sparse_weights, transposable_mask, transposable_mask_reference)
+from nanochat.sparse import (DENSE, SemiSparseLinear, SparseConfig, SparseRuntime, convert_mlp_to_sparse,
+                             install_refresh_hooks, refresh_sparse_weights, transposable_mask, transposable_mask_reference)
 from nanochat.sparse.compress import LearnedCompressor
-from nanochat.sparse.cusparselt import library, nvmath_status
+from nanochat.sparse.cusparselt import nvmath_status
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 TOL = 1e-2
@@ -24,6 +24,12 @@ def rel(a, b):
     a, b = a.float(), b.float()
     assert torch.isfinite(a).all(), "non-finite values"
     return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture
+def runtime():
+    """Each test its own runtime: libraries, plans and compressors never carry over between tests."""
+    return SparseRuntime("cuda")
 
 
 @pytest.fixture(params=IMPLS)
@@ -60,11 +66,11 @@ def test_gpu_mask_matches_reference():
 
 
 @pytest.mark.parametrize("m,k", [(3072, 768), (768, 3072), (5120, 1280), (1280, 5120), (8192, 2048)])
-def test_learned_compressor_matches_cusparselt_bytes(m, k, impl):
+def test_learned_compressor_matches_cusparselt_bytes(m, k, impl, runtime):
     """Its own check (in __init__) compares bytes on random 2:4 matrices; here: real transposable masks
     of a normal weight, in W's and W^T's memory order, and the same bytes as the other implementation."""
-    lib = library(impl, "cuda")
-    comp = LearnedCompressor(lib, m, k, "cuda")
+    lib = runtime.library(impl)
+    comp = LearnedCompressor(lib, m, k, "cuda", runtime.compiled)
     w = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     mask = transposable_mask(w)
     wm = torch.where(mask, w, 0)
@@ -77,14 +83,14 @@ def test_learned_compressor_matches_cusparselt_bytes(m, k, impl):
     assert torch.equal(comp(wmt.t(), lib.empty_compressed(m, k)), want_t)
     print(f"\ncompressor {m}x{k} ({impl}): {comp.layout} layout")
     if impl == "nvmath":
-        torch_lib = library("torch", "cuda")
+        torch_lib = runtime.library("torch")
         assert torch.equal(torch_lib.compress(wm, torch_lib.empty_compressed(m, k)), want)
 
 
 @pytest.mark.parametrize("d", [256, 768, 1280, 2048])
 @pytest.mark.parametrize("T", [77, 2 * 1031, 4096])
 @pytest.mark.parametrize("proj", [False, True])
-def test_cusparselt_matches_fp32_reference(d, T, proj, impl):
+def test_cusparselt_matches_fp32_reference(d, T, proj, impl, runtime):
     torch.manual_seed(d + T)
     fin, fout = (4 * d, d) if proj else (d, 4 * d)
     holder = nn.Module()
@@ -92,9 +98,10 @@ def test_cusparselt_matches_fp32_reference(d, T, proj, impl):
     holder.block.mlp = nn.Module()
     holder.block.mlp.lin = nn.Linear(fin, fout, bias=False, device="cuda")  # converted: under `.mlp.`
     config = SparseConfig(force="sparse", tokens=T, impl=impl, log=print)
-    assert convert_mlp_to_sparse(holder, "cuda", config) == 1
+    assert convert_mlp_to_sparse(holder, "cuda", config, runtime) == 1
     layer = holder.block.mlp.lin
     assert layer.kernel.fwd_alg != DENSE and layer.kernel.dgrad_alg != DENSE and layer.kernel.wm is None
+    assert layer.kernel.library is runtime.library(impl)  # the kernel uses the runtime it was handed
     x = torch.randn(T, fin, device="cuda", requires_grad=True)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         y = layer(x.view(1, T, fin))
@@ -111,37 +118,37 @@ def test_cusparselt_matches_fp32_reference(d, T, proj, impl):
     assert layer.weight.grad.dtype == torch.float32
 
 
-def test_nvmath_equals_torch_path_bit_for_bit():
+def test_nvmath_equals_torch_path_bit_for_bit(runtime):
     if not nvmath_status()[0]:
         pytest.skip(nvmath_status()[1])
     torch.manual_seed(3)
-    nv, th = library("nvmath", "cuda"), library("torch", "cuda")
+    nv, th = runtime.library("nvmath"), runtime.library("torch")
     for (m, k, T) in [(5120, 1280, 4096), (1280, 5120, 2062), (3072, 768, 77)]:
         w = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         wm = torch.where(transposable_mask(w), w, 0)
         x = torch.randn(T, k, device="cuda", dtype=torch.bfloat16)
         for alg in (0, 1):
-            y_nv = torch.ops.nanochat_sparse.spmm(x, nv.compress(wm, nv.empty_compressed(m, k)), m, alg, "nvmath")
-            y_th = torch.ops.nanochat_sparse.spmm(x, th.compress(wm, th.empty_compressed(m, k)), m, alg, "torch")
+            y_nv = torch.ops.nanochat_sparse.spmm(x, nv.compress(wm, nv.empty_compressed(m, k)), m, alg, nv.handle)
+            y_th = torch.ops.nanochat_sparse.spmm(x, th.compress(wm, th.empty_compressed(m, k)), m, alg, th.handle)
             assert torch.equal(y_nv, y_th), (m, k, T, alg)
             assert rel(y_nv, x.float() @ wm.float().t()) < TOL
 
 
-def test_plans_built_once_per_shape():
+def test_plans_built_once_per_shape(runtime):
     if not nvmath_status()[0]:
         pytest.skip(nvmath_status()[1])
-    lib = library("nvmath", "cuda")
-    m, k, T = 2304, 576, 1024  # a shape no other test uses
+    lib = runtime.library("nvmath")
+    m, k, T = 2304, 576, 1024
     w = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     c = lib.compress(torch.where(transposable_mask(w), w, 0), lib.empty_compressed(m, k))
-    before = lib.num_plans()
+    assert lib.num_plans() == 0  # a fresh runtime holds no plans
     for _ in range(5):
-        torch.ops.nanochat_sparse.spmm(torch.randn(T, k, device="cuda", dtype=torch.bfloat16), c, m, 0, "nvmath")
-    assert lib.num_plans() == before + 1
-    torch.ops.nanochat_sparse.spmm(torch.randn(T - 5, k, device="cuda", dtype=torch.bfloat16), c, m, 0, "nvmath")
-    assert lib.num_plans() == before + 1  # T-5 pads to the same T
-    torch.ops.nanochat_sparse.spmm(torch.randn(2 * T, k, device="cuda", dtype=torch.bfloat16), c, m, 0, "nvmath")
-    assert lib.num_plans() == before + 2
+        torch.ops.nanochat_sparse.spmm(torch.randn(T, k, device="cuda", dtype=torch.bfloat16), c, m, 0, lib.handle)
+    assert lib.num_plans() == 1
+    torch.ops.nanochat_sparse.spmm(torch.randn(T - 5, k, device="cuda", dtype=torch.bfloat16), c, m, 0, lib.handle)
+    assert lib.num_plans() == 1  # T-5 pads to the same T
+    torch.ops.nanochat_sparse.spmm(torch.randn(2 * T, k, device="cuda", dtype=torch.bfloat16), c, m, 0, lib.handle)
+    assert lib.num_plans() == 2
 
 
 @pytest.mark.parametrize("d", [768, 2048])
@@ -179,10 +186,10 @@ def test_compiled_mlp_matches_reference(d, impl):
     assert cnt.frame_count == 1  # one graph, no graph breaks, no recompile after the in-place repack
 
 
-def test_repack_after_optimizer_step_changes_packed_bytes(impl):
+def test_repack_after_optimizer_step_changes_packed_bytes(impl, runtime):
     torch.manual_seed(4)
     holder = holder_with_mlp(768)
-    convert_mlp_to_sparse(holder, "cuda", SparseConfig(force="sparse", tokens=4096, impl=impl, log=print))
+    convert_mlp_to_sparse(holder, "cuda", SparseConfig(force="sparse", tokens=4096, impl=impl, log=print), runtime)
     m = holder.block.mlp
     opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
     install_refresh_hooks(holder, [opt])
@@ -196,7 +203,7 @@ def test_repack_after_optimizer_step_changes_packed_bytes(impl):
     assert m.c_fc.num_packs == packs + 1
     assert not torch.equal(m.c_fc.kernel.c, c_before) and not torch.equal(m.c_fc.kernel.ct, ct_before)
     assert ptrs == (m.c_fc.kernel.c.data_ptr(), m.c_fc.kernel.ct.data_ptr())  # in place
-    lib = library(impl, "cuda")
+    lib = runtime.library(impl)
     w = m.c_fc.weight
     wm = torch.where(transposable_mask(w), w.detach().bfloat16(), 0)
     assert torch.equal(m.c_fc.kernel.c, lib.compress(wm, lib.empty_compressed(*wm.shape)))
@@ -281,39 +288,3 @@ def test_trainer_conversion_packs_once_per_step_and_tunes(tmp_path):
 
 def sparse_layers_of(model):
     return [m for m in model.modules() if isinstance(m, SemiSparseLinear)]
-
-
-@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
-def test_graphed_refresh_packs_what_the_eager_refresh_packs(fp8):
-    """The CUDA-graph re-pack (GraphedRefresh, the trainer's default) writes the same bytes as per-layer refresh()
-    after every step, and captures again when a weight moves."""
-    from nanochat.fp8 import fp8_sparse_supported
-    from nanochat.sparse.convert import GraphedRefresh, sparse_layers
-    if fp8 and not fp8_sparse_supported(torch.device("cuda"))[0]:
-        pytest.skip("fp8 2:4 needs sm90 and torchao")
-    torch.manual_seed(6)
-    holders = [holder_with_mlp(768) for _ in range(2)]
-    holders[1].load_state_dict(holders[0].state_dict())
-    for h in holders:
-        convert_mlp_to_sparse(h, "cuda", SparseConfig(fp8=fp8, force="sparse", tokens=4096, log=print))
-    graphed_layers, eager_layers = sparse_layers(holders[0]), sparse_layers(holders[1])
-    graphed = GraphedRefresh(graphed_layers, log=print)
-    for step in range(4):
-        if step == 2:  # a weight moves (as .to() or a new Parameter would): the graph must be captured again
-            graphed_layers[0].weight = nn.Parameter(graphed_layers[0].weight.detach().clone())
-        with torch.no_grad():  # in place on the Parameters, as an optimizer step (bumps their versions)
-            for a, b in zip(graphed_layers, eager_layers):
-                noise = torch.randn_like(a.weight) * 1e-2
-                a.weight.add_(noise)
-                b.weight.add_(noise)
-        assert graphed() == len(graphed_layers)
-        for m in eager_layers:
-            assert m.refresh()
-        assert not graphed.failed and graphed.graph is not None
-        for a, b in zip(graphed_layers, eager_layers):
-            assert not a.stale() and a.num_packs == b.num_packs
-            bufs_a, bufs_b = a.kernel.packed_buffers(), b.kernel.packed_buffers()
-            assert len(bufs_a) == len(bufs_b) > 0
-            for x, y in zip(bufs_a, bufs_b):
-                assert torch.equal(x.view(torch.uint8), y.view(torch.uint8)), (step, type(a.kernel).__name__)
-    assert graphed() == 0  # nothing changed since: the eager path runs and packs nothing

@@ -1,19 +1,25 @@
 """
 2:4 semi-structured sparse MLP layers for training on Hopper, one job per file:
   mask.py        the transposable 2:4 mask (W and W^T both 2:4) and its checksum
+  linear.py      SemiSparseLinear, its straight-through autograd function, the kernel interface (SparseOp)
+                 and the bf16 kernels (MaskedKernel, CusparseltKernel)
   cusparselt.py  cuSPARSELt GEMMs with plans built once (nvmath-python), torch._cslt_* fallback; the custom op
   compress.py    compressing W and W^T into cuSPARSELt's layout at GPU speed (learned bit order, self-checked)
-  tune.py        timing GEMMs and compression, the on-disk timing cache, the per-op decision rule
-  linear.py      SemiSparseLinear, its straight-through autograd function and kernels
-  fp8.py         the fp8 2:4 kernel for --fp8 --sparse (torchao sm90 CUTLASS ops)
-  convert.py     SparseConfig, converting a model's MLPs, re-pack hooks
+  fp8_ops.py     fp8 quantization and the fp8 GEMMs (torchao's CUTLASS 2:4, cuBLAS dense) of the fp8 kernel
+  fp8_pack.py    packing fp8 2:4 weight operands into torchao's CUTLASS layout (learned, self-checked)
+  fp8_kernel.py  Fp8SparseKernel, the fp8 2:4 kernel for --fp8 --sparse
+  runtime.py     SparseRuntime: per device, the libraries, plans, compressors, packers and compiled helpers
+  tune.py        timing GEMMs and packs, the on-disk timing cache, the per-op decision rules
+  convert.py     SparseConfig, converting a model's MLPs and choosing their kernels, re-pack hooks
+The trainer reaches all of it through SparseConverter (nanochat/converters.py).
 """
 
 from nanochat.sparse.convert import (SparseConfig, convert_mlp_to_sparse, install_refresh_hooks, mask_checksum,
                                      refresh_sparse_weights, sparse_layers)
-from nanochat.sparse.linear import DENSE, CusparseltKernel, MaskedKernel, SemiSparseLinear
+from nanochat.sparse.linear import DENSE, CusparseltKernel, MaskedKernel, SemiSparseLinear, SparseOp
 from nanochat.sparse.mask import transposable_mask, transposable_mask_reference
+from nanochat.sparse.runtime import SparseRuntime
 
 __all__ = ["SparseConfig", "convert_mlp_to_sparse", "install_refresh_hooks", "mask_checksum", "refresh_sparse_weights",
-           "sparse_layers", "DENSE", "CusparseltKernel", "MaskedKernel", "SemiSparseLinear", "transposable_mask",
-           "transposable_mask_reference"]
+           "sparse_layers", "DENSE", "CusparseltKernel", "MaskedKernel", "SemiSparseLinear", "SparseOp", "SparseRuntime",
+           "transposable_mask", "transposable_mask_reference"]

@@ -157,7 +157,7 @@ class LearnedCompressor:
     """Writes the library's compressed bytes of a 2:4 (m x k) matrix with a learned metadata bit order."""
     name = "learned"
 
-    def __init__(self, lib, m, k, device, compile=True, check_rounds=2):
+    def __init__(self, lib, m, k, device, compiler=None, check_rounds=2):
         self.m, self.k = m, k
         device = torch.device(device)
         G = m * k // 4
@@ -174,9 +174,9 @@ class LearnedCompressor:
         nbits = 8 * (total - self.value_bytes)
         self.layout, self.tables = metadata_tables(*learn_metadata(meta_of, G, nbits, device), G)
         fn = _compress_nibbles if self.layout == "nibbles" else _compress_bits
-        # dynamic shapes: one compiled graph serves every (m, k) (per memory order) instead of one
-        # recompile per shape, which would soon hit dynamo's recompile limit and fall back to eager
-        self.fn = torch.compile(fn, dynamic=True) if compile else fn
+        # compiler: SparseRuntime.compiled (dynamic shapes, so one compiled graph serves every (m, k) per
+        # memory order instead of one recompile per shape), or None to run eagerly
+        self.fn = compiler(fn) if compiler else fn
         self._check(lib, device, check_rounds)
 
     def __call__(self, wm, out):
@@ -208,22 +208,12 @@ class LearnedCompressor:
                                              f"values end at {self.value_bytes})")
 
 
-_COMPRESSORS = {}  # (library, m, k, kind) -> compressor: learning a layout is done once per process
-
-
-def make_compressor(lib, m, k, device, kind="auto", log=None):
+def make_compressor(lib, m, k, device, kind="auto", log=None, compiler=None):
     """LearnedCompressor where it reproduces the library's bytes ("auto" or "learned"), else the library's.
-    One per library and shape for the process."""
-    key = (id(lib), m, k, kind)
-    if key not in _COMPRESSORS:
-        _COMPRESSORS[key] = _new_compressor(lib, m, k, device, kind, log)
-    return _COMPRESSORS[key]
-
-
-def _new_compressor(lib, m, k, device, kind, log):
+    SparseRuntime.compressor keeps one per library and shape."""
     if kind in ("auto", "learned"):
         try:
-            return LearnedCompressor(lib, m, k, device)
+            return LearnedCompressor(lib, m, k, device, compiler)
         except CompressorMismatch as e:
             if kind == "learned":
                 raise

@@ -11,13 +11,16 @@ import torch
 import torch.nn as nn
 
 from nanochat.common import UserError, get_base_dir, print0, rank0s
-from nanochat.sparse.linear import DENSE, CusparseltKernel, MaskedKernel, SemiSparseLinear
+from nanochat.hardware import fp8_sparse_supported, round_up
+from nanochat.sparse.cusparselt import TOKEN_PAD, pick_impl
+from nanochat.sparse.linear import DENSE, CusparseltKernel, MaskedKernel, SemiSparseLinear, SparseOp
 from nanochat.sparse.mask import masks_checksum, transposable_mask
+from nanochat.sparse.runtime import SparseRuntime
 
 
 @dataclass
 class SparseConfig:
-    """Settings of the 2:4 path. The kernels keep what they need of it; nothing is process-global."""
+    """Settings of the 2:4 path. The kernels keep what they need of it; their state lives in a SparseRuntime."""
     backend: str = "auto"        # auto (cuSPARSELt on CUDA) | cusparselt | masked (dense GEMM on the masked weight)
     fp8: bool = False            # fp8 2:4 kernel (Hopper) for --fp8 --sparse
     tokens: Optional[int] = None  # tokens per micro-batch to choose kernels for (None: ops run dense until tuned)
@@ -48,7 +51,6 @@ def _kernel_kind(config, device):
         config.log("Warning: this torch has no cuSPARSELt; 2:4 sparsity uses the masked dense kernel (no speedup)")
         return "masked"
     if config.fp8:
-        from nanochat.fp8 import fp8_sparse_supported
         ok, reason = fp8_sparse_supported(device)
         if ok:
             return "fp8"
@@ -56,14 +58,14 @@ def _kernel_kind(config, device):
     return "cusparselt"
 
 
-def _make_kernel(kind, impl, out_features, in_features, device, log):
+def _make_kernel(kind, impl, out_features, in_features, runtime, log):
     if kind == "fp8":
-        from nanochat.sparse.fp8 import Fp8SparseKernel
+        from nanochat.sparse.fp8_kernel import Fp8SparseKernel  # imports torchao
         if Fp8SparseKernel.supports(out_features, in_features):
-            return Fp8SparseKernel(out_features, in_features, device)
+            return Fp8SparseKernel(out_features, in_features, runtime.device, runtime)
         log(f"Warning: fp8 2:4 kernel needs dims divisible by 32, {out_features}x{in_features} uses bf16 2:4 (cuSPARSELt)")
         kind = "cusparselt"
-    return CusparseltKernel(impl) if kind == "cusparselt" else MaskedKernel()
+    return CusparseltKernel(runtime.library(impl)) if kind == "cusparselt" else MaskedKernel()
 
 
 def _short_names(names):
@@ -77,27 +79,25 @@ def _by_shape(layers):
     return shapes
 
 
-def _tune(layers, config, impl, device):
+def _tune(layers, config, impl, runtime):
     """Choose each (shape, op)'s kernel from GEMM timings (cached on disk) and the measured cost of
     compressing its operand once per step; configure every cuSPARSELt kernel accordingly."""
-    from nanochat.sparse.compress import make_compressor
-    from nanochat.sparse.cusparselt import TOKEN_PAD, library
     from nanochat.sparse.tune import TimingCache, decide, gemm_timings, time_compress_ms
-    lib = library(impl, device)
+    lib, device = runtime.library(impl), runtime.device
     cache = TimingCache(config.timing_cache or os.path.join(get_base_dir(), "cusparselt_timings.json"), log=config.log)
 
-    def compressor(m, k):  # one per library and shape for the process (learning a layout is not free)
-        return make_compressor(lib, m, k, device, config.compressor, log=config.log)
+    def compressor(m, k):
+        return runtime.compressor(impl, m, k, config.compressor, log=config.log)
 
     T = config.tokens
-    Tp = -(-T // TOKEN_PAD) * TOKEN_PAD if T else None
+    Tp = round_up(T, TOKEN_PAD) if T else None
     for (N, K), members in _by_shape(layers).items():
         choice, info = {}, []
         for op, (m, k), transposed in (("fwd", (N, K), False), ("dgrad", (K, N), True)):
             if T is None or config.force == "dense":
                 choice[op] = 0 if config.force == "sparse" else DENSE
                 continue
-            gemm = gemm_timings(impl, device, m, k, T, op, cache)
+            gemm = gemm_timings(lib, m, k, T, op, cache)
             comp = compressor(m, k)
             pack_ms = time_compress_ms(comp, lib.empty_compressed(m, k), m, k, transposed, device)
             alg = decide(gemm, pack_ms, config.micro_batches, config.force)
@@ -105,16 +105,14 @@ def _tune(layers, config, impl, device):
             info.append(f"{op} {'dense' if alg is None else f'cuSPARSELt alg {alg}'} (sparse {gemm['sparse_ms']:.3f} ms, "
                         f"dense {gemm['dense_ms']:.3f} ms; compress {pack_ms:.3f} ms/step, {comp.name})")
         choice = rank0s(choice)
+
+        def sparse_op(alg, m, k):
+            return None if alg == DENSE else SparseOp(compressor(m, k), lib.empty_compressed(m, k), alg)
         for _, layer in members:
-            kernel = layer.kernel
-            fwd_sparse, dgrad_sparse = choice["fwd"] != DENSE, choice["dgrad"] != DENSE
-            kernel.configure(choice["fwd"], choice["dgrad"],
-                             compressor(N, K) if fwd_sparse else None, compressor(K, N) if dgrad_sparse else None,
-                             lib.empty_compressed(N, K) if fwd_sparse else None,
-                             lib.empty_compressed(K, N) if dgrad_sparse else None)
-            for alg, (m, k) in ((choice["fwd"], (N, K)), (choice["dgrad"], (K, N))):
-                if Tp and alg != DENSE:
-                    lib.prepare(m, k, Tp, alg)  # build the plan now, not inside the first compiled step
+            layer.kernel.configure(sparse_op(choice["fwd"], N, K), sparse_op(choice["dgrad"], K, N))
+        for alg, (m, k) in ((choice["fwd"], (N, K)), (choice["dgrad"], (K, N))):
+            if Tp and alg != DENSE:
+                lib.prepare(m, k, Tp, alg)  # build the plan now, not inside the first compiled step
         names = [n for n, _ in members]
         detail = ", ".join(info) if info else members[0][1].kernel.describe() + " (not tuned: no token count)"
         config.log(f"2:4 kernels for {len(members)} layers of weight {N}x{K} ({_short_names(names)})"
@@ -122,41 +120,43 @@ def _tune(layers, config, impl, device):
     cache.save()
 
 
-def _tune_fp8(layers, config, device):
+def _tune_fp8(layers, config, runtime):
     """Per shape, each op of the fp8 kernels 2:4 or dense fp8 (on the masked weight), from measured GPU
     time weighed like the bf16 kernels' (nanochat/sparse/tune.py), and the packers of W and W^T."""
-    from nanochat.sparse.fp8 import choose_ops, make_fp8_packer, time_ops
+    from nanochat.sparse.fp8_ops import cast_tensorwise
+    from nanochat.sparse.tune import choose_fp8_ops, time_fp8_ops
     kind = "cutlass" if config.compressor == "cusparselt" else config.compressor  # the library's own packer
     for (N, K), members in _by_shape(layers).items():
-        packers = {op: make_fp8_packer(m, k, device, kind, log=config.log) for op, (m, k) in (("fwd", (N, K)), ("dgrad", (K, N)))}
+        packers = {op: runtime.fp8_packer(m, k, kind, log=config.log) for op, (m, k) in (("fwd", (N, K)), ("dgrad", (K, N)))}
         if config.tokens is None or config.force is not None:
             choice = {op: config.force != "dense" for op in ("fwd", "dgrad")}  # no token count: both 2:4
             info = "not tuned" if config.force is None else f"forced {config.force}"
         else:
-            timings = time_ops(N, K, config.tokens, device, packers)
-            choice = choose_ops(timings, config.micro_batches)
+            timings = time_fp8_ops(N, K, config.tokens, runtime.device, packers, runtime.compiled(cast_tensorwise))
+            choice = choose_fp8_ops(timings, config.micro_batches)
             info = f"T={config.tokens}, " + ", ".join(
                 f"{op} {'2:4' if choice[op] else 'dense fp8'} (2:4 {t['sparse_ms']:.3f} ms, dense {t['dense_ms']:.3f} ms; "
                 f"pack {t['pack_ms']:.3f} ms/step, cast {t['cast_ms']:.3f})" for op, t in timings.items())
         choice = rank0s(choice)
         for _, layer in members:
-            layer.kernel.configure(choice["fwd"], choice["dgrad"], packers["fwd"], packers["dgrad"])
+            layer.kernel.configure(*(SparseOp(packers[op]) if choice[op] else None for op in ("fwd", "dgrad")))
         config.log(f"fp8 2:4 kernels for {len(members)} layers of weight {N}x{K} ({_short_names([n for n, _ in members])}): "
                    f"{members[0][1].kernel.describe()}; packers {packers['fwd'].name}/{packers['dgrad'].name} ({info})")
 
 
-def convert_mlp_to_sparse(model, device, config=None):
+def convert_mlp_to_sparse(model, device, config=None, runtime=None):
     """Swap every nn.Linear under `.mlp.` with both dims divisible by 16 for a SemiSparseLinear
-    (in place, same Parameters), choose kernels and pack. Returns the number converted (0: the
-    model stays dense, e.g. --sparse on CPU). Call before torch.compile and DDP."""
+    (in place, same Parameters), choose kernels and pack. runtime: the SparseRuntime the kernels use
+    (None: a new one for this device). Returns the number converted (0: the model stays dense, e.g.
+    --sparse on CPU). Call before torch.compile and DDP."""
     config = config or SparseConfig()
     device = torch.device(device)
     kind = _kernel_kind(config, device)
     if kind is None:
         return 0
+    runtime = runtime or SparseRuntime(device)
     impl = None
     if kind in ("cusparselt", "fp8"):
-        from nanochat.sparse.cusparselt import pick_impl
         impl, reason = pick_impl(config.impl)
         config.log(f"2:4 GEMMs through cuSPARSELt via {'nvmath-python (plans built once)' if impl == 'nvmath' else 'torch._cslt_*'}: {reason}")
     targets = [(name, mod) for name, mod in model.named_modules()
@@ -165,17 +165,17 @@ def convert_mlp_to_sparse(model, device, config=None):
     layers = []
     for name, mod in targets:
         parent_name, _, child = name.rpartition(".")
-        kernel = _make_kernel(kind, impl, mod.out_features, mod.in_features, mod.weight.device, config.log)
+        kernel = _make_kernel(kind, impl, mod.out_features, mod.in_features, runtime, config.log)
         new = SemiSparseLinear.from_linear(mod, kernel)
         setattr(model.get_submodule(parent_name), child, new)
         layers.append((name, new))
     config.log(f"✓ 2:4 sparsity enabled - converted {len(targets)} MLP layers to SemiSparseLinear")
     sparse_gemm_layers = [(n, m) for n, m in layers if isinstance(m.kernel, CusparseltKernel)]
     if sparse_gemm_layers:
-        _tune(sparse_gemm_layers, config, impl, device)
-    fp8_layers = [(n, m) for n, m in layers if m.kernel.name == "fp8" and m.kernel.scaling == "tensorwise"]
+        _tune(sparse_gemm_layers, config, impl, runtime)
+    fp8_layers = [(n, m) for n, m in layers if m.kernel.name == "fp8"]
     if fp8_layers:
-        _tune_fp8(fp8_layers, config, device)
+        _tune_fp8(fp8_layers, config, runtime)
     for _, layer in layers:
         layer.refresh()  # pack now, before anything compiles the model
     kinds = {}
@@ -197,99 +197,23 @@ def refresh_sparse_weights(model):
     return sum(int(m.refresh()) for m in sparse_layers(model))
 
 
-@torch.no_grad()
-def refresh_sharded(layers, group=None):
-    """Re-pack under DDP with the work split over the ranks: rank r prunes and packs layers r, r + world,
-    ... and each layer's packed buffers are then broadcast from the rank that packed them. Every rank
-    must hold the same weights (true after DDP's all-reduce and an identical optimizer step) and call
-    this at the same point. Returns how many layers this rank packed itself."""
-    import torch.distributed as dist
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    changed = [m for m in layers if m.stale()]
-    packed = 0
-    for i, m in enumerate(changed):
-        if i % world == rank:
-            packed += int(m.refresh())
-        else:
-            m.mark_packed()
-    for i, m in enumerate(changed):
-        src = i % world if group is None else dist.get_global_rank(group, i % world)
-        for buf in m.kernel.packed_buffers():
-            dist.broadcast(buf.view(torch.uint8), src=src, group=group)  # bytes: any dtype, any backend
-    return packed
-
-
-class GraphedRefresh:
-    """Re-pack a fixed list of CUDA sparse layers by replaying one CUDA graph: one host call per optimizer step
-    instead of a few per layer, for when the host time of many layers' mask and pack calls outlasts their GPU
-    work (at d20/d26 on an H200 no step got faster with it). Captured at the first call, after an eager re-pack that compiles and allocates what the
-    capture needs; captured again when a weight moved (.to(), a new Parameter). The graph re-packs every
-    layer, so it runs only when every layer changed (an optimizer step); otherwise, or if capture fails
-    (the failure is logged once), the layers re-pack eagerly."""
-
-    def __init__(self, layers, log=print0):
-        self.layers, self.log = list(layers), log
-        self.graph, self.ptrs, self.failed = None, None, False
-
-    @torch.no_grad()
-    def __call__(self):
-        layers = self.layers
-        if self.failed or not all(m.stale() for m in layers):
-            return sum(int(m.refresh()) for m in layers)
-        ptrs = [m.weight.data_ptr() for m in layers]
-        if self.graph is None or ptrs != self.ptrs:
-            for m in layers:
-                m.refresh(force=True)  # warm-up: compiles and first allocations happen outside the capture
-            counts = [m.num_packs for m in layers]
-            try:
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):  # records the kernels without running them
-                    for m in layers:
-                        m.refresh(force=True)
-            except Exception as e:  # a kernel that cannot be captured: keep the eager re-pack
-                self.failed = True
-                self.log(f"Warning: the sparse re-pack could not be captured as a CUDA graph ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:200] if str(e) else ''}); re-packing layer by layer")
-                return len(layers)
-            finally:
-                for m, n in zip(layers, counts):
-                    m.num_packs = n
-            self.graph, self.ptrs = graph, ptrs
-            return len(layers)
-        self.graph.replay()
-        for m in layers:
-            m.mark_packed()
-            m.num_packs += 1
-        return len(layers)
-
-
-def install_refresh_hooks(model, optimizers, shard=False, group=None, graph=False, log=print0):
+def install_refresh_hooks(model, optimizers):
     """Re-pack the sparse layers right after each optimizer step that updates them (once per step,
-    never per micro-batch) and after model.load_state_dict. shard=True (DDP only) splits the re-pack
-    after each optimizer step over the ranks (refresh_sharded). graph=True re-packs CUDA layers by
-    replaying a CUDA graph (GraphedRefresh; off by default: no step got faster with it, docs/fp8-notes.md).
-    Returns the hook handles."""
+    never per micro-batch) and after model.load_state_dict. Returns the hook handles."""
     layers = sparse_layers(model)
-    handles = []
-    def refresher(mine, mode):
-        graphed = GraphedRefresh(mine, log) if mode == "graph" else None
+
+    def refresher(mine):
         def hook(*_):
-            if mode == "sharded":
-                refresh_sharded(mine, group)
-            elif graphed is not None:
-                graphed()
-            else:
-                for m in mine:
-                    m.refresh()
+            for m in mine:
+                m.refresh()
         return hook
+    handles = []
     for opt in optimizers:
-        params = {id(p) for group_ in opt.param_groups for p in group_["params"]}
+        params = {id(p) for group in opt.param_groups for p in group["params"]}
         mine = [m for m in layers if id(m.weight) in params]
         if mine:
-            cuda = all(m.weight.is_cuda for m in mine)
-            mode = "sharded" if shard else "graph" if graph and cuda else "eager"
-            handles.append(opt.register_step_post_hook(refresher(mine, mode)))
-    handles.append(model.register_load_state_dict_post_hook(refresher(layers, "eager")))
+            handles.append(opt.register_step_post_hook(refresher(mine)))
+    handles.append(model.register_load_state_dict_post_hook(refresher(layers)))
     return handles
 
 

@@ -12,14 +12,21 @@ Layout (both): A is a structured m x k row-major matrix; x (T x k, row-major) is
 column-major B; the output (T x m, row-major) is the dense m x T column-major D. This is what
 torch._cslt_sparse_mm(c, x.t(), transpose_result=True) computes, bit for bit.
 
-The GEMM is a torch.library custom op (`nanochat_sparse::spmm`) with a fake implementation, so
-torch.compile keeps one graph around it and CUDA graphs can capture it. The op only runs plans:
-algorithm choice and timing happen before training (nanochat/sparse/tune.py).
+The library objects are owned by a SparseRuntime (nanochat/sparse/runtime.py), one per device. The GEMM
+is a torch.library custom op (`nanochat_sparse::spmm`) with a fake implementation, so torch.compile keeps
+one graph around it and CUDA graphs can capture it; custom ops take only tensors and numbers, so the op
+is handed its library's integer handle. The op only runs plans: algorithm choice and timing happen
+before training (nanochat/sparse/tune.py).
 """
+
+import itertools
+import weakref
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from nanochat.hardware import round_up
 
 TOKEN_PAD = 32  # cuSPARSELt wants the dense dims aligned; odd token counts are zero-padded to this
 _BF16 = 14      # cudaDataType CUDA_R_16BF
@@ -51,17 +58,34 @@ def pick_impl(requested="auto"):
     return "torch", reason + "; plans are rebuilt on every call (slower)"
 
 
-class NvmathCusparselt:
-    """One cuSPARSELt handle on one device, with descriptors and plans kept for the process."""
+class Library:
+    """What both implementations share: an integer handle through which the custom op, which takes only
+    tensors and numbers, finds the object. The handle table is weak: it keeps nothing alive, and a library
+    lives as long as the runtime or kernels that hold it."""
+    _by_handle = weakref.WeakValueDictionary()
+    _next_handle = itertools.count(1)
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.handle = next(Library._next_handle)
+        Library._by_handle[self.handle] = self
+
+    @staticmethod
+    def from_handle(handle):
+        return Library._by_handle[handle]
+
+
+class NvmathCusparselt(Library):
+    """One cuSPARSELt handle on one device, with the descriptors and plans it has built."""
     name = "nvmath"
 
     def __init__(self, device):
+        super().__init__(device)
         from nvmath.bindings import cusparseLt
         self.lt = cusparseLt
-        self.device = torch.device(device)
-        self.handle = cusparseLt.init()
-        self.version = cusparseLt.get_version(self.handle)
-        # host scalars and the stream array live at fixed addresses for the process
+        self.lt_handle = cusparseLt.init()
+        self.version = cusparseLt.get_version(self.lt_handle)
+        # host scalars and the stream array live at fixed addresses while this object lives
         self._alpha_beta = np.array([1.0, 0.0], dtype=np.float32)
         self._alpha = self._alpha_beta.ctypes.data
         self._beta = self._alpha + 4
@@ -73,9 +97,9 @@ class NvmathCusparselt:
     def _sparse_desc(self, m, k):
         if (m, k) not in self._sparse:
             lt = self.lt
-            desc = lt.structured_descriptor_init(self.handle, m, k, k, _ALIGN, _BF16, _ORDER_ROW,
+            desc = lt.structured_descriptor_init(self.lt_handle, m, k, k, _ALIGN, _BF16, _ORDER_ROW,
                                                  lt.Sparsity.SPARSITY_50_PERCENT)
-            size, scratch = lt.sp_mma_compressed_size2(self.handle, desc)
+            size, scratch = lt.sp_mma_compressed_size2(self.lt_handle, desc)
             self._sparse[(m, k)] = (desc, size, torch.empty(max(scratch, 1), dtype=torch.uint8, device=self.device))
         return self._sparse[(m, k)]
 
@@ -86,7 +110,7 @@ class NvmathCusparselt:
         """Compress a (m x k, row-major bf16, 2:4 along rows) into out (from empty_compressed)."""
         m, k = a.shape
         desc, _, scratch = self._sparse_desc(m, k)
-        self.lt.sp_mma_compress2(self.handle, desc, 1, _NON_TRANSPOSE, a.data_ptr(), out.data_ptr(),
+        self.lt.sp_mma_compress2(self.lt_handle, desc, 1, _NON_TRANSPOSE, a.data_ptr(), out.data_ptr(),
                                  scratch.data_ptr(), torch.cuda.current_stream(self.device).cuda_stream)
         return out
 
@@ -100,7 +124,7 @@ class NvmathCusparselt:
     def _plan(self, m, k, T, alg):
         key = (m, k, T, alg)
         if key not in self._plans:
-            lt, h = self.lt, self.handle
+            lt, h = self.lt, self.lt_handle
             sparse = self._sparse_desc(m, k)[0]
             dense_b = lt.dense_descriptor_init(h, k, T, k, _ALIGN, _BF16, _ORDER_COL)
             dense_d = lt.dense_descriptor_init(h, m, T, m, _ALIGN, _BF16, _ORDER_COL)
@@ -130,17 +154,17 @@ class NvmathCusparselt:
         plan, workspace = self._plan(m, k, T, alg)[:2]
         y = torch.empty(T, m, dtype=torch.bfloat16, device=x.device)
         self._stream[0] = torch._C._cuda_getCurrentRawStream(self.device.index)  # the cheapest way to ask
-        self.lt.matmul(self.handle, plan, self._alpha, c.data_ptr(), x.data_ptr(), self._beta, y.data_ptr(),
+        self.lt.matmul(self.lt_handle, plan, self._alpha, c.data_ptr(), x.data_ptr(), self._beta, y.data_ptr(),
                        y.data_ptr(), workspace.data_ptr(), self._stream_ptr, 1)
         return y
 
 
-class TorchCusparselt:
+class TorchCusparselt(Library):
     """The same operations through torch._cslt_* (descriptors and plan rebuilt on every call)."""
     name = "torch"
 
     def __init__(self, device):
-        self.device = torch.device(device)
+        super().__init__(device)
         self.version = torch.backends.cusparselt.version()
         self._sizes = {}
 
@@ -168,32 +192,20 @@ class TorchCusparselt:
         return torch._cslt_sparse_mm(cb, x.t(), transpose_result=True, alg_id=alg)
 
 
-_LIBS = {}  # (impl, device index) -> library object: one handle per device, like torch's cuBLAS handles
-
-
-def library(impl, device):
-    """The cuSPARSELt library object for an implementation name and a CUDA device (created once)."""
-    device = torch.device(device)
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    key = (impl, index)
-    if key not in _LIBS:
-        cls = {"nvmath": NvmathCusparselt, "torch": TorchCusparselt}[impl]
-        with torch.cuda.device(index):
-            _LIBS[key] = cls(torch.device("cuda", index))
-    return _LIBS[key]
+IMPLEMENTATIONS = {"nvmath": NvmathCusparselt, "torch": TorchCusparselt}
 
 
 @torch.library.custom_op("nanochat_sparse::spmm", mutates_args=())
-def spmm(x: torch.Tensor, c: torch.Tensor, m: int, alg: int, impl: str) -> torch.Tensor:
-    """x (T x k, bf16) @ A^T -> (T x m, bf16), A (m x k, 2:4) compressed as c by the same impl."""
+def spmm(x: torch.Tensor, c: torch.Tensor, m: int, alg: int, library: int) -> torch.Tensor:
+    """x (T x k, bf16) @ A^T -> (T x m, bf16), A (m x k, 2:4) compressed as c by the library whose
+    handle is given."""
     T = x.shape[0]
-    Tp = -(-T // TOKEN_PAD) * TOKEN_PAD
+    Tp = round_up(T, TOKEN_PAD)
     xp = x.contiguous() if Tp == T else F.pad(x, (0, 0, 0, Tp - T))
-    lib = _LIBS.get((impl, x.device.index)) or library(impl, x.device)
-    y = lib.matmul(c, xp, m, alg)
+    y = Library.from_handle(library).matmul(c, xp, m, alg)
     return y if Tp == T else y[:T].clone()
 
 
 @spmm.register_fake
-def _(x, c, m, alg, impl):
+def _(x, c, m, alg, library):
     return x.new_empty(x.shape[0], m)

@@ -6,10 +6,21 @@ SemiSparseLinear: an nn.Linear whose forward uses its transposable-2:4-pruned we
 - Gradients are straight-through: y = x Wm^T, grad_x = gy Wm, grad_W = gy^T x (dense, not masked).
 - Kernels: MaskedKernel (dense matmul on the masked weight, any device: CPU tests, accuracy studies),
   CusparseltKernel (cuSPARSELt for the forward and grad-input GEMMs on W and W^T compressed once per
-  step, each op dense where that was measured faster), Fp8SparseKernel (nanochat/sparse/fp8.py).
+  step, each op dense where that was measured faster), Fp8SparseKernel (nanochat/sparse/fp8_kernel.py).
   Packed tensors are non-persistent buffers updated in place, so compiled graphs see the same tensors
   every step (no recompiles) and checkpoints hold only the dense weights.
+
+Every kernel has the same interface:
+  name                    "masked", "cusparselt" or "fp8"
+  configure(fwd, dgrad)   each op (fwd: x Wm^T, dgrad: gy Wm) a SparseOp, or None: dense on the masked weight
+  pack(wm)                once per step, outside torch.compile: wm is the masked weight (out, in)
+  linear(x, weight)       y = x Wm^T with the straight-through gradient to the dense weight
+  packed_buffers()        the tensors pack() writes (DDP broadcasts, memory accounting)
+  describe()              one line: how each op runs
 """
+
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -20,18 +31,30 @@ from nanochat.sparse.mask import masked_bf16, transposable_mask
 DENSE = -1  # algorithm id of an op that runs dense on the masked weight
 
 
+@dataclass(frozen=True)
+class SparseOp:
+    """How one op runs 2:4. pack(operand, out) writes its weight operand (m x k, 2:4 along rows, any
+    strides) into out: a cuSPARSELt compressor and its buffer (`out`, from library.empty_compressed), or
+    an fp8 packer (out None: the kernel keeps what the first pack allocates). alg: the cuSPARSELt
+    algorithm id (unused by fp8)."""
+    pack: Callable
+    out: Optional[torch.Tensor] = None
+    alg: int = 0
+
+
 class _SparseLinearFn(torch.autograd.Function):
     """y = x Wm^T, grad_x = gy Wm, grad_W = gy^T x: the dense master weight gets the dense gradient
     of the pruned weight (straight-through). x (T, K) is already in the compute dtype.
-    wm: the masked weight (None when both ops run on cuSPARSELt); c, ct: compressed Wm and Wm^T."""
+    wm: the masked weight (None when both ops run on cuSPARSELt); c, ct: compressed Wm and Wm^T;
+    library: the handle of the cuSPARSELt library that compressed them (0 when both ops run dense)."""
 
     @staticmethod
-    def forward(ctx, x, weight, wm, c, ct, fwd_alg, dgrad_alg, impl):
+    def forward(ctx, x, weight, wm, c, ct, fwd_alg, dgrad_alg, library):
         ctx.save_for_backward(x, wm, ct)
-        ctx.wdtype, ctx.dgrad_alg, ctx.impl = weight.dtype, dgrad_alg, impl
+        ctx.wdtype, ctx.dgrad_alg, ctx.library = weight.dtype, dgrad_alg, library
         if fwd_alg == DENSE:
             return x @ wm.t()
-        return spmm(x, c, weight.shape[0], fwd_alg, impl)
+        return spmm(x, c, weight.shape[0], fwd_alg, library)
 
     @staticmethod
     def backward(ctx, gy):
@@ -41,7 +64,7 @@ class _SparseLinearFn(torch.autograd.Function):
             if ctx.dgrad_alg == DENSE:
                 gx = gy @ wm
             else:
-                gx = spmm(gy.contiguous(), ct, x.shape[1], ctx.dgrad_alg, ctx.impl)
+                gx = spmm(gy.contiguous(), ct, x.shape[1], ctx.dgrad_alg, ctx.library)
         if ctx.needs_input_grad[1]:
             gw = (gy.t() @ x).to(ctx.wdtype)
         return gx, gw, None, None, None, None, None, None
@@ -62,36 +85,49 @@ class MaskedKernel(nn.Module):
         super().__init__()
         self.register_buffer("wm", None, persistent=False)
 
+    def configure(self, fwd, dgrad):
+        if fwd is not None or dgrad is not None:
+            raise ValueError("the masked kernel runs every op dense: configure(None, None)")
+
     def pack(self, wm):
         self.wm = _update(self.wm, wm)
 
     def linear(self, x, weight):
-        return _SparseLinearFn.apply(x, weight, self.wm, None, None, DENSE, DENSE, "")
+        return _SparseLinearFn.apply(x, weight, self.wm, None, None, DENSE, DENSE, 0)
 
     def packed_buffers(self):
         return [self.wm]
 
+    def describe(self):
+        return "fwd dense, dgrad dense (masked weight)"
+
 
 class CusparseltKernel(nn.Module):
     """cuSPARSELt for fwd (x Wm^T, Wm compressed) and dgrad (gy Wm, Wm^T compressed), dense wgrad.
-    Each op runs dense on the masked weight until configure() gives it an algorithm id."""
+    Each op runs dense on the masked weight until configure() gives it a SparseOp. library: the
+    runtime's cuSPARSELt library object (SparseRuntime.library), None for a kernel that stays dense."""
     name = "cusparselt"
 
-    def __init__(self, impl):
+    def __init__(self, library=None):
         super().__init__()
-        self.impl = impl
+        self.library = library
+        # the custom op's argument; a plain int, so torch.compile never traces into the library object
+        self.library_handle = library.handle if library is not None else 0
         self.fwd_alg = self.dgrad_alg = DENSE
         self.compress_w = self.compress_wt = None
         self.register_buffer("wm", None, persistent=False)
         self.register_buffer("c", None, persistent=False)
         self.register_buffer("ct", None, persistent=False)
 
-    def configure(self, fwd_alg, dgrad_alg, compress_w, compress_wt, empty_c, empty_ct):
-        """Algorithm ids (DENSE = dense kernel), the compressors of W and W^T, and their buffers."""
-        self.fwd_alg, self.dgrad_alg = fwd_alg, dgrad_alg
-        self.compress_w, self.compress_wt = compress_w, compress_wt
-        self.c = empty_c if fwd_alg != DENSE else None
-        self.ct = empty_ct if dgrad_alg != DENSE else None
+    def configure(self, fwd, dgrad):
+        """Each op a SparseOp (its algorithm id, the compressor of W or W^T and its buffer) or None (dense)."""
+        if (fwd is not None or dgrad is not None) and self.library is None:
+            raise ValueError("a cuSPARSELt op needs the kernel's library: CusparseltKernel(runtime.library(impl))")
+        self.fwd_alg = fwd.alg if fwd else DENSE
+        self.dgrad_alg = dgrad.alg if dgrad else DENSE
+        self.compress_w, self.compress_wt = (fwd.pack if fwd else None), (dgrad.pack if dgrad else None)
+        self.c = fwd.out if fwd else None
+        self.ct = dgrad.out if dgrad else None
 
     def pack(self, wm):
         # the dense masked copy is kept only for ops that multiply with it
@@ -102,7 +138,8 @@ class CusparseltKernel(nn.Module):
             self.compress_wt(wm.t(), self.ct)
 
     def linear(self, x, weight):
-        return _SparseLinearFn.apply(x, weight, self.wm, self.c, self.ct, self.fwd_alg, self.dgrad_alg, self.impl)
+        return _SparseLinearFn.apply(x, weight, self.wm, self.c, self.ct, self.fwd_alg, self.dgrad_alg,
+                                     self.library_handle)
 
     def packed_buffers(self):
         return [b for b in (self.wm, self.c, self.ct) if b is not None]
@@ -143,7 +180,7 @@ class SemiSparseLinear(nn.Linear):
         # CUDA computes in bf16 (like nn.Linear under autocast); elsewhere in the weight's dtype
         wm = masked_bf16(w) if w.is_cuda else torch.where(transposable_mask(w), w.detach(), 0)
         self.kernel.pack(wm)
-        self.mark_packed()
+        self._packed_key = self.weight_key()
         self.num_packs += 1
         return True
 
@@ -154,11 +191,6 @@ class SemiSparseLinear(nn.Linear):
     def stale(self):
         """The weight changed since the last pack (optimizer step, checkpoint load, .to())."""
         return self.weight_key() != self._packed_key
-
-    def mark_packed(self):
-        """Record the current weight as packed without packing: its bytes arrive from another rank
-        (nanochat/sparse/convert.py, refresh_sharded)."""
-        self._packed_key = self.weight_key()
 
     def forward(self, x):
         if not torch.compiler.is_compiling():

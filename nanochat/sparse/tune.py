@@ -1,5 +1,6 @@
 """
-Choosing the kernel of each 2:4 op before training, from measured GPU time.
+Choosing the kernel of each 2:4 op before training, from measured GPU time: cuSPARSELt against dense
+bf16 for the bf16 kernels, fp8 2:4 against dense fp8 for the fp8 kernel (time_fp8_ops, choose_fp8_ops).
 
 For a GEMM y = x @ A^T with A (m x k) 2:4 at T tokens, time dense (cuBLAS on the masked weight, the
 layout the fallback uses) against every cuSPARSELt algorithm id, on random data (never zeros), with
@@ -16,31 +17,16 @@ one optimizer step pays for compressing its operand once per step.
 
 import json
 import os
-import statistics
 
 import torch
 
-from nanochat.sparse.cusparselt import TOKEN_PAD, library
+from nanochat.hardware import FP8_TOKEN_ALIGN, round_up, time_gpu_ms
+from nanochat.sparse.cusparselt import TOKEN_PAD
+from nanochat.sparse.fp8_ops import E4M3, E5M2, dense_operand, fp8_mm, quantize_tensor
+from nanochat.sparse.fp8_pack import LibraryFp8Packer
 from nanochat.sparse.mask import masked_bf16
 
 CACHE_VERSION = 1
-
-
-def time_gpu_ms(fn, reps=5, batch=5):
-    """Median GPU ms per call of fn, calls queued back to back behind a GPU sleep."""
-    fn()
-    torch.cuda.synchronize()  # warm-up, and surfaces invalid algorithm ids as errors here
-    times = []
-    for _ in range(reps):
-        torch.cuda._sleep(10_000_000)  # a few ms of GPU spin while the host queues the batch
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(batch):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / batch)
-    return statistics.median(times)
 
 
 class TimingCache:
@@ -98,7 +84,7 @@ def time_gemm(lib, m, k, T, op, device):
         at = a.t().contiguous()
         dense_ms = time_gpu_ms(lambda: x @ at)
     c = lib.compress(a, lib.empty_compressed(m, k))
-    Tp = -(-T // TOKEN_PAD) * TOKEN_PAD
+    Tp = round_up(T, TOKEN_PAD)
     xp = torch.nn.functional.pad(x, (0, 0, 0, Tp - T)) if Tp != T else x
     n = lib.num_algs(m, k, Tp) or 64  # the torch implementation does not expose the count: probe
     best, best_ms, tried = None, float("inf"), 0
@@ -140,12 +126,47 @@ def decide(gemm, compress_ms, micro_batches, force=None):
     return gemm["alg"] if saving_ms * micro_batches > compress_ms else None
 
 
-def gemm_timings(impl, device, m, k, T, op, cache):
-    """Cached or freshly measured timings of one GEMM (see time_gemm)."""
-    lib = library(impl, device)
-    key = TimingCache.key(torch.cuda.get_device_name(device), lib.version, impl, m, k, T, op)
+def gemm_timings(lib, m, k, T, op, cache):
+    """Cached or freshly measured timings of one GEMM on this library object (see time_gemm)."""
+    device = lib.device
+    key = TimingCache.key(torch.cuda.get_device_name(device), lib.version, lib.name, m, k, T, op)
     entry = cache.get(key)
     if entry is None:
         entry = time_gemm(lib, m, k, T, op, device)
         cache.put(key, entry)
     return entry
+
+
+def time_fp8_ops(out_features, in_features, tokens, device, packers=None, cast=None):
+    """{op: {sparse_ms, dense_ms, pack_ms, cast_ms}} for one weight shape at this token count, op in
+    fwd (x Wm^T, x in e4m3) and dgrad (gy Wm, gy in e5m2): the fp8 2:4 CUTLASS GEMM and the dense cuBLAS
+    fp8 GEMM on random data, and the once-per-step cost of preparing each one's weight operand (quantize +
+    2:4 pack with packers[op], LibraryFp8Packer by default, against a tensorwise e4m3 cast), each written
+    into kept buffers as the kernel's pack does. cast: the dense operand's cast (compiled by the runtime)."""
+    packers = packers or {}
+    cast_kw = {} if cast is None else {"cast": cast}
+    T = round_up(tokens, FP8_TOKEN_ALIGN)
+    g = torch.Generator(device=device).manual_seed(out_features * 131 + in_features)
+    w = masked_bf16(torch.randn(out_features, in_features, device=device, dtype=torch.bfloat16, generator=g))
+    timings = {}
+    for op, b, a_dtype in (("fwd", w, E4M3), ("dgrad", w.t(), E5M2)):
+        aq, ascale = quantize_tensor(torch.randn(T, b.shape[1], device=device, dtype=torch.bfloat16, generator=g), a_dtype)
+        packer = packers.get(op) or LibraryFp8Packer()
+        packed = packer(b)
+        dense = dense_operand(b, **cast_kw)
+        timings[op] = dict(
+            sparse_ms=time_gpu_ms(lambda: fp8_mm(aq, ascale, T, packed[0], packed[1], packed[2])),
+            dense_ms=time_gpu_ms(lambda: fp8_mm(aq, ascale, T, dense[0], None, dense[2])),
+            pack_ms=time_gpu_ms(lambda: packer(b, packed), reps=3, batch=3),
+            cast_ms=time_gpu_ms(lambda: dense_operand(b, dense, **cast_kw), reps=3, batch=3))
+    return timings
+
+
+def choose_fp8_ops(timings, micro_batches, slowdown=IN_MODEL_SLOWDOWN):
+    """{op: True for 2:4}: an op runs 2:4 iff its GEMM saving over the step's micro-batches pays for
+    packing its operand instead of casting it. slowdown: how much slower, relative to the dense GEMM, a
+    2:4 GEMM runs inside a training step than timed alone; by default the bf16 kernels' margin. A larger
+    margin fitted to the profiler's per-kernel times sent every op dense at d20 with 4 micro-batches, and
+    that step ran 4% slower (docs/fp8-notes.md)."""
+    return {op: (t["dense_ms"] - slowdown * t["sparse_ms"]) * micro_batches > t["pack_ms"] - t["cast_ms"]
+            for op, t in timings.items()}

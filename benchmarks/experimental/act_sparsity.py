@@ -1,11 +1,11 @@
 """
 Activation sparsity over a training run (issue 14, step 1): per MLP layer, how sparse the relu² output h is
-at init and at each saved checkpoint, and what pruning it 2:4 would cost (nanochat.act_stats). Trains once
+at init and at each saved checkpoint, and what pruning it 2:4 would cost (benchmarks/experimental/act_stats.py). Trains once
 through the library trainer with --save-every (all checkpoints kept), then measures every checkpoint on the
 same val batches, eager, under the trainer's autocast (bf16 on CUDA, fp32 on CPU).
 
-    NANOCHAT_BASE_DIR=... python -m benchmarks.act_sparsity                  # make train's d4 CPU run, 300 steps
-    NANOCHAT_BASE_DIR=... python -m benchmarks.act_sparsity --measure-only   # measure the saved checkpoints again
+    NANOCHAT_BASE_DIR=... python -m benchmarks.experimental.act_sparsity                  # make train's d4 CPU run, 300 steps
+    NANOCHAT_BASE_DIR=... python -m benchmarks.experimental.act_sparsity --measure-only   # measure the saved checkpoints again
     bash benchmarks/gpu.sh act_sparsity --depth 12 ...                        # on a GPU (docs/act-sparsity-notes.md)
 
 Step 0 is the run's init, rebuilt from its seed the way train() builds it (the trainer saves no step 0).
@@ -114,7 +114,7 @@ def measure_run(checkpoint_dir, device, eval_batches, log=print):
     """[{"step", "loss", "loss_pruned", "tokens", "layers"}] for step 0 and every saved step, on the first
     eval_batches val micro-batches of the run's shape."""
     from nanochat import checkpoint
-    from nanochat.act_stats import measure
+    from benchmarks.experimental.act_stats import measure
     from nanochat.dataloader import DistributedDataLoader
     from nanochat.tokenizer import get_tokenizer
 
@@ -239,7 +239,7 @@ def main(argv=None):
 
     run_args = run_meta["args"]
     meta = dict(date=datetime.date.today().isoformat(), device=device_name(device), torch=torch.__version__,
-                python=platform.python_version(), command="python -m benchmarks.act_sparsity " + shlex.join(argv),
+                python=platform.python_version(), command="python -m benchmarks.experimental.act_sparsity " + shlex.join(argv),
                 trainer_flags=trainer_flags(args, tag), run_args=run_args, checkpoint_dir=checkpoint_dir,
                 depth=run_meta["model_config"]["n_layer"], model_config=run_meta["model_config"],
                 steps=max(p["step"] for p in points), tokens_per_step=run_args["total_batch_size"],
