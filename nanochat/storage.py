@@ -40,9 +40,9 @@ def not_writable(what, path, e, need=None):
     return UserError(f"the {what} {path} is not writable ({e.strerror}; {free_bytes(path):,} bytes free{needed}): fix its permissions or mount, or point NANOCHAT_BASE_DIR elsewhere")
 
 
-def check_writable(path, need, what):
+def check_writable(path, need, what, detail=""):
     """path (created if missing) accepts a file and has `need` bytes free; else one line naming path,
-    free and needed bytes."""
+    free and needed bytes (and `detail`, what the need is made of)."""
     probe = os.path.join(path, f".write_probe.tmp{os.getpid()}")
     try:
         os.makedirs(path, exist_ok=True)
@@ -57,7 +57,7 @@ def check_writable(path, need, what):
         raise not_writable(what, path, e, need)
     free = free_bytes(path)
     if free < need:
-        raise UserError(f"the {what} {path} has {free:,} bytes free, {need:,} needed: free space there, "
+        raise UserError(f"the {what} {path} has {free:,} bytes free, {need:,} needed{detail}: free space there, "
                         f"or point NANOCHAT_BASE_DIR elsewhere")
 
 

@@ -256,12 +256,15 @@ def peak_memory_gib(device):
 
 
 @torch.no_grad()
-def evaluate_bpb(model, loader, steps, token_bytes, autocast_ctx):
+def evaluate_bpb(model, loader, steps, token_bytes, autocast_ctx, log=None):
     """Bits per byte on `steps` batches: summed nats over summed UTF-8 bytes of the targets
-    (special tokens count 0 bytes and are left out), summed across ranks."""
+    (special tokens count 0 bytes and are left out), summed across ranks. log: progress every ~10%."""
     total_nats = torch.zeros((), dtype=torch.float64, device=token_bytes.device)
     total_bytes = torch.zeros((), dtype=torch.int64, device=token_bytes.device)
-    for _ in range(steps):
+    t0 = time.time()
+    for i in range(steps):
+        if log and i and i % max(1, steps // 10) == 0:
+            log(f"val bpb: batch {i}/{steps} ({time.time() - t0:.1f}s)")
         x, y = loader.next_batch()
         with autocast_ctx:
             loss = model(x, y, loss_reduction="none").view(-1)
@@ -366,9 +369,9 @@ class Checkpointer:
             self.replaced_steps = check_fresh_run(args, checkpoint_dir)
             if rank == 0:
                 storage.remove_stale_temps(checkpoint_dir, print0)
-                storage.check_writable(checkpoint_dir, self.bytes_needed(args, checkpoint_bytes, num_iterations),
-                                       f"checkpoint directory (room for {self.count_needed(args, num_iterations)} "
-                                       f"checkpoints of ~{checkpoint_bytes:,} bytes)")
+                count = self.count_needed(args, num_iterations)
+                storage.check_writable(checkpoint_dir, count * checkpoint_bytes, "checkpoint directory",
+                                       f" for {count} checkpoints of ~{checkpoint_bytes:,} bytes")
         except BaseException:
             self.close()
             raise
@@ -381,9 +384,6 @@ class Checkpointer:
         start = args.resume_from_step if args.resume_from_step > 0 else 0
         saves = (num_iterations - start) // args.save_every + 1 if args.save_every > 0 else 1
         return saves if self.keep_last_k == 0 else min(saves, self.keep_last_k + 1)
-
-    def bytes_needed(self, args, checkpoint_bytes, num_iterations):
-        return self.count_needed(args, num_iterations) * checkpoint_bytes
 
     def close(self):
         if self.lock is not None:
@@ -788,7 +788,7 @@ class Metrics:
         mfu_str = f"{mfu:.1f}%" if mfu is not None else "-"
         self.log(f"step {step:05d}/{run.num_iterations:05d} | loss {train_loss:.4f} (smooth {debiased:.4f}) | "
                  f"lrm {lrm:.3f} | dt {dt * 1000:.0f}ms | tok/s {tok_per_sec:,.0f} | mfu {mfu_str} | "
-                 f"mem {peak_memory_gib(run.device):.2f}GiB | eta {eta / 60:.1f}m")
+                 f"mem {peak_memory_gib(run.device):.2f}GiB | eta {duration(eta)}")
         self.history["step"].append(step)
         self.history["loss"].append(train_loss)
         self.history["tok_per_sec"].append(tok_per_sec)
