@@ -302,15 +302,14 @@ def test_collapse_stops_before_saving_and_the_good_checkpoint_survives(tiny_data
     assert all(torch.isfinite(t).all() for t in state.values())
 
 
-def test_best_val_bpb_checkpoint_is_kept_and_recorded(tiny_data_dir, tiny_tokenizer, nanochat_base_dir):
-    # lr 0.5 after step 2: val bpb worsens, so the best stays at step 2 while keep-last-k 1 moves on
-    run("--num-iterations", "6", "--save-every", "2", "--eval-every", "2", "--keep-last-k", "1", "--model-tag", "bestval",
-        "--matrix-lr", "0.5", "--embedding-lr", "5", "--collapse-steps", "0")
+def test_best_val_bpb_checkpoint_is_kept_and_recorded(tiny_data_dir, tiny_tokenizer, nanochat_base_dir, monkeypatch):
+    import nanochat.train
+    scripted = iter([4.0, 3.0, 2.0, 2.5, 2.6])  # val bpb at steps 0, 2, 4, 6, 8: best at step 4
+    monkeypatch.setattr(nanochat.train, "validate", lambda run, log: next(scripted))
+    run("--num-iterations", "8", "--save-every", "2", "--eval-every", "2", "--keep-last-k", "1", "--model-tag", "bestval")
     d = os.path.join(nanochat_base_dir, "base_checkpoints", "bestval")
-    bpb = {s: checkpoint.load_meta(d, s)["val_bpb"] for s in checkpoint.saved_steps(d)}
-    best = checkpoint.best_val_step(d, checkpoint.saved_steps(d))
-    assert 6 in bpb and best in bpb and len(bpb) == (1 if best == 6 else 2)
-    assert all(isinstance(v, float) for v in bpb.values())
+    assert checkpoint.saved_steps(d) == [4, 8]  # keep-last-k 1, and the best val bpb
+    assert [checkpoint.load_meta(d, s)["val_bpb"] for s in (4, 8)] == [2.0, 2.6]
 
 
 def failing_writes(monkeypatch, at_step, error=errno.ENOSPC):
@@ -458,3 +457,26 @@ def test_unknown_tag_lists_the_tags_that_exist(saved):
     with pytest.raises(UserError, match=r"^no checkpoints in .*/base_checkpoints/d12: train first .* or check "
                                         r"--model-tag \(tags with checkpoints: .*ckpt_src.*\)$"):
         checkpoint.load_model_for_inference(os.path.join(os.path.dirname(saved), "d12"))
+
+
+def test_prune_keeps_protected_steps(tmp_path):
+    d = str(tmp_path)
+    fake_steps(d, [10, 20, 30, 40, 50])
+    assert checkpoint.prune_checkpoints(d, 40, 1, protect={20}) == [10, 30]
+    assert checkpoint.saved_steps(d) == [20, 40, 50]
+
+
+def test_base_eval_bpb_on_cpu_is_bounded_and_shows_progress(copy, monkeypatch, capsys, tmp_path):
+    from scripts import base_eval
+    tag, d = copy
+    meta_path = os.path.join(d, "meta_000006.json")
+    meta = json.load(open(meta_path))
+    meta["args"]["eval_tokens"] = 20 * 524288  # a run trained with --eval-every 0 keeps the GPU-sized default
+    json.dump(meta, open(meta_path, "w"))
+    monkeypatch.setattr(base_eval, "CPU_EVAL_TOKENS", 512)
+    results = base_eval.evaluate(base_eval.build_arg_parser().parse_args(
+        ["--model-tag", tag, "--eval", "bpb", "--device-type", "cpu", "--out-dir", str(tmp_path)]))
+    out = capsys.readouterr().out
+    assert results["bpb"]["tokens"] == 512
+    assert "val bpb on CPU: 512 tokens, not the run's 10,485,760 (--eval-tokens N for more)" in out
+    assert "val bpb: batch 2/4" in out
