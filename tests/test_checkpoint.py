@@ -480,3 +480,42 @@ def test_base_eval_bpb_on_cpu_is_bounded_and_shows_progress(copy, monkeypatch, c
     assert results["bpb"]["tokens"] == 512
     assert "val bpb on CPU: 512 tokens, not the run's 10,485,760 (--eval-tokens N for more)" in out
     assert "val bpb: batch 2/4" in out
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """An 8 MB tmpfs, where this machine lets the tests mount one (root with CAP_SYS_ADMIN)."""
+    path = str(tmp_path / "tmpfs")
+    os.makedirs(path)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", path], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here: test_full_disk_at_save_... covers the same with a failing writer")
+    yield path
+    subprocess.run(["umount", path])
+
+
+def test_real_full_disk_at_save(small_tmpfs, tiny_data_dir, tiny_tokenizer, monkeypatch):
+    """The same on a filesystem that really fills up after the start-up check: torch.save's error (a
+    RuntimeError over the ENOSPC) is one line, its temp files are gone and step 1 is intact."""
+    shutil.copytree(tiny_data_dir, os.path.join(small_tmpfs, "base_data"))
+    tiny_tokenizer.save(os.path.join(small_tmpfs, "tokenizer"))
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", small_tmpfs)
+    real_save = checkpoint.save_checkpoint
+
+    def fill_then_save(checkpoint_dir, step, *args, **kwargs):
+        if step == 2:  # another writer takes the rest of the disk
+            with open(os.path.join(small_tmpfs, "filler"), "wb") as f:
+                try:
+                    while True:
+                        f.write(b"\0" * 65536)
+                except OSError:
+                    pass
+        return real_save(checkpoint_dir, step, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", fill_then_save)
+    d = os.path.join(small_tmpfs, "base_checkpoints", "full")
+    with pytest.raises(UserError, match=rf"^saving checkpoint step 2 to {re.escape(d)} failed \(No space left on device; "
+                                        r"[\d,]+ bytes free there\): the earlier checkpoints are intact \(newest: step 1"):
+        run("--num-iterations", "3", "--save-every", "1", "--keep-last-k", "1", "--eval-every", "0", "--model-tag", "full")
+    assert sorted(os.listdir(d)) == ["meta_000001.json", "model_000001.pt", "optim_000001_rank0.pt"]
+    checkpoint.load_checkpoint(d, 1, "cpu")
