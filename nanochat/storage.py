@@ -3,6 +3,7 @@ training, temp files of dead processes removed, and a failed write turned into o
 
 import datetime
 import errno
+import fcntl
 import glob
 import json
 import os
@@ -112,7 +113,6 @@ class RunLock:
         self.path = os.path.join(directory, LOCK_NAME)
         self.fd = None
         self.created_dir = not os.path.isdir(directory)
-        import fcntl
         while True:
             try:
                 os.makedirs(directory, exist_ok=True)
