@@ -2,8 +2,10 @@
 Checkpoints, one directory per model tag:
   model_{step:06d}.pt              model state_dict (dense weights; sparse masks are recomputed from them)
   optim_{step:06d}_rank{r}.pt      optimizer states, data loader position and RNG states of rank r
-  meta_{step:06d}.json             model config, training args, step, loop state, and the size and sha256
+  meta_{step:06d}.json             model config, training args, step, loop state, val bpb (when measured at
+                                   that step), the tokenizer's vocab size and sha256, and the size and sha256
                                    of every file above
+  .lock                            while a run trains on the tag (nanochat/storage.py)
 Every file is written to a temporary name, flushed to disk and renamed, so a crash never leaves a
 half-written checkpoint and never touches an earlier one. The meta file goes last: a step counts as
 saved only once its meta exists. Loading checks each file against the sizes and checksums in the meta

@@ -1,8 +1,9 @@
 """
 The pretraining loop. `scripts/base_train.py` parses the flags and calls train(). Top to bottom:
-flags and their checks; evaluation helpers; set-up (model, sparse then fp8 swaps, optimizers, resume,
-DDP, compile) and the Checkpointer; train_step(), one optimizer step over the micro-batches; the actions
-between steps (val bpb, CORE, samples); Metrics (log lines, history, wandb, summary); and train(), the loop.
+flags and their checks; the collapse guard; evaluation helpers; set-up (model, sparse then fp8 swaps,
+optimizers, resume, DDP, compile) and the Checkpointer (lock, storage checks, saves); train_step(), one
+optimizer step over the micro-batches; the actions between steps (val bpb, CORE, samples); Metrics (log
+lines, history, wandb, summary); and train() with loop(), the loop.
 """
 
 import argparse
