@@ -315,7 +315,7 @@ def print_saved_activations(n_embd, seq_len, partitioner=None):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--depths", type=int, nargs="+", default=[26])
     p.add_argument("--modes", nargs="+", default=DEFAULT_MODES, choices=list(MODES))
     p.add_argument("--device-batch-sizes", type=int, nargs="+", default=[16])

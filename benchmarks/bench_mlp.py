@@ -103,7 +103,7 @@ def main():
     if not torch.cuda.is_available():
         raise SystemExit("bench_mlp needs a CUDA GPU (it times cuSPARSELt against dense GEMMs)")
     from triton.testing import do_bench
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(allow_abbrev=False)
     ap.add_argument("--dims", default="2048,1280,1664,768")
     ap.add_argument("--tokens", default="16384,32768,65536")
     ap.add_argument("--out", default="benchmarks/results")

@@ -46,7 +46,7 @@ SPARSE = ("fp8_24",)
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(allow_abbrev=False)
     ap.add_argument("--dims", default="768,1280,1664,2048")
     ap.add_argument("--tokens", default="16384,32768,65536")
     ap.add_argument("--variants", default=",".join(VARIANTS))

@@ -171,7 +171,7 @@ def write_outputs(rows, out_dir):
 
 
 def build_arg_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--depth", type=int, default=20)
     p.add_argument("--device-batch-size", type=int, default=16)

@@ -85,7 +85,7 @@ def merge(paths, out):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--depth", type=int, default=12)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--modes", nargs="+", default=["dense", "sparse"], choices=list(MODES))

@@ -124,7 +124,7 @@ def profile_mode(depth, mode, B, grad_accum, warmup_steps, steps, seq_len=2048):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--depth", type=int, default=20)
     p.add_argument("--modes", nargs="+", default=["dense", "sparse"])
     p.add_argument("--device-batch-size", type=int, default=16)

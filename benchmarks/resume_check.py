@@ -335,7 +335,7 @@ def write_outputs(out, meta, row):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--nproc", type=int, default=1, help="processes (torchrun when > 1)")
     p.add_argument("--save-every", type=int, default=10)
     p.add_argument("--num-iterations", type=int, default=None, help="default 3 x --save-every")

@@ -2,8 +2,10 @@
 Checkpoints, one directory per model tag:
   model_{step:06d}.pt              model state_dict (dense weights; sparse masks are recomputed from them)
   optim_{step:06d}_rank{r}.pt      optimizer states, data loader position and RNG states of rank r
-  meta_{step:06d}.json             model config, training args, step, loop state, and the size and sha256
+  meta_{step:06d}.json             model config, training args, step, loop state, val bpb (when measured at
+                                   that step), the tokenizer's vocab size and sha256, and the size and sha256
                                    of every file above
+  .lock                            while a run trains on the tag (nanochat/storage.py)
 Every file is written to a temporary name, flushed to disk and renamed, so a crash never leaves a
 half-written checkpoint and never touches an earlier one. The meta file goes last: a step counts as
 saved only once its meta exists. Loading checks each file against the sizes and checksums in the meta
@@ -160,13 +162,15 @@ def step_files(checkpoint_dir, step):
         sorted(glob.glob(os.path.join(checkpoint_dir, f"optim_{step:06d}_rank*.pt")))
 
 
-def prune_checkpoints(checkpoint_dir, current_step, keep, replaced=()):
+def prune_checkpoints(checkpoint_dir, current_step, keep, replaced=(), protect=()):
     """After step current_step is saved: delete the steps before it beyond the newest `keep` (0 = keep all),
     and the `replaced` steps of an earlier run that this one overwrites. Steps after current_step stay:
-    they belong to the run this one resumed from. Returns the deleted steps."""
+    they belong to the run this one resumed from; `protect` steps (the last good one, the best val bpb) stay
+    beyond the `keep`. Returns the deleted steps."""
     steps = saved_steps(checkpoint_dir)
     older = [s for s in steps if s < current_step]
     doomed = set(older[:max(0, len(older) - (keep - 1))]) if keep > 0 else set()  # current_step is one of `keep`
+    doomed -= set(protect)
     doomed |= {s for s in replaced if s != current_step and s in steps}
     for s in sorted(doomed):
         os.remove(os.path.join(checkpoint_dir, meta_name(s)))  # first: a step without meta is not a saved step
@@ -177,6 +181,36 @@ def prune_checkpoints(checkpoint_dir, current_step, keep, replaced=()):
 
 # ---------------------------------------------------------------------------
 # Loading
+
+def best_val_step(checkpoint_dir, steps):
+    """The step among `steps` whose meta records the lowest val bpb, or None."""
+    scored = []
+    for step in steps:
+        meta = _read_meta(checkpoint_dir, step)
+        if isinstance(meta, dict) and isinstance(meta.get("val_bpb"), (int, float)):
+            scored.append((meta["val_bpb"], step))
+    return min(scored)[1] if scored else None
+
+
+def remove_unsaved(checkpoint_dir, step):
+    """Deletes the files of a step whose save did not finish (no meta): they belong to no saved step."""
+    if os.path.exists(os.path.join(checkpoint_dir, meta_name(step))):
+        return
+    for path in step_files(checkpoint_dir, step):
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+
+
+def existing_tags(checkpoint_dir):
+    """'tags with checkpoints: a, b' for the base_checkpoints directory above checkpoint_dir, for errors
+    about a tag that has none."""
+    root = os.path.dirname(checkpoint_dir)
+    tags = sorted(t for t in (os.listdir(root) if os.path.isdir(root) else [])
+                  if saved_steps(os.path.join(root, t)))
+    return f"tags with checkpoints: {', '.join(tags)}" if tags else f"no tag under {root} has checkpoints yet"
+
 
 def _read_meta(checkpoint_dir, step):
     """The meta dict, or a string saying what is wrong with the file."""
@@ -244,7 +278,7 @@ def load_meta(checkpoint_dir, step, step_flag="--resume-from-step"):
     path = os.path.join(checkpoint_dir, meta_name(step))
     if not os.path.exists(path):
         have = saved_steps(checkpoint_dir)
-        hint = f"saved steps: {', '.join(map(str, have))}" if have else "no checkpoints there"
+        hint = f"saved steps: {', '.join(map(str, have))}" if have else f"no checkpoints there; {existing_tags(checkpoint_dir)}"
         raise UserError(f"no checkpoint at step {step} in {checkpoint_dir} ({hint}): pick one of the saved steps "
                         f"or check --model-tag")
     meta = _read_meta(checkpoint_dir, step)
@@ -295,6 +329,31 @@ def load_checkpoint(checkpoint_dir, step, device, rank=0, load_optimizer=True, s
     return model_state, rank_state, meta
 
 
+def tokenizer_need(meta, checkpoint_dir):
+    """What a checkpoint needs of the tokenizer, for nanochat.tokenizer.get_tokenizer(need=...): its vocab size
+    and sha256 (checkpoints from before the meta recorded the tokenizer: the model's vocab size only)."""
+    recorded = meta.get("tokenizer") if isinstance(meta.get("tokenizer"), dict) else {}
+    return dict(vocab_size=recorded.get("vocab_size", meta["model_config"].get("vocab_size")),
+                sha256=recorded.get("sha256"), what=f"checkpoint {checkpoint_dir} step {meta['step']}")
+
+
+def check_batch(meta, device_batch_size, total_batch_size, world_size, allowed):
+    """A resumed run takes the batches the saved one would have taken, unless --allow-batch-change."""
+    saved_args = meta.get("args", {})
+    saved_dbs = saved_args.get("device_batch_size", device_batch_size)
+    saved_total = meta.get("total_batch_size")
+    if saved_total is None:  # older metas record the flag only; -1 = one micro-batch per process
+        flag = saved_args.get("total_batch_size", total_batch_size)
+        saved_total = flag if flag != -1 else saved_dbs * saved_args.get("max_seq_len", 0) * meta.get("world_size", world_size)
+    if allowed or (saved_dbs, saved_total) == (device_batch_size, total_batch_size):
+        return
+    raise UserError(f"checkpoint step {meta['step']} was trained with --device-batch-size {saved_dbs} and "
+                    f"{saved_total:,} tokens per step, this run has {device_batch_size} and {total_batch_size:,}: "
+                    f"pass the same --device-batch-size/--total-batch-size, or --allow-batch-change to continue with "
+                    f"these (the data continues from the saved position, but each step averages another number of "
+                    f"tokens, so the run no longer matches an uninterrupted one)")
+
+
 def check_compatible(meta, model_config, world_size):
     """A checkpoint must come from the same model shape and process count as the run resuming it."""
     saved = meta["model_config"]
@@ -315,7 +374,8 @@ def load_model_for_inference(checkpoint_dir, step=None, device="cpu"):
     if step is None:
         steps = saved_steps(checkpoint_dir)
         if not steps:
-            raise UserError(f"no checkpoints in {checkpoint_dir}: train first (python -m scripts.base_train) or check --model-tag")
+            raise UserError(f"no checkpoints in {checkpoint_dir}: train first (python -m scripts.base_train) or check "
+                            f"--model-tag ({existing_tags(checkpoint_dir)})")
         step = steps[-1]
     model_state, _, meta = load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, step_flag="--step")
     model = GPT(GPTConfig(**meta["model_config"]))

@@ -30,11 +30,13 @@ from the kept examples (i excluded) with random.Random(1234 + i).sample. We draw
 import csv
 import json
 import os
+import pathlib
 import random
 import shutil
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import zipfile
 from dataclasses import dataclass
@@ -106,8 +108,13 @@ def load_tasks(bundle_dir=None, max_per_task=-1):
 
 def download_bundle(bundle_dir=None, url=BUNDLE_URL, log=print0):
     """Fetch the eval bundle zip and unpack it to bundle_dir (default <base>/eval_bundle); a bundle
-    already there is kept. url may be a file:// URL (a zip copied from a machine with network)."""
+    already there is kept. url may be a file:// URL or a plain path (a zip copied from a machine with network)."""
     bundle_dir = os.path.abspath(bundle_dir or default_bundle_dir())
+    if os.path.isfile(url):
+        url = pathlib.Path(url).absolute().as_uri()
+    elif not urllib.parse.urlparse(url).scheme:
+        raise UserError(f"--bundle-url {url} is neither a file nor a URL: give the path of eval_bundle.zip, "
+                        f"a file:// URL or an https:// URL")
     if os.path.isfile(os.path.join(bundle_dir, "core.yaml")):
         log(f"eval bundle already at {bundle_dir}")
         return bundle_dir

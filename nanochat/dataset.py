@@ -10,6 +10,7 @@ Two ways to fill the directory:
 import argparse
 import os
 import random
+import re
 import sysconfig
 import time
 import urllib.request
@@ -22,6 +23,7 @@ from nanochat.common import UserError, get_base_dir, run_main
 
 DEFAULT_BASE_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
 SHARD_NAME = "shard_{index:05d}.parquet"
+SHARD_PATTERN = re.compile(r"shard_\d{5,}\.parquet")  # only these count: a stray notes.parquet must not become val
 HOW_TO_GET_DATA = "run `python -m nanochat.dataset --default-corpus` (or `-n 8` to download FineWeb-edu shards)"
 
 
@@ -39,7 +41,7 @@ def shard_path(data_dir, index):
 def list_shards(data_dir=None):
     """Sorted paths of all shards in data_dir; a UserError when there are none."""
     data_dir = data_dir or get_data_dir()
-    names = sorted(n for n in os.listdir(data_dir) if n.endswith(".parquet")) if os.path.isdir(data_dir) else []
+    names = sorted(n for n in os.listdir(data_dir) if SHARD_PATTERN.fullmatch(n)) if os.path.isdir(data_dir) else []
     if not names:
         raise UserError(f"no data shards in {data_dir}: {HOW_TO_GET_DATA}")
     return [os.path.join(data_dir, n) for n in names]
@@ -134,7 +136,7 @@ def write_default_corpus(data_dir=None, source_dir=None, max_files=None, docs_pe
     not like the alphabetically last modules. Small row groups let up to 8 ranks share the val shard.
     """
     data_dir = data_dir or get_data_dir()
-    if os.path.isdir(data_dir) and any(n.endswith(".parquet") for n in os.listdir(data_dir)):
+    if os.path.isdir(data_dir) and any(SHARD_PATTERN.fullmatch(n) for n in os.listdir(data_dir)):
         return list_shards(data_dir)
     source_dir = source_dir or sysconfig.get_paths()["stdlib"]
     files = list_stdlib_sources(source_dir)[:max_files]
@@ -202,7 +204,7 @@ def download_shards(num_shards, data_dir=None, base_url=DEFAULT_BASE_URL, worker
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Write or download pretraining data shards into <base>/base_data")
+    parser = argparse.ArgumentParser(description="Write or download pretraining data shards into <base>/base_data", allow_abbrev=False)
     parser.add_argument("--default-corpus", action="store_true", help="write the Python stdlib sources as shards")
     parser.add_argument("-n", "--num-shards", type=int, default=0, help="number of FineWeb-edu shards to download")
     parser.add_argument("--base-url", default=DEFAULT_BASE_URL, help="URL prefix of shard_XXXXX.parquet files")

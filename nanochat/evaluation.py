@@ -1,6 +1,7 @@
 """Evaluations the trainer and scripts/base_eval.py share: val bits per byte and greedy samples."""
 
 import math
+import time
 
 import torch
 import torch.distributed as dist
@@ -9,12 +10,15 @@ SAMPLE_PROMPTS = ["The capital of France is", "def main(", "import "]
 
 
 @torch.no_grad()
-def evaluate_bpb(model, loader, steps, token_bytes, autocast_ctx):
+def evaluate_bpb(model, loader, steps, token_bytes, autocast_ctx, log=None):
     """Bits per byte on `steps` batches: summed nats over summed UTF-8 bytes of the targets
-    (special tokens count 0 bytes and are left out), summed across ranks."""
+    (special tokens count 0 bytes and are left out), summed across ranks. log: progress every ~10%."""
     total_nats = torch.zeros((), dtype=torch.float64, device=token_bytes.device)
     total_bytes = torch.zeros((), dtype=torch.int64, device=token_bytes.device)
-    for _ in range(steps):
+    t0 = time.time()
+    for i in range(steps):
+        if log and i and i % max(1, steps // 10) == 0:
+            log(f"val bpb: batch {i}/{steps} ({time.time() - t0:.1f}s)")
         x, y = loader.next_batch()
         with autocast_ctx:
             loss = model(x, y, loss_reduction="none").view(-1)

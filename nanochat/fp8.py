@@ -111,10 +111,13 @@ def convert_to_float8(model, device, log=print0, recipe="tensorwise", tokens=Non
     Call before torch.compile and DDP. tokens (per micro-batch, tensorwise only): convert only the layer
     shapes choose_fp8_shapes keeps in fp8 at that count; None converts every eligible layer. Returns the
     names of the converted layers ([] when fp8 is not supported here: then it logs one warning line and
-    leaves the model in bf16)."""
+    leaves the model as it is)."""
     ok, reason = fp8_supported(device)
     if not ok:
-        log(f"Warning: --fp8 requires a CUDA GPU with compute capability >= 8.9 and torchao 0.17/0.18 ({reason}), training in bf16")
+        # the trainer autocasts to bf16 on CUDA only: a CPU run stays fp32
+        what = "training in bf16" if torch.device(device).type == "cuda" else \
+            "this run trains in fp32 as every CPU run does, where a GPU without fp8 would be training in bf16"
+        log(f"Warning: --fp8 requires a CUDA GPU with compute capability >= 8.9 and torchao 0.17/0.18 ({reason}), {what}")
         return []
     if tokens is not None and recipe != "tensorwise":
         raise ValueError(f"choosing fp8 layers by timing models the tensorwise recipe, not {recipe!r}: pass tokens=None")

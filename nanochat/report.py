@@ -1,8 +1,11 @@
 """Markdown reports: a training run (with a loss-curve PNG beside it) and a checkpoint evaluation (with its JSON)."""
 
 import datetime
+import functools
 import json
 import os
+
+from nanochat.common import UserError
 
 
 def plot_loss_curve(history, path):
@@ -25,6 +28,23 @@ def plot_loss_curve(history, path):
     plt.close(fig)
 
 
+def fails_in_one_line(write):
+    """A report that cannot be written (full disk, read-only directory) is one line naming the directory."""
+    @functools.wraps(write)
+    def wrapper(report_dir, *args, **kwargs):
+        from nanochat.storage import disk_error, free_bytes
+        try:
+            return write(report_dir, *args, **kwargs)
+        except Exception as e:
+            err = disk_error(e)
+            if err is None:
+                raise
+            raise UserError(f"writing the report to {report_dir} failed ({err.strerror}; {free_bytes(report_dir):,} bytes "
+                            f"free there): free space or fix the directory's permissions or mount")
+    return wrapper
+
+
+@fails_in_one_line
 def write_train_report(report_dir, model_tag, args, history, summary):
     """Writes <report_dir>/<model_tag>.md and <model_tag>_loss.png; returns the markdown path."""
     os.makedirs(report_dir, exist_ok=True)
@@ -73,6 +93,7 @@ def core_table(core):
     return lines + ["", core_line(core)]
 
 
+@fails_in_one_line
 def write_eval_report(report_dir, results):
     """results: scripts.base_eval's dict. Writes <tag>_eval_<step>.json and .md; returns both paths."""
     os.makedirs(report_dir, exist_ok=True)
@@ -93,6 +114,11 @@ def write_eval_report(report_dir, results):
 
 def _write_atomic(path, text):
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

@@ -7,6 +7,7 @@ Files in a tokenizer directory:
 """
 
 import base64
+import hashlib
 import json
 import os
 
@@ -80,33 +81,54 @@ class Tokenizer:
         special_tokens = {name: n_ordinary + i for i, name in enumerate(SPECIAL_TOKENS)}
         return cls(mergeable_ranks, trainer.get_pattern(), special_tokens)
 
-    def save(self, directory):
-        """Write the three tokenizer files; each goes to a temp name first so readers never see half a file."""
-        os.makedirs(directory, exist_ok=True)
+    def _file_bytes(self):
+        """The contents of the ranks file and tokenizer.json, as save() writes them."""
         lines = [f"{base64.b64encode(token).decode('ascii')} {rank}\n"
                  for token, rank in sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1])]
         meta = {"pattern": self.pattern, "special_tokens": self.special_tokens}
-        _write_atomic(os.path.join(directory, RANKS_FILE), lambda f: f.write("".join(lines).encode("ascii")))
-        _write_atomic(os.path.join(directory, META_FILE), lambda f: f.write(json.dumps(meta, indent=1).encode()))
+        return "".join(lines).encode("ascii"), json.dumps(meta, indent=1).encode()
+
+    def identity(self):
+        """{"vocab_size", "sha256"}: what a checkpoint records of the tokenizer it was trained with. The hash
+        covers the merges, the split pattern and the special tokens (token_bytes follows from them)."""
+        ranks, meta = self._file_bytes()
+        return {"vocab_size": self.get_vocab_size(), "sha256": hashlib.sha256(ranks + b"\0" + meta).hexdigest()}
+
+    def save(self, directory):
+        """Write the three tokenizer files; each goes to a temp name first so readers never see half a file."""
+        os.makedirs(directory, exist_ok=True)
+        ranks, meta = self._file_bytes()
+        _write_atomic(os.path.join(directory, RANKS_FILE), lambda f: f.write(ranks))
+        _write_atomic(os.path.join(directory, META_FILE), lambda f: f.write(meta))
         _write_atomic(os.path.join(directory, TOKEN_BYTES_FILE), lambda f: torch.save(self.token_bytes, f))
 
     @classmethod
-    def from_directory(cls, directory):
+    def from_directory(cls, directory, vocab_size=None):
+        """vocab_size: the size the caller needs, for the rebuild command in errors (None: not known)."""
         paths = [os.path.join(directory, name) for name in (RANKS_FILE, META_FILE, TOKEN_BYTES_FILE)]
         missing = [p for p in paths if not os.path.isfile(p)]
         if missing:
             raise UserError(f"no tokenizer in {directory} (missing {os.path.basename(missing[0])}): "
-                            f"run `python -m scripts.tok_train`")
-        mergeable_ranks = {}
-        with open(paths[0], "rb") as f:
-            for line in f:
-                if line.strip():
-                    token_b64, rank = line.split()
-                    mergeable_ranks[base64.b64decode(token_b64)] = int(rank)
-        with open(paths[1]) as f:
-            meta = json.load(f)
-        token_bytes = torch.load(paths[2], weights_only=True)
-        return cls(mergeable_ranks, meta["pattern"], meta["special_tokens"], token_bytes)
+                            f"{rebuild_hint(vocab_size)}")
+        path = paths[0]
+        try:
+            mergeable_ranks = {}
+            with open(path, "rb") as f:
+                for line in f:
+                    if line.strip():
+                        token_b64, rank = line.split()
+                        mergeable_ranks[base64.b64decode(token_b64, validate=True)] = int(rank)
+            path = paths[1]
+            with open(path) as f:
+                meta = json.load(f)
+            pattern, special_tokens = meta["pattern"], meta["special_tokens"]
+            path = paths[2]
+            token_bytes = torch.load(path, weights_only=True)
+            path = directory
+            return cls(mergeable_ranks, pattern, special_tokens, token_bytes)
+        except Exception as e:  # truncated, garbage, wrong keys, or files from different tokenizers
+            why = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}" if str(e) else type(e).__name__
+            raise UserError(f"tokenizer file {path} is damaged ({why}): {rebuild_hint(vocab_size)}")
 
     def get_vocab_size(self):
         return self.enc.n_vocab
@@ -167,9 +189,27 @@ def _write_atomic(path, write_fn):
     os.replace(tmp_path, path)
 
 
-def get_tokenizer(directory=None):
-    """The tokenizer trained by scripts/tok_train.py (in <base>/tokenizer unless a directory is given)."""
-    return Tokenizer.from_directory(directory or get_tokenizer_dir())
+def rebuild_hint(vocab_size=None):
+    if vocab_size:
+        return f"run `python -m scripts.tok_train --vocab-size {vocab_size}`"
+    return "run `python -m scripts.tok_train` with --vocab-size N, the size the model trains with (make train uses 4096)"
+
+
+def get_tokenizer(directory=None, need=None):
+    """The tokenizer trained by scripts/tok_train.py (in <base>/tokenizer unless a directory is given).
+    need: {"vocab_size", "sha256" (None: not recorded), "what"}, from nanochat.checkpoint.tokenizer_need:
+    a tokenizer other than the one a checkpoint was trained with is an error naming the one it needs."""
+    directory = directory or get_tokenizer_dir()
+    tokenizer = Tokenizer.from_directory(directory, need and need["vocab_size"])
+    if need:
+        have = tokenizer.identity()
+        if have["vocab_size"] != need["vocab_size"] or need["sha256"] not in (None, have["sha256"]):
+            same = " (same size, other merges: trained on other data or other --max-chars/--doc-cap)" \
+                if have["vocab_size"] == need["vocab_size"] else ""
+            raise UserError(f"{need['what']} was trained with a tokenizer of vocab size {need['vocab_size']}, but "
+                            f"{directory} holds one of vocab size {have['vocab_size']}{same}: "
+                            f"{rebuild_hint(need['vocab_size'])} on the data the model was trained on")
+    return tokenizer
 
 
 def get_token_bytes(device="cpu", directory=None):
@@ -177,5 +217,5 @@ def get_token_bytes(device="cpu", directory=None):
     directory = directory or get_tokenizer_dir()
     path = os.path.join(directory, TOKEN_BYTES_FILE)
     if not os.path.isfile(path):
-        raise UserError(f"no tokenizer in {directory} (missing {TOKEN_BYTES_FILE}): run `python -m scripts.tok_train`")
+        raise UserError(f"no tokenizer in {directory} (missing {TOKEN_BYTES_FILE}): {rebuild_hint()}")
     return torch.load(path, weights_only=True).to(device)

@@ -1,8 +1,9 @@
 """
 The pretraining loop. `scripts/base_train.py` parses the flags and calls train(). Top to bottom:
-flags and their checks; set-up (model, the --sparse/--fp8 converters (nanochat/converters.py), optimizers,
-resume, DDP, compile) and the Checkpointer; train_step(), one optimizer step over the micro-batches; the actions
-between steps (val bpb, CORE, samples); Metrics (log lines, history, wandb, summary); and train(), the loop.
+flags and their checks; the collapse guard; set-up (model, the --sparse/--fp8 converters (nanochat/converters.py),
+optimizers, resume, DDP, compile) and the Checkpointer (lock, storage checks, saves); train_step(), one
+optimizer step over the micro-batches; the actions between steps (val bpb, CORE, samples); Metrics (log
+lines, history, wandb, summary); and train() with loop(), the loop.
 """
 
 import argparse
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from nanochat import checkpoint
+from nanochat import checkpoint, storage
 from nanochat.common import (UserError, autodetect_device_type, compute_cleanup, compute_init, get_base_dir,
                              gpu_peak_flops, print0)
 from nanochat.converters import Converters, Fp8Converter, SparseConverter
@@ -34,7 +35,8 @@ MAKE_TRAIN_FLAGS = ("--depth 4 --aspect-ratio 32 --head-dim 64 --max-seq-len 256
 
 
 def build_arg_parser():
-    p = argparse.ArgumentParser(description="Pretrain a nanochat-style GPT (dense, 2:4 sparse MLPs, fp8)")
+    p = argparse.ArgumentParser(description="Pretrain a nanochat-style GPT (dense, 2:4 sparse MLPs, fp8)",
+                                allow_abbrev=False)
     p.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' = no wandb)")
     p.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
     # model
@@ -73,8 +75,19 @@ def build_arg_parser():
     p.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end, 0 = never)")
     p.add_argument("--keep-last-k", type=int, default=3,
                    help="keep the newest K checkpoints of the run, deleting older ones once a newer one is complete "
-                        "(the final one is always kept; 0 = keep all)")
-    p.add_argument("--resume-from-step", type=int, default=-1, help="resume from this saved step (-1 = fresh run)")
+                        "(the final one, the one with the best val bpb and the last one before a collapse are always "
+                        "kept; 0 = keep all)")
+    p.add_argument("--resume-from-step", type=resume_step, default=-1,
+                   help="resume from this saved step, or 'latest' for the newest one with complete files (-1 = fresh run)")
+    p.add_argument("--allow-batch-change", action="store_true",
+                   help="resume with another --device-batch-size/--total-batch-size: the data continues from the saved "
+                        "position, but the run no longer matches an uninterrupted one")
+    p.add_argument("--collapse-steps", type=int, default=5,
+                   help="stop, before saving, once the smoothed train loss has stayed --collapse-rise above its best, or "
+                        "(after warmup) within --collapse-margin of ln(vocab), for N steps in a row (0 = never)")
+    p.add_argument("--collapse-rise", type=float, default=1.5, help="nats above the best smoothed loss that count as collapsed")
+    p.add_argument("--collapse-margin", type=float, default=0.1,
+                   help="nats below ln(vocab), the loss of predicting every token equally likely, that count as collapsed")
     p.add_argument("--overwrite", action="store_true",
                    help="a fresh run may write into a --model-tag that holds checkpoints; they are deleted once "
                         "this run saves its first checkpoint")
@@ -97,6 +110,16 @@ def build_arg_parser():
     return p
 
 
+def resume_step(text):
+    """--resume-from-step: a step number or 'latest'."""
+    if text == "latest":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a step number or 'latest', got {text!r}")
+
+
 def validate_args(args):
     """Flag checks that need no data, model or device. Each failure is one line naming the flag."""
     depth = DEFAULT_DEPTH if args.depth is None else args.depth
@@ -111,8 +134,12 @@ def validate_args(args):
         (args.num_iterations == -1 or args.num_iterations >= 1,
          f"--num-iterations must be >= 1, or -1 for the horizon from --target-flops/--target-param-data-ratio "
          f"(got {args.num_iterations})"),
-        (args.resume_from_step >= -1,
+        (args.resume_from_step == "latest" or args.resume_from_step >= -1,
          f"--resume-from-step must be a saved step, or -1 for a fresh run (got {args.resume_from_step})"),
+        (args.collapse_steps >= 0, f"--collapse-steps must be >= 1, or 0 to never stop a collapsed run "
+                                   f"(got {args.collapse_steps})"),
+        (args.collapse_rise > 0, f"--collapse-rise must be > 0 (got {args.collapse_rise})"),
+        (args.collapse_margin >= 0, f"--collapse-margin must be >= 0 (got {args.collapse_margin})"),
         (not (args.overwrite and args.resume_from_step != -1),
          "--overwrite is for a fresh run replacing a tag's checkpoints; drop it to resume"),
         (args.eval_tokens >= 1 or args.eval_every == 0,
@@ -139,6 +166,46 @@ def diverged(what, step, last_saved):
         if last_saved is not None else "no checkpoint was saved"
     return UserError(f"training diverged at step {step} ({what}) and nothing of that step was saved; {kept}; "
                      f"lower the learning rates (--matrix-lr, --embedding-lr)")
+
+
+class CollapseGuard:
+    """Stops a run whose loss stayed finite but means nothing any more: for --collapse-steps steps in a row
+    the smoothed train loss is --collapse-rise nats above its best so far, or, after warmup, within
+    --collapse-margin of ln(vocab), the loss of predicting every token equally likely (where a fresh model
+    starts, hence not during warmup). `began` is the first step of the current streak: the checkpointer keeps
+    the newest checkpoint saved before it."""
+
+    def __init__(self, args, vocab_size):
+        self.steps, self.rise, self.margin = args.collapse_steps, args.collapse_rise, args.collapse_margin
+        self.warmup_steps = args.warmup_steps
+        self.uniform = math.log(vocab_size)
+        self.best = math.inf
+        self.began = None
+
+    def update(self, step, smooth_loss):
+        """After step `step`: None, or why the run has collapsed."""
+        if self.steps == 0:
+            return None
+        self.best = min(self.best, smooth_loss)
+        if smooth_loss > self.best + self.rise:
+            why = f"more than {self.rise} nats above its best ({self.best:.4f})"
+        elif step > self.warmup_steps and smooth_loss > self.uniform - self.margin:
+            why = f"within {self.margin} of ln(vocab) = {self.uniform:.4f}, the loss of uniform guessing"
+        else:
+            self.began = None
+            return None
+        self.began = self.began or step
+        if step - self.began + 1 < self.steps:
+            return None
+        return f"the smoothed loss {smooth_loss:.4f} has stayed {why} for {self.steps} steps (since step {self.began})"
+
+
+def collapsed(why, step, good_step):
+    kept = f"the newest checkpoint from before the collapse is step {good_step} (--resume-from-step {good_step})" \
+        if good_step is not None else "no checkpoint from before the collapse was saved"
+    return UserError(f"training collapsed at step {step} though the loss is finite: {why}; step {step} was not saved; "
+                     f"{kept}; lower the learning rates (--matrix-lr, --embedding-lr, --unembedding-lr), or tune "
+                     f"--collapse-steps/--collapse-rise/--collapse-margin")
 
 
 def check_cpu_size(config, depth_given):
@@ -231,23 +298,52 @@ def build_converters(args, device, grad_accum_steps):
 
 
 class Checkpointer:
-    """The run's checkpoint directory: resume from it, save to it (never weights that are not finite),
-    keep the newest --keep-last-k, and delete what --overwrite replaces once this run's first save is complete."""
+    """The run's checkpoint directory: lock it for this run, check it can take the checkpoints, resume from it,
+    save to it (never weights that are not finite; a full or failing disk stops the run with one line), keep the
+    newest --keep-last-k plus the last good and the best-val-bpb ones, and delete what --overwrite replaces once
+    this run's first save is complete. close() releases the lock; train() calls it on every exit."""
 
-    def __init__(self, args, checkpoint_dir, run_meta, rank):
+    def __init__(self, args, checkpoint_dir, run_meta, rank, checkpoint_bytes, num_iterations):
         self.dir = checkpoint_dir
         self.run_meta = run_meta
         self.rank = rank
         self.keep_last_k = args.keep_last_k
         self.overwrite = args.overwrite
-        self.replaced_steps = check_fresh_run(args, checkpoint_dir)
+        self.lock = None
+        if rank == 0:
+            self.lock = storage.RunLock(checkpoint_dir, print0)
+        try:
+            self.replaced_steps = check_fresh_run(args, checkpoint_dir)
+            if rank == 0:
+                storage.remove_stale_temps(checkpoint_dir, print0)
+                count = self.count_needed(args, num_iterations)
+                storage.check_writable(checkpoint_dir, count * checkpoint_bytes, "checkpoint directory",
+                                       f" for {count} checkpoints of ~{checkpoint_bytes:,} bytes")
+        except BaseException:
+            self.close()
+            raise
         self.last_saved = None  # the newest step saved by this run or resumed from, for the divergence message
+
+    def count_needed(self, args, num_iterations):
+        """Checkpoints on disk at once: the kept ones and the one being written."""
+        if args.save_every == 0:
+            return 0
+        start = args.resume_from_step if args.resume_from_step > 0 else 0
+        saves = (num_iterations - start) // args.save_every + 1 if args.save_every > 0 else 1
+        return saves if self.keep_last_k == 0 else min(saves, self.keep_last_k + 1)
+
+    def close(self):
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def resume(self, args, model, optimizers, num_iterations, world_size, device):
         """Loads weights, optimizer moments and RNG states of --resume-from-step.
         Returns (step, loop state, this rank's loader state)."""
         meta = checkpoint.load_meta(self.dir, args.resume_from_step)
         checkpoint.check_compatible(meta, model.config.to_dict(), world_size)
+        checkpoint.check_batch(meta, args.device_batch_size, self.run_meta["total_batch_size"], world_size,
+                               args.allow_batch_change)
         if meta["step"] >= num_iterations:
             horizon = f"--num-iterations {num_iterations}" if args.num_iterations > 0 else \
                 "from --target-flops/--target-param-data-ratio"
@@ -262,17 +358,42 @@ class Checkpointer:
         print0(f"resumed from {self.dir} at step {meta['step']}")
         return meta["step"], meta.get("loop_state", {}), rank_state["loader"]
 
-    def save(self, step, model, optimizers, loader_state, loop_state, log):
+    def good_step(self, collapse_began):
+        """The newest saved step from before a collapse that began at step collapse_began (None: no collapse)."""
+        if collapse_began is None:
+            return None
+        before = [s for s in checkpoint.saved_steps(self.dir) if s < collapse_began and s not in self.replaced_steps]
+        return before[-1] if before else None
+
+    def save(self, step, model, optimizers, loader_state, loop_state, log, val_bpb=None, collapse_began=None):
+        """val_bpb: measured at this step (recorded in the meta, for the best-val-bpb checkpoint that pruning keeps).
+        collapse_began: the first step of a streak of collapsed losses, whose last good checkpoint pruning keeps."""
         # a finite loss can still come with a non-finite update: never save (and keep-last-k never
         # prunes good checkpoints for) weights that are not finite; DDP replicas agree, so all ranks stop
         if not torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all():
             raise diverged("the weights are not finite", step, self.last_saved)
-        checkpoint.save_checkpoint(self.dir, step, model.state_dict(), [o.state_dict() for o in optimizers],
-                                   loader_state, dict(self.run_meta, loop_state=loop_state), self.rank)
+        try:
+            checkpoint.save_checkpoint(self.dir, step, model.state_dict(), [o.state_dict() for o in optimizers],
+                                       loader_state, dict(self.run_meta, loop_state=loop_state, val_bpb=val_bpb),
+                                       self.rank)
+        except Exception as e:
+            err = storage.disk_error(e)
+            if err is None:
+                raise
+            storage.remove_own_temps(self.dir)
+            if self.rank == 0:
+                checkpoint.remove_unsaved(self.dir, step)
+            kept = f"the earlier checkpoints are intact (newest: step {self.last_saved}, --resume-from-step " \
+                   f"{self.last_saved})" if self.last_saved is not None else "no checkpoint of this run was saved"
+            raise UserError(f"saving checkpoint step {step} to {self.dir} failed ({err.strerror}; "
+                            f"{storage.free_bytes(self.dir):,} bytes free there): {kept}; free space or fix the disk")
         log(f"saved checkpoint step {step} to {self.dir}")
         self.last_saved = step
         if self.rank == 0:
-            deleted = checkpoint.prune_checkpoints(self.dir, step, self.keep_last_k, self.replaced_steps)
+            mine = [s for s in checkpoint.saved_steps(self.dir) if s not in self.replaced_steps]
+            protect = {s for s in (self.good_step(collapse_began), checkpoint.best_val_step(self.dir, mine))
+                       if s is not None}
+            deleted = checkpoint.prune_checkpoints(self.dir, step, self.keep_last_k, self.replaced_steps, protect)
             self.replaced_steps = []
             if deleted:
                 log(f"deleted checkpoint steps {', '.join(map(str, deleted))} (--keep-last-k {self.keep_last_k}"
@@ -353,6 +474,26 @@ class Run:
         return self.rank == 0
 
 
+REPORT_BYTES = 1 << 20  # the markdown report and its loss-curve PNG
+
+
+def latest_step(checkpoint_dir):
+    """--resume-from-step latest: the newest saved step whose files are complete."""
+    steps = checkpoint.intact_steps(checkpoint_dir)
+    if not steps:
+        raise UserError(f"--resume-from-step latest: no checkpoint with complete files in {checkpoint_dir} "
+                        f"({checkpoint.existing_tags(checkpoint_dir)}): check --model-tag, or start a fresh run")
+    print0(f"--resume-from-step latest: step {steps[-1]}")
+    return steps[-1]
+
+
+def checkpoint_bytes(model, world_size):
+    """Bytes of one checkpoint, estimated before anything is saved: the weights, and per rank an optimizer file
+    of at most twice the weights (AdamW keeps two moments per parameter, Muon one)."""
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return weights * (1 + 2 * world_size)
+
+
 def setup(args):
     """Everything before the first step. Fails on bad flags, data or checkpoints before any training."""
     from nanochat.dataloader import DistributedDataLoader
@@ -373,8 +514,20 @@ def setup(args):
     if device_type == "cpu":
         torch.set_flush_denormal(True)  # tiny post-init values hit x86's slow denormal path (5x slower steps)
 
-    tokenizer = get_tokenizer()
+    model_tag = args.model_tag or f"d{args.depth}"
+    checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", model_tag)
+    need = None
+    if args.resume_from_step == "latest":
+        args.resume_from_step = latest_step(checkpoint_dir)
+    if args.resume_from_step >= 0:  # the tokenizer the checkpoint was trained with
+        need = checkpoint.tokenizer_need(checkpoint.load_meta(checkpoint_dir, args.resume_from_step), checkpoint_dir)
+    tokenizer = get_tokenizer(need=need)
     token_bytes = get_token_bytes(device)
+    if args.eval_every != 0:
+        from nanochat.dataset import list_row_groups
+        list_row_groups("val")  # a bad val shard fails now, not at the final eval before the last save
+    if rank == 0:
+        storage.check_writable(os.path.join(get_base_dir(), "report"), REPORT_BYTES, "report directory")
     model, num_params, flops_per_token = build_model(args, depth_given, tokenizer.get_vocab_size(), device, device_type)
     tokens_per_micro_batch, total_batch_size, grad_accum_steps, num_iterations = \
         plan_batches(args, world_size, flops_per_token, num_params)
@@ -384,29 +537,29 @@ def setup(args):
                                   args.weight_decay, device_type)
     converters.after_optimizers(model, optimizers)
 
-    model_tag = args.model_tag or f"d{args.depth}"
-    checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", model_tag)
-    run_meta = dict(model_config=model.config.to_dict(), args=vars(args), world_size=world_size, **converters.meta())
-    checkpointer = Checkpointer(args, checkpoint_dir, run_meta, rank)
-    start_step, loop_state, loader_state = 0, {}, None
-    if args.resume_from_step >= 0:
-        start_step, loop_state, loader_state = checkpointer.resume(args, model, optimizers, num_iterations,
-                                                                   world_size, device)
-    recompute, why = use_recompute(args.recompute, model.config, args.device_batch_size * args.max_seq_len,
-                                   num_params, device)
-    if use_compile:
-        print0(f"activation recompute in backward: {'on' if recompute else 'off'} ({why})")
-    train_model, ddp_model = wrap_model(model, is_ddp, local_rank, device_type, converters, use_compile, recompute)
+    run_meta = dict(model_config=model.config.to_dict(), args=vars(args), world_size=world_size,
+                    tokenizer=tokenizer.identity(), total_batch_size=total_batch_size, **converters.meta())
+    checkpointer = Checkpointer(args, checkpoint_dir, run_meta, rank, checkpoint_bytes(model, world_size), num_iterations)
+    try:  # the lock is released on any failure from here on
+        start_step, loop_state, loader_state = 0, {}, None
+        if args.resume_from_step >= 0:
+            start_step, loop_state, loader_state = checkpointer.resume(args, model, optimizers, num_iterations,
+                                                                       world_size, device)
+        recompute, why = use_recompute(args.recompute, model.config, args.device_batch_size * args.max_seq_len,
+                                       num_params, device)
+        if use_compile:
+            print0(f"activation recompute in backward: {'on' if recompute else 'off'} ({why})")
+        train_model, ddp_model = wrap_model(model, is_ddp, local_rank, device_type, converters, use_compile, recompute)
 
-    loader = DistributedDataLoader(tokenizer, args.device_batch_size, args.max_seq_len, "train", device,
-                                   rank=rank, world_size=world_size, state=loader_state)
-    if args.eval_every != 0:
-        from nanochat.dataset import list_row_groups
-        list_row_groups("val")  # a bad val shard fails now, not at the final eval before the last save
-    core_eval = None
-    if core_tasks is not None:
-        from nanochat.core_eval import CoreEval
-        core_eval = CoreEval(core_tasks, tokenizer, model.rotary_seq_len, args.device_batch_size * args.max_seq_len)
+        loader = DistributedDataLoader(tokenizer, args.device_batch_size, args.max_seq_len, "train", device,
+                                       rank=rank, world_size=world_size, state=loader_state)
+        core_eval = None
+        if core_tasks is not None:
+            from nanochat.core_eval import CoreEval
+            core_eval = CoreEval(core_tasks, tokenizer, model.rotary_seq_len, args.device_batch_size * args.max_seq_len)
+    except BaseException:
+        checkpointer.close()
+        raise
 
     return Run(args=args, device=device, device_type=device_type, rank=rank, world_size=world_size,
                autocast_ctx=autocast_ctx, sync=torch.cuda.synchronize if device_type == "cuda" else (lambda: None),
@@ -561,7 +714,8 @@ class Metrics:
             self.log(f"sample: {s!r}")
 
     def log_step(self, step, train_loss, lrm, dt):
-        """The step line (benchmarks/bench_train.py parses it) after optimizer step `step` (1-based) took dt seconds."""
+        """The step line (benchmarks/bench_train.py parses it) after optimizer step `step` (1-based) took dt seconds.
+        Returns the smoothed loss."""
         run = self.run
         ema = 0.9
         self.smooth_loss = ema * self.smooth_loss + (1 - ema) * train_loss
@@ -574,7 +728,7 @@ class Metrics:
         mfu_str = f"{mfu:.1f}%" if mfu is not None else "-"
         self.log(f"step {step:05d}/{run.num_iterations:05d} | loss {train_loss:.4f} (smooth {debiased:.4f}) | "
                  f"lrm {lrm:.3f} | dt {dt * 1000:.0f}ms | tok/s {tok_per_sec:,.0f} | mfu {mfu_str} | "
-                 f"mem {peak_memory_gib(run.device):.2f}GiB | eta {eta / 60:.1f}m")
+                 f"mem {peak_memory_gib(run.device):.2f}GiB | eta {duration(eta)}")
         self.history["step"].append(step)
         self.history["loss"].append(train_loss)
         self.history["tok_per_sec"].append(tok_per_sec)
@@ -584,6 +738,7 @@ class Metrics:
         if self.wandb_run:
             self.wandb_run.log({"step": step, "train/loss": train_loss, "train/lrm": lrm,
                                 "train/tok_per_sec": tok_per_sec, "train/mfu": mfu})
+        return debiased
 
     def loop_state(self):
         """Saved with each checkpoint, for a resumed run's smoothed loss and train time."""
@@ -609,6 +764,10 @@ class Metrics:
         )
 
 
+def duration(seconds):
+    return f"{seconds:.1f}s" if seconds < 60 else f"{seconds / 60:.2f}m"
+
+
 def finish(run, metrics):
     """The done line and the report; closes the progress bar, wandb and the process group.
     Returns train()'s dict."""
@@ -617,7 +776,7 @@ def finish(run, metrics):
     summary = metrics.summary()
     val_str = f"{metrics.val_bpb:.4f}" if metrics.val_bpb is not None else "-"
     print0(f"done: val bpb {val_str} | peak memory {summary['peak_memory_gib']:.2f}GiB | "
-           f"train time {metrics.total_train_time / 60:.2f}m (after the first 10 steps)")
+           f"train time {duration(metrics.total_train_time)} (after the first 10 steps)")
     if run.master:
         from nanochat.report import write_train_report
         path = write_train_report(os.path.join(get_base_dir(), "report"), run.model_tag, vars(run.args),
@@ -635,22 +794,33 @@ def finish(run, metrics):
 def train(args):
     """Train per `args` (from build_arg_parser). Returns a dict with the history and final numbers."""
     run = setup(args)
+    try:
+        return loop(run)
+    finally:
+        run.checkpointer.close()  # the tag's lock, also when the run stops with an error
+
+
+def loop(run):
     args = run.args
     metrics = Metrics(run)
+    guard = CollapseGuard(args, run.model.config.vocab_size)
     batches = TrainBatches(run.loader)
     step = run.start_step
     while True:
         last_step = step >= run.num_iterations  # resume is checked to start before it; >= so no bug can run past it
         # the starting step is only evaluated: it is step 0 or a step already saved
         past_start = step > run.start_step
+        val_bpb = None
         if due(args.eval_every, step, last_step):
-            metrics.log_val(step, validate(run, metrics.log))
+            val_bpb = validate(run, metrics.log)
+            metrics.log_val(step, val_bpb)
         if due(args.core_metric_every, step, last_step) and past_start:
             metrics.log_core(step, core_metric(run))
         if due(args.sample_every, step, last_step) and past_start and run.master:
             metrics.log_samples(sample(run))
         if due(args.save_every, step, last_step) and past_start:
-            run.checkpointer.save(step, run.model, run.optimizers, batches.state, metrics.loop_state(), metrics.log)
+            run.checkpointer.save(step, run.model, run.optimizers, batches.state, metrics.loop_state(), metrics.log,
+                                  val_bpb=val_bpb, collapse_began=guard.began)
         if last_step:
             break
 
@@ -662,5 +832,7 @@ def train(args):
         run.sync()
         dt = time.time() - t0
         step += 1
-        metrics.log_step(step, train_loss, lrm, dt)
+        why = guard.update(step, metrics.log_step(step, train_loss, lrm, dt))
+        if why:  # before this step's save; every rank holds the same loss, so all stop here
+            raise collapsed(why, step, run.checkpointer.good_step(guard.began))
     return finish(run, metrics)

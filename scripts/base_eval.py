@@ -19,17 +19,21 @@ from nanochat.common import (UserError, autodetect_device_type, compute_cleanup,
                              get_dist_info, print0, run_main)
 
 EVALS = ("core", "bpb", "sample")
+# val bpb on CPU when --eval-tokens is not given: a d4 model evaluates ~10k tokens/s on 2 cores, so the GPU-sized
+# default (10.5M tokens) would take over 10 minutes; 256K tokens take under a minute and move bpb by ~0.01
+CPU_EVAL_TOKENS = 1 << 18
 
 
 def build_arg_parser():
-    p = argparse.ArgumentParser(description="Evaluate a base-model checkpoint: CORE, val bpb, samples")
+    p = argparse.ArgumentParser(description="Evaluate a base-model checkpoint: CORE, val bpb, samples", allow_abbrev=False)
     p.add_argument("--model-tag", type=str, default="", help="checkpoint directory name, e.g. d12")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     p.add_argument("--eval", type=str, default="core,bpb,sample", help="comma-separated: core, bpb, sample")
     p.add_argument("--max-per-task", type=int, default=-1, help="examples per CORE task (-1 = all)")
     p.add_argument("--device-batch-size", type=int, default=-1,
                    help="sequences per forward for bpb; CORE batches up to this x seq len tokens (-1 = the training run's)")
-    p.add_argument("--eval-tokens", type=int, default=-1, help="tokens for val bpb (-1 = the training run's --eval-tokens)")
+    p.add_argument("--eval-tokens", type=int, default=-1,
+                   help=f"tokens for val bpb (-1 = the training run's --eval-tokens, on CPU at most {CPU_EVAL_TOKENS:,})")
     p.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
     p.add_argument("--bundle-dir", type=str, default="", help="the eval bundle (default <base>/eval_bundle)")
     p.add_argument("--out-dir", type=str, default="", help="where the JSON and markdown go (default <base>/report)")
@@ -50,10 +54,12 @@ def parse_evals(spec):
 def evaluate(args):
     """Evaluate per `args` (from build_arg_parser). Returns the results dict (also written as JSON on rank 0)."""
     from nanochat import core_eval
-    from nanochat.checkpoint import load_model_for_inference
+    from nanochat.checkpoint import load_model_for_inference, tokenizer_need
     from nanochat.dataloader import DistributedDataLoader
     from nanochat.evaluation import evaluate_bpb, sample_text
     from nanochat.report import core_line, write_eval_report
+    from nanochat.storage import check_writable
+    from nanochat.train import REPORT_BYTES
     from nanochat.tokenizer import get_token_bytes, get_tokenizer
 
     if args.download_bundle:
@@ -71,9 +77,12 @@ def evaluate(args):
     if device_type == "cpu":
         torch.set_flush_denormal(True)  # as the trainer does: its eval numbers, at its speed
     autocast_ctx = torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
-    tokenizer = get_tokenizer()
+    out_dir = args.out_dir or os.path.join(get_base_dir(), "report")
+    if rank == 0:  # a report that cannot be written fails now, not after the evaluation
+        check_writable(out_dir, REPORT_BYTES, "report directory")
     checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", args.model_tag)
     model, meta = load_model_for_inference(checkpoint_dir, args.step, device)
+    tokenizer = get_tokenizer(need=tokenizer_need(meta, checkpoint_dir))
     train_args = meta.get("args", {})
     B = args.device_batch_size if args.device_batch_size > 0 else train_args.get("device_batch_size", 32)
     T = meta["model_config"]["sequence_len"]
@@ -93,9 +102,12 @@ def evaluate(args):
         print0(f"{core_line(results['core'])} in {results['core']['seconds']:.1f}s")
     if "bpb" in evals:
         eval_tokens = args.eval_tokens if args.eval_tokens > 0 else train_args.get("eval_tokens", 20 * 524288)
+        if args.eval_tokens <= 0 and device_type == "cpu" and eval_tokens > CPU_EVAL_TOKENS:
+            print0(f"val bpb on CPU: {CPU_EVAL_TOKENS:,} tokens, not the run's {eval_tokens:,} (--eval-tokens N for more)")
+            eval_tokens = CPU_EVAL_TOKENS
         steps = max(1, eval_tokens // (B * T * world_size))  # the trainer's count: same B and ranks, same number
         loader = DistributedDataLoader(tokenizer, B, T, "val", device, rank=rank, world_size=world_size)
-        val_bpb = evaluate_bpb(model, loader, steps, get_token_bytes(device), autocast_ctx)
+        val_bpb = evaluate_bpb(model, loader, steps, get_token_bytes(device), autocast_ctx, log=print0)
         results["bpb"] = dict(val=val_bpb, tokens=steps * B * T * world_size)
         print0(f"val bpb {val_bpb:.4f} ({steps * B * T * world_size:,} tokens)")
     if "sample" in evals and rank == 0:
@@ -104,7 +116,7 @@ def evaluate(args):
         for s in results["samples"]:
             print0(f"sample: {s!r}")
     if rank == 0:
-        paths = write_eval_report(args.out_dir or os.path.join(get_base_dir(), "report"), results)
+        paths = write_eval_report(out_dir, results)
         print0(f"results: {paths[0]}, {paths[1]}")
     compute_cleanup()
     return results

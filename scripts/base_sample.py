@@ -8,13 +8,13 @@ import os
 
 import torch
 
-from nanochat.checkpoint import load_model_for_inference
+from nanochat.checkpoint import load_model_for_inference, tokenizer_need
 from nanochat.common import UserError, autodetect_device_type, get_base_dir, run_main
 from nanochat.tokenizer import get_tokenizer
 
 
 def main():
-    p = argparse.ArgumentParser(description="Sample from a base-model checkpoint")
+    p = argparse.ArgumentParser(description="Sample from a base-model checkpoint", allow_abbrev=False)
     p.add_argument("--model-tag", type=str, required=True, help="checkpoint directory name, e.g. d12")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     p.add_argument("--prompt", type=str, default="The capital of France is")
@@ -31,9 +31,9 @@ def main():
         if not ok:
             raise UserError(msg)
     device = torch.device(args.device_type or autodetect_device_type())
-    tokenizer = get_tokenizer()
-    model, meta = load_model_for_inference(os.path.join(get_base_dir(), "base_checkpoints", args.model_tag),
-                                           args.step, device)
+    checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", args.model_tag)
+    model, meta = load_model_for_inference(checkpoint_dir, args.step, device)
+    tokenizer = get_tokenizer(need=tokenizer_need(meta, checkpoint_dir))
     tokens = tokenizer.encode(args.prompt, prepend=tokenizer.get_bos_token_id())
     autocast = torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.no_grad()
     with autocast:

@@ -14,7 +14,7 @@ from nanochat.sparse_export import export_sparse_model, load_sparse_export
 
 
 def main():
-    p = argparse.ArgumentParser(description="Export a 2:4 sparse checkpoint for inference")
+    p = argparse.ArgumentParser(description="Export a 2:4 sparse checkpoint for inference", allow_abbrev=False)
     p.add_argument("--model-tag", required=True)
     p.add_argument("--step", type=int, default=None, help="default: latest")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])

@@ -39,7 +39,7 @@ def train_tokenizer(vocab_size, max_chars, doc_cap, data_dir=None, out_dir=None)
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Train the BPE tokenizer on the training shards")
+    parser = argparse.ArgumentParser(description="Train the BPE tokenizer on the training shards", allow_abbrev=False)
     parser.add_argument("--vocab-size", type=int, default=32768, help="total vocabulary size, special tokens included")
     parser.add_argument("--max-chars", type=int, default=int(2e9), help="train on at most this many characters")
     parser.add_argument("--doc-cap", type=int, default=10_000, help="use at most this many characters per document")

@@ -3,6 +3,7 @@ nothing on disk changes, .pt files load with weights_only=True, and keep-last-k 
 delete only what they should."""
 
 import argparse
+import errno
 import hashlib
 import json
 import os
@@ -217,3 +218,304 @@ def test_base_sample_flags(saved, monkeypatch, flags, message):
     monkeypatch.setattr(sys, "argv", ["base_sample", "--model-tag", "ckpt_src", "--device-type", "cpu", *flags])
     with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
         base_sample.main()
+
+
+# ---------------------------------------------------------------------------
+# One run per tag, collapse, storage faults, tokenizer identity, resume choices
+
+HOLD_AT_STEP_2 = """
+import os, sys, time
+sys.path.insert(0, "tests")
+import nanochat.train as T
+from test_train import TINY
+ready, go = sys.argv[1], sys.argv[2]
+real = T.Metrics.log_step
+def log_step(self, step, *a):
+    out = real(self, step, *a)
+    if step == 2:  # step 1 is saved by now; hold the run (and its lock) until the test says go
+        open(ready, "w").close()
+        deadline = time.time() + 120
+        while not os.path.exists(go) and time.time() < deadline:
+            time.sleep(0.05)
+    return out
+T.Metrics.log_step = log_step
+T.train(T.build_arg_parser().parse_args(TINY + sys.argv[3:]))
+"""
+
+
+def test_second_run_on_a_tag_stops_at_start_and_the_first_is_intact(tiny_data_dir, tiny_tokenizer, nanochat_base_dir,
+                                                                       tmp_path):
+    d = os.path.join(nanochat_base_dir, "base_checkpoints", "locked")
+    ready, go = str(tmp_path / "ready"), str(tmp_path / "go")
+    first = subprocess.Popen([sys.executable, "-c", HOLD_AT_STEP_2, ready, go, "--num-iterations", "3", "--save-every",
+                              "1", "--model-tag", "locked"], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, env=dict(os.environ, NANOCHAT_BASE_DIR=nanochat_base_dir))
+    try:
+        for _ in range(1200):
+            if os.path.exists(ready) or first.poll() is not None:
+                break
+            import time
+            time.sleep(0.1)
+        assert os.path.exists(ready), first.communicate()[1][-3000:]
+        before = digests(d)
+        with pytest.raises(UserError, match=rf"^{re.escape(d)} is in use by another run \(pid {first.pid} on host "
+                                            r"\S+ since \d{4}-\d\d-\d\dT[\d:]+\+00:00\): wait for it to end or stop it, "
+                                            r"or pick another --model-tag$"):
+            run("--num-iterations", "3", "--depth", "1", "--model-tag", "locked", "--overwrite")
+        assert digests(d) == before
+    finally:
+        open(go, "w").close()
+        out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-3000:]
+    assert "saved checkpoint step 3" in out
+    assert checkpoint.saved_steps(d) == [1, 2, 3] and not os.path.exists(os.path.join(d, ".lock"))
+    for step in (1, 2, 3):
+        checkpoint.load_checkpoint(d, step, "cpu")  # sizes and checksums as the first run recorded them
+
+
+def test_lock_of_a_dead_run_is_taken_over_with_a_warning(tiny_data_dir, tiny_tokenizer, nanochat_base_dir, capsys):
+    d = os.path.join(nanochat_base_dir, "base_checkpoints", "stale_lock")
+    os.makedirs(d, exist_ok=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    write_text(os.path.join(d, ".lock"), json.dumps(dict(pid=dead.pid, host="here", since="2026-01-01T00:00:00+00:00")))
+    write_text(os.path.join(d, f"model_000001.pt.tmp{dead.pid}"), "half a file")  # a save killed midway
+    run("--num-iterations", "1", "--model-tag", "stale_lock")
+    log = capsys.readouterr().out
+    assert f"Warning: took over the lock of {d} from a run that is gone (pid {dead.pid} on host here since " \
+           "2026-01-01T00:00:00+00:00)" in log
+    assert f"removed 1 temp files of stopped runs from {d}" in log
+    assert sorted(os.listdir(d)) == ["meta_000001.json", "model_000001.pt", "optim_000001_rank0.pt"]
+
+
+def test_collapse_stops_before_saving_and_the_good_checkpoint_survives(tiny_data_dir, tiny_tokenizer, nanochat_base_dir):
+    # lr 1e6: the loss jumps from ln(512) = 6.24 to ~20 at step 2 and stays there, finite
+    with pytest.raises(UserError, match=r"^training collapsed at step 4 though the loss is finite: the smoothed loss "
+                                        r"[\d.]+ has stayed more than 1.5 nats above its best \(6.2\d+\) for 3 steps "
+                                        r"\(since step 2\); step 4 was not saved; the newest checkpoint from before "
+                                        r"the collapse is step 1 \(--resume-from-step 1\); lower the learning rates"):
+        run("--num-iterations", "10", "--save-every", "1", "--keep-last-k", "1", "--collapse-steps", "3",
+            "--matrix-lr", "1e6", "--embedding-lr", "1e6", "--unembedding-lr", "1e6", "--model-tag", "collapse")
+    d = os.path.join(nanochat_base_dir, "base_checkpoints", "collapse")
+    assert checkpoint.saved_steps(d) == [1, 3]  # keep-last-k 1 deleted step 2, never step 1
+    state, _, _ = checkpoint.load_checkpoint(d, 1, "cpu")
+    assert all(torch.isfinite(t).all() for t in state.values())
+
+
+def test_best_val_bpb_checkpoint_is_kept_and_recorded(tiny_data_dir, tiny_tokenizer, nanochat_base_dir, monkeypatch):
+    import nanochat.train
+    scripted = iter([4.0, 3.0, 2.0, 2.5, 2.6])  # val bpb at steps 0, 2, 4, 6, 8: best at step 4
+    monkeypatch.setattr(nanochat.train, "validate", lambda run, log: next(scripted))
+    run("--num-iterations", "8", "--save-every", "2", "--eval-every", "2", "--keep-last-k", "1", "--model-tag", "bestval")
+    d = os.path.join(nanochat_base_dir, "base_checkpoints", "bestval")
+    assert checkpoint.saved_steps(d) == [4, 8]  # keep-last-k 1, and the best val bpb
+    assert [checkpoint.load_meta(d, s)["val_bpb"] for s in (4, 8)] == [2.0, 2.6]
+
+
+def failing_writes(monkeypatch, at_step, error=errno.ENOSPC):
+    """From the save of at_step on, every checkpoint write gets half its bytes onto the disk, then `error`."""
+    real_save, real_write = checkpoint.save_checkpoint, checkpoint._HashingWriter.write
+    state = {"fail": False}
+
+    def save(checkpoint_dir, step, *args, **kwargs):
+        state["fail"] = step >= at_step
+        return real_save(checkpoint_dir, step, *args, **kwargs)
+
+    def write(self, data):
+        if state["fail"]:
+            self.f.write(bytes(data)[:len(data) // 2])
+            raise OSError(error, os.strerror(error))
+        return real_write(self, data)
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save)
+    monkeypatch.setattr(checkpoint._HashingWriter, "write", write)
+
+
+def test_full_disk_at_save_is_one_line_and_leaves_earlier_checkpoints(tiny_data_dir, tiny_tokenizer, nanochat_base_dir,
+                                                                      monkeypatch, tmp_path):
+    d = os.path.join(nanochat_base_dir, "base_checkpoints", "enospc")
+    failing_writes(monkeypatch, at_step=2)
+    with pytest.raises(UserError, match=rf"^saving checkpoint step 2 to {re.escape(d)} failed \(No space left on device; "
+                                        r"[\d,]+ bytes free there\): the earlier checkpoints are intact \(newest: step 1, "
+                                        r"--resume-from-step 1\); free space or fix the disk$"):
+        run("--num-iterations", "3", "--save-every", "1", "--model-tag", "enospc")
+    assert sorted(os.listdir(d)) == ["meta_000001.json", "model_000001.pt", "optim_000001_rank0.pt"]  # no temp files
+    checkpoint.load_checkpoint(d, 1, "cpu")
+    # reports: the same one line
+    from nanochat import report
+    monkeypatch.setattr(report, "_write_atomic", lambda path, text: failing_text_write(path))
+    with pytest.raises(UserError, match=rf"^writing the report to {re.escape(str(tmp_path))} failed \(No space left on "
+                                        r"device; [\d,]+ bytes free there\): free space"):
+        report.write_eval_report(str(tmp_path), dict(model_tag="x", step=1, date="-", device="cpu", world_size=1,
+                                                      checkpoint_dir=d, sparse=False, fp8=False))
+
+
+def failing_text_write(path):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+
+def test_no_room_for_the_checkpoints_stops_before_training(tiny_data_dir, tiny_tokenizer, nanochat_base_dir, monkeypatch):
+    from nanochat import storage
+    monkeypatch.setattr(storage, "free_bytes", lambda path: 2_000_000)  # about one checkpoint of this model
+    with pytest.raises(UserError, match=r"^the checkpoint directory .*/base_checkpoints/noroom has 2,000,000 bytes free, "
+                                        r"[\d,]+ needed for 4 checkpoints of ~[\d,]+ bytes: free space there"):
+        run("--num-iterations", "8", "--save-every", "2", "--model-tag", "noroom")
+    assert not os.path.exists(os.path.join(nanochat_base_dir, "base_checkpoints", "noroom"))
+
+
+def test_read_only_base_dir_stops_before_training(tiny_data_dir, tiny_tokenizer, nanochat_base_dir, monkeypatch):
+    """chmod alone does not stop root (the tests may run as root): os.open also fails there with EROFS,
+    as on a read-only mount. Without the start-up check the run would train and save (torch.save does not
+    use os.open), so this test fails if the check is gone."""
+    d = os.path.join(nanochat_base_dir, "base_checkpoints", "readonly")
+    os.makedirs(d)
+    real_open = os.open
+
+    def ro_open(path, flags, *args, **kwargs):
+        if str(path).startswith(d) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+        return real_open(path, flags, *args, **kwargs)
+
+    os.chmod(d, 0o555)
+    try:
+        monkeypatch.setattr(os, "open", ro_open)
+        with pytest.raises(UserError, match=rf"^the checkpoint directory {re.escape(d)} is not writable \(Read-only "
+                                            r"file system; [\d,]+ bytes free\): fix its permissions or mount"):
+            run("--num-iterations", "2", "--model-tag", "readonly")
+    finally:
+        os.chmod(d, 0o755)
+    assert os.listdir(d) == []
+
+
+def test_tokenizer_of_another_size_is_named_with_the_rebuild_command(copy, tmp_path, monkeypatch, tiny_data_dir):
+    from nanochat.tokenizer import Tokenizer
+    from scripts import base_sample
+    from scripts.tok_train import iter_training_text
+    tag, d = copy
+    base = tmp_path / "base"
+    shutil.copytree(d, base / "base_checkpoints" / tag)
+    Tokenizer.train_from_iterator(iter_training_text(200_000, 10_000, tiny_data_dir), 300).save(str(base / "tokenizer"))
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
+    monkeypatch.setattr(sys, "argv", ["base_sample", "--model-tag", tag, "--device-type", "cpu", "--max-tokens", "2"])
+    message = (rf"^checkpoint {re.escape(str(base / 'base_checkpoints' / tag))} step 6 was trained with a tokenizer of "
+               rf"vocab size 512, but {re.escape(str(base / 'tokenizer'))} holds one of vocab size 300: "
+               r"run `python -m scripts.tok_train --vocab-size 512` on the data the model was trained on$")
+    with pytest.raises(UserError, match=message):
+        base_sample.main()
+    with pytest.raises(UserError, match=message.replace("step 6", "step 4")):
+        run("--num-iterations", "8", "--model-tag", tag, "--resume-from-step", "4")
+    # a checkpoint from before the meta recorded the tokenizer: the model's vocab size decides
+    meta_path = base / "base_checkpoints" / tag / "meta_000006.json"
+    meta = json.load(open(meta_path))
+    del meta["tokenizer"]
+    json.dump(meta, open(meta_path, "w"))
+    with pytest.raises(UserError, match=message):
+        base_sample.main()
+
+
+def test_meta_without_tokenizer_fields_still_loads(copy, capsys, monkeypatch):
+    from scripts import base_sample
+    tag, d = copy
+    for step in (4, 6):
+        meta_path = os.path.join(d, f"meta_{step:06d}.json")
+        meta = json.load(open(meta_path))
+        del meta["tokenizer"], meta["total_batch_size"], meta["val_bpb"]
+        json.dump(meta, open(meta_path, "w"))
+    monkeypatch.setattr(sys, "argv", ["base_sample", "--model-tag", tag, "--device-type", "cpu", "--max-tokens", "2"])
+    base_sample.main()
+    assert capsys.readouterr().out.strip()
+    assert run("--num-iterations", "5", "--model-tag", tag, "--resume-from-step", "4")["history"]["step"] == [5]
+
+
+def test_resume_with_another_batch_size_stops_unless_allowed(copy):
+    tag, d = copy
+    before = digests(d)
+    with pytest.raises(UserError, match=r"^checkpoint step 6 was trained with --device-batch-size 4 and 256 tokens per "
+                                        r"step, this run has 8 and 512: pass the same --device-batch-size/"
+                                        r"--total-batch-size, or --allow-batch-change to continue with these \(the data "
+                                        r"continues from the saved position"):
+        run("--num-iterations", "7", "--model-tag", tag, "--resume-from-step", "6", "--device-batch-size", "8",
+            "--total-batch-size", "512")
+    assert digests(d) == before
+    out = run("--num-iterations", "7", "--model-tag", tag, "--resume-from-step", "6", "--device-batch-size", "8",
+              "--total-batch-size", "512", "--allow-batch-change")
+    assert out["history"]["step"] == [7]
+
+
+def test_resume_from_latest_picks_the_newest_intact_step(copy, capsys):
+    tag, d = copy
+    truncate(os.path.join(d, "model_000006.pt"), 1000)
+    out = run("--num-iterations", "5", "--model-tag", tag, "--resume-from-step", "latest")
+    assert out["history"]["step"] == [5]
+    assert "--resume-from-step latest: step 4" in capsys.readouterr().out
+    with pytest.raises(UserError, match=r"^--resume-from-step latest: no checkpoint with complete files in .*/nothing_here "
+                                        r"\(tags with checkpoints: .*\): check --model-tag, or start a fresh run$"):
+        run("--num-iterations", "5", "--model-tag", "nothing_here", "--resume-from-step", "latest")
+
+
+def test_unknown_tag_lists_the_tags_that_exist(saved):
+    with pytest.raises(UserError, match=r"^no checkpoints in .*/base_checkpoints/d12: train first .* or check "
+                                        r"--model-tag \(tags with checkpoints: .*ckpt_src.*\)$"):
+        checkpoint.load_model_for_inference(os.path.join(os.path.dirname(saved), "d12"))
+
+
+def test_prune_keeps_protected_steps(tmp_path):
+    d = str(tmp_path)
+    fake_steps(d, [10, 20, 30, 40, 50])
+    assert checkpoint.prune_checkpoints(d, 40, 1, protect={20}) == [10, 30]
+    assert checkpoint.saved_steps(d) == [20, 40, 50]
+
+
+def test_base_eval_bpb_on_cpu_is_bounded_and_shows_progress(copy, monkeypatch, capsys, tmp_path):
+    from scripts import base_eval
+    tag, d = copy
+    meta_path = os.path.join(d, "meta_000006.json")
+    meta = json.load(open(meta_path))
+    meta["args"]["eval_tokens"] = 20 * 524288  # a run trained with --eval-every 0 keeps the GPU-sized default
+    json.dump(meta, open(meta_path, "w"))
+    monkeypatch.setattr(base_eval, "CPU_EVAL_TOKENS", 512)
+    results = base_eval.evaluate(base_eval.build_arg_parser().parse_args(
+        ["--model-tag", tag, "--eval", "bpb", "--device-type", "cpu", "--out-dir", str(tmp_path)]))
+    out = capsys.readouterr().out
+    assert results["bpb"]["tokens"] == 512
+    assert "val bpb on CPU: 512 tokens, not the run's 10,485,760 (--eval-tokens N for more)" in out
+    assert "val bpb: batch 2/4" in out
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """An 8 MB tmpfs, where this machine lets the tests mount one (root with CAP_SYS_ADMIN)."""
+    path = str(tmp_path / "tmpfs")
+    os.makedirs(path)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", path], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here: test_full_disk_at_save_... covers the same with a failing writer")
+    yield path
+    subprocess.run(["umount", path])
+
+
+def test_real_full_disk_at_save(small_tmpfs, tiny_data_dir, tiny_tokenizer, monkeypatch):
+    """The same on a filesystem that really fills up after the start-up check: torch.save's error (a
+    RuntimeError over the ENOSPC) is one line, its temp files are gone and step 1 is intact."""
+    shutil.copytree(tiny_data_dir, os.path.join(small_tmpfs, "base_data"))
+    tiny_tokenizer.save(os.path.join(small_tmpfs, "tokenizer"))
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", small_tmpfs)
+    real_save = checkpoint.save_checkpoint
+
+    def fill_then_save(checkpoint_dir, step, *args, **kwargs):
+        if step == 2:  # another writer takes the rest of the disk
+            with open(os.path.join(small_tmpfs, "filler"), "wb") as f:
+                try:
+                    while True:
+                        f.write(b"\0" * 65536)
+                except OSError:
+                    pass
+        return real_save(checkpoint_dir, step, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", fill_then_save)
+    d = os.path.join(small_tmpfs, "base_checkpoints", "full")
+    with pytest.raises(UserError, match=rf"^saving checkpoint step 2 to {re.escape(d)} failed \(No space left on device; "
+                                        r"[\d,]+ bytes free there\): the earlier checkpoints are intact \(newest: step 1"):
+        run("--num-iterations", "3", "--save-every", "1", "--keep-last-k", "1", "--eval-every", "0", "--model-tag", "full")
+    assert sorted(os.listdir(d)) == ["meta_000001.json", "model_000001.pt", "optim_000001_rank0.pt"]
+    checkpoint.load_checkpoint(d, 1, "cpu")

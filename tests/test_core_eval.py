@@ -311,6 +311,13 @@ def test_download_bundle_unpacks_a_zip(tmp_path):
     assert sorted(os.listdir(tmp_path / "base")) == ["eval_bundle"]  # no zip or temp dir left behind
     with pytest.raises(UserError, match="could not download the eval bundle"):
         core_eval.download_bundle(str(tmp_path / "other"), url=f"file://{tmp_path}/missing.zip", log=lambda *a: None)
+    # a plain path is the file it names; a plain path to nothing is one line
+    plain = str(tmp_path / "plain" / "eval_bundle")
+    core_eval.download_bundle(plain, url=str(zip_path), log=lambda *a: None)
+    assert [t.examples for t in load_tasks(plain)] == [t.examples for t in load_tasks(src)]
+    with pytest.raises(UserError, match=rf"^--bundle-url {tmp_path}/missing.zip is neither a file nor a URL: give the "
+                                        r"path of eval_bundle.zip, a file:// URL or an https:// URL$"):
+        core_eval.download_bundle(str(tmp_path / "other"), url=f"{tmp_path}/missing.zip", log=lambda *a: None)
 
 # -----------------------------------------------------------------------------
 # Real checkpoints: the trainer's --core-metric-every and scripts.base_eval

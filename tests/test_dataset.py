@@ -1,6 +1,7 @@
 import functools
 import http.server
 import os
+import shutil
 import sysconfig
 import threading
 
@@ -189,3 +190,12 @@ def test_download_non_parquet_is_user_error(local_server, tmp_path):
 def test_download_too_few_shards_is_user_error(tmp_path):
     with pytest.raises(UserError, match="at least 2"):
         download_shards(1, str(tmp_path))
+
+
+def test_only_the_datasets_shard_names_count_as_shards(tmp_path, tiny_data_dir):
+    shutil.copytree(tiny_data_dir, tmp_path / "data")
+    shards = list_shards(str(tmp_path / "data"))
+    for stray in ("notes.parquet", "zz_backup.parquet", "shard_00001.parquet.tmp", "shard_7.parquet"):
+        write_shard(str(tmp_path / "data" / stray), ["not training text"], 1)
+    assert list_shards(str(tmp_path / "data")) == shards
+    assert split_shards("val", str(tmp_path / "data")) == shards[-1:]

@@ -84,3 +84,20 @@ def test_training_text_respects_caps(tiny_data_dir):
     docs = list(iter_training_text(max_chars=5000, doc_cap=1000, data_dir=tiny_data_dir))
     assert all(len(d) <= 1000 for d in docs)
     assert 5000 <= sum(map(len, docs)) < 6000
+
+
+@pytest.mark.parametrize("name, garbage", [("tokenizer.json", '{"pattern": "x", "special'),
+                                           ("mergeable_ranks.tiktoken", "!!not base64!! 0\n")])
+def test_damaged_tokenizer_file_is_one_line(tiny_tokenizer, tmp_path, name, garbage):
+    tiny_tokenizer.save(str(tmp_path))
+    with open(tmp_path / name, "w") as f:
+        f.write(garbage)
+    with pytest.raises(UserError, match=rf"^tokenizer file {tmp_path}/{name} is damaged \(\w+Error: .*\): "
+                                        r"run `python -m scripts.tok_train` with --vocab-size N"):
+        get_tokenizer(str(tmp_path))
+
+
+def test_identity_is_the_saved_files(tiny_tokenizer, tmp_path):
+    tiny_tokenizer.save(str(tmp_path))
+    ident = get_tokenizer(str(tmp_path)).identity()
+    assert ident == tiny_tokenizer.identity() and ident["vocab_size"] == 512 and len(ident["sha256"]) == 64

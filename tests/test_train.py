@@ -226,6 +226,7 @@ def test_fp8_and_sparse_on_cpu_warn_and_train_dense(data, capsys):
     log = capsys.readouterr().out
     assert "Warning: 2:4 sparsity requires CUDA, ignoring --sparse flag" in log
     assert "Warning: --fp8 requires a CUDA GPU" in log
+    assert "this run trains in fp32 as every CPU run does" in log  # CPU runs take no bf16 autocast
     assert out["summary"]["num_sparse_layers"] == 0 and len(out["history"]["loss"]) == 2
 
 
@@ -269,3 +270,26 @@ def test_wrap_model_compiles_with_and_without_recompute(recompute):
         assert wrap_model(model, False, 0, "cpu", Converters(), use_compile=False, recompute=recompute)[0] is model
     finally:
         fconfig.ban_recompute_materialized_backward = before
+
+
+def test_abbreviated_flag_is_refused(capsys):
+    with pytest.raises(SystemExit) as e:
+        build_arg_parser().parse_args(TINY + ["--num-iteration", "3"])  # not --num-iterations
+    assert e.value.code == 2 and "unrecognized arguments: --num-iteration 3" in capsys.readouterr().err
+
+
+def test_every_parser_refuses_abbreviations():
+    root = os.path.dirname(os.path.dirname(__file__))
+    calls = []
+    for folder in ("scripts", "benchmarks", "nanochat"):
+        for name in sorted(os.listdir(os.path.join(root, folder))):
+            if name.endswith(".py"):
+                text = open(os.path.join(root, folder, name)).read()
+                calls += [(name, m.group(0)) for m in re.finditer(r"ArgumentParser\((?:[^()]|\([^()]*\))*\)", text)]
+    assert len(calls) >= 15
+    assert [c for c in calls if "allow_abbrev=False" not in c[1]] == []
+
+
+def test_short_times_print_in_seconds():
+    from nanochat.train import duration
+    assert duration(0.004) == "0.0s" and duration(42.25) == "42.2s" and duration(90) == "1.50m"

@@ -30,7 +30,7 @@ PAPER_ZERO_FRAC = 0.9  # Haziza et al. 2025: squared-ReLU FFN outputs are > 90% 
 
 
 def build_arg_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     # the run: make train's CPU configuration by default
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--aspect-ratio", type=int, default=32)
