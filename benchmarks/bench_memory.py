@@ -8,7 +8,7 @@ per step the gradients already exist while a micro-batch runs forward and backwa
 step 2 on, so the default 3 steps reach the steady peak.
 
     NANOCHAT_BASE_DIR=... python -m benchmarks.bench_memory --depths 26 --device-batch-sizes 16 8 \\
-        --modes dense sparse fp8 fp8_sparse --loss chunked reference --out benchmarks/results/memory_d26
+        --modes dense sparse fp8 fp8_sparse --loss chunked reference --out out/memory_d26
 
 Peak = torch.cuda.max_memory_allocated (and max_memory_reserved, what the allocator held) on CUDA,
 the process's peak RSS elsewhere. --partitioner measures variants of torch._functorch.config for the
@@ -326,7 +326,7 @@ def main():
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--micro-batches", type=int, default=2, help="micro-batches per optimizer step (>= 2: grads live during fwd/bwd)")
     p.add_argument("--timeout", type=int, default=300, help="seconds per configuration")
-    p.add_argument("--out", default="benchmarks/results/memory")
+    p.add_argument("--out", default="out/memory")
     p.add_argument("--snapshot", default=None, metavar="DEPTH:MODE:BATCH[:LOSS[:PARTITIONER]]",
                    help="record the allocator history of the matching configuration(s)")
     p.add_argument("--snapshot-pickle", action="store_true", help="with --snapshot: also dump the full snapshot pickle (large)")

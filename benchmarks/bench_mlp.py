@@ -106,7 +106,7 @@ def main():
     ap = argparse.ArgumentParser(allow_abbrev=False)
     ap.add_argument("--dims", default="2048,1280,1664,768")
     ap.add_argument("--tokens", default="16384,32768,65536")
-    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--out", default="out")
     args = ap.parse_args()
     dims = [int(v) for v in args.dims.split(",")]
     tokens = [int(v) for v in args.tokens.split(",")]

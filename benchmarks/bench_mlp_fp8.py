@@ -4,7 +4,7 @@ rowwise), fp8 2:4 (Fp8SparseKernel, tensorwise: the trainer's). Not a test.
 Static shapes: one compile per (d, T, variant); results are rewritten after every row.
 
 python -m benchmarks.bench_mlp_fp8 [--dims 768,1280,1664,2048] [--tokens 16384,32768,65536]
-Writes benchmarks/results/mlp_fp8_bench.json and .md (or --out-dir).
+Writes out/mlp_fp8_bench.json and .md (or --out-dir).
 """
 
 import argparse
@@ -50,7 +50,7 @@ def main():
     ap.add_argument("--dims", default="768,1280,1664,2048")
     ap.add_argument("--tokens", default="16384,32768,65536")
     ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--out-dir", default="benchmarks/results")
+    ap.add_argument("--out-dir", default="out")
     ap.add_argument("--profile", action="store_true", help="print a kernel-time breakdown instead of timing")
     ap.add_argument("--dynamic", action="store_true", help="mark T dynamic (fewer compiles, slower fp8 reductions)")
     args = ap.parse_args()

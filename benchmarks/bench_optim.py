@@ -183,7 +183,7 @@ def build_arg_parser():
     p.add_argument("--steps", type=int, default=20, help="timed steps per variant")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on for CUDA)")
-    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--out", default="out")
     return p
 
 

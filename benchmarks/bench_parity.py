@@ -95,7 +95,7 @@ def main():
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--eval-tokens", type=int, default=524288)
     p.add_argument("--extra", default="", help="extra trainer flags for every run, e.g. '--device-type cpu'")
-    p.add_argument("--out", default="benchmarks/results/parity")
+    p.add_argument("--out", default="out/parity")
     p.add_argument("--merge", nargs="+", metavar="JSON",
                    help="combine the runs of these results files (one mode each, e.g. from different GPUs) into --out")
     p.add_argument("--one", nargs=2, help=argparse.SUPPRESS)

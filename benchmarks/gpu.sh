@@ -21,11 +21,12 @@
 #   bash benchmarks/gpu.sh smoke                     d4 train, save, resume
 # The GPU machine has no package registry: carry .whl (../shared/gpu/wheels.sh: torchao, rustbpe,
 # nvmath-python) and .gpu_base (NANOCHAT_BASE_DIR=.gpu_base python -m nanochat.dataset --default-corpus
-# && python -m scripts.tok_train). Results and logs go to $OUT (default benchmarks/results).
+# && python -m scripts.tok_train). Results and logs go to $OUT: default out/ (git-ignored); to record a result,
+# OUT=benchmarks/results and keep only the files a claim rests on (benchmarks/results/README.md).
 set -uo pipefail
 stage=${1:?usage: gpu.sh tests|mlp|mlp_fp8|train|fp8_ops|parity|memory|profile|act_sparsity|optim|ddp|resume|parallel|env|smoke [args]}
 shift
-OUT=${OUT:-benchmarks/results}
+OUT=${OUT:-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 if [ -d .whl ] && [ ! -f /tmp/site/.installed ]; then
@@ -61,9 +62,9 @@ case $stage in
     exit $rc ;;
   mlp) python3 -m benchmarks.bench_mlp --out "$OUT" "$@" 2>&1 | tee "$OUT/mlp_bench.log" ;;
   mlp_fp8) python3 -m benchmarks.bench_mlp_fp8 --out-dir "$OUT" "$@" 2>&1 | tee "$OUT/mlp_fp8_bench.log" | grep -v "^d=" ;;
-  train) python3 -m benchmarks.bench_train "$@" 2>&1 | tee -a "$OUT/train_bench.log" ;;
+  train) python3 -m benchmarks.bench_train --out "$OUT/train_bench" "$@" 2>&1 | tee -a "$OUT/train_bench.log" ;;
   fp8_ops) python3 -m benchmarks.bench_fp8_ops --out "$OUT" "$@" 2>&1 | tee -a "$OUT/fp8_ops_bench.log" ;;
-  memory) python3 -m benchmarks.bench_memory "$@" 2>&1 | tee -a "$OUT/memory_bench.log" ;;
+  memory) python3 -m benchmarks.bench_memory --out "$OUT/memory" "$@" 2>&1 | tee -a "$OUT/memory_bench.log" ;;
   profile) python3 -m benchmarks.profile_step --out "$OUT" "$@" 2>&1 | tee -a "$OUT/profile.log" | grep -vE "^  " ;;
   act_sparsity)  # on parity's corpus; the trainer's step lines go to the log only, the measured points are printed
     larger_corpus

@@ -131,7 +131,7 @@ def main():
     p.add_argument("--grad-accum", type=int, default=4)
     p.add_argument("--warmup-steps", type=int, default=4)
     p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--out", default="out")
     args = p.parse_args()
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, date=datetime.date.today().isoformat(),
                 command="python -m benchmarks.profile_step " + " ".join(sys.argv[1:]))

@@ -350,7 +350,7 @@ def main():
                    help="seconds to watch the killed launcher's workers before killing them")
     p.add_argument("--tag", default=None, help="checkpoint tag prefix (default resume_check_<mode>)")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per run")
-    p.add_argument("--out", default="benchmarks/results/resume_check_{device}_g{nproc}_d{depth}_{mode}",
+    p.add_argument("--out", default="out/resume_check_{device}_g{nproc}_d{depth}_{mode}",
                    help="path prefix of the outputs; {device}, {nproc}, {depth} and {mode} are filled in")
     p.add_argument("trainer_flags", nargs=argparse.REMAINDER, help="-- then scripts.base_train flags")
     args = p.parse_args()

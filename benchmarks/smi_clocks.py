@@ -1,7 +1,7 @@
 """
 SM clock and power per stage of a `gpu.sh parallel` call, from the nvidia-smi samples of `gpu.sh smi`.
 
-    python -m benchmarks.smi_clocks benchmarks/results/logs_2026-11-26_s4_call3
+    python -m benchmarks.smi_clocks out
 
 Reads <dir>/smi.csv and the stage start times in <dir>/parallel_gpu<i>.log ("== GPU i: STAGE (HH:MM:SS)"), and
 for each stage takes the samples of its GPU at >= 95% utilisation (steady work: compiles and evals idle the

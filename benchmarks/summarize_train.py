@@ -2,7 +2,7 @@
 One table and one bar chart of end-to-end trainer throughput gathered from several GPU calls
 (bench_train JSONs, and rows copied from run logs whose files were lost), each row naming its source.
 
-    python -m benchmarks.summarize_train benchmarks/results/train_bench_h100.json
+    python -m benchmarks.summarize_train benchmarks/results/train_fp8_layers_h200.json
     python -m benchmarks.summarize_train --gather OUT.json --meta META.json A.json=LABEL [B.json=LABEL ...]
 
 --gather builds OUT.json from bench_train JSONs: rows of the same LABEL form one config (one GPU, or GPUs named

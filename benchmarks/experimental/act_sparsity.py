@@ -51,7 +51,7 @@ def build_arg_parser():
                    help="continue the tag's run from its newest checkpoint (bit-exact on CPU), then measure; a run cut "
                         "off (a time limit) is finished in pieces this way")
     p.add_argument("--note", default="", help="a line for the results files (how the run went, what was lost)")
-    p.add_argument("--out", default="benchmarks/results/act_sparsity_{device}_d{depth}",
+    p.add_argument("--out", default="out/act_sparsity_{device}_d{depth}",
                    help="output path without extension; {device} (cpu, h100, ...) and {depth} are filled in")
     return p
 
