@@ -8,7 +8,7 @@
 #   bash benchmarks/gpu.sh fp8_ops [bench_fp8_ops args]  one fp8 2:4 layer's GEMMs (CUTLASS, cuBLAS, cuSPARSELt) and re-pack
 #   bash benchmarks/gpu.sh memory [bench_memory args]  peak memory per mode
 #   bash benchmarks/gpu.sh profile [profile_step args]  where a step's GPU time goes, per mode
-#   bash benchmarks/gpu.sh act_sparsity [act_sparsity args]  relu² output sparsity per layer over a run (issue 14)
+#   bash benchmarks/gpu.sh act_sparsity [act_sparsity args]  relu² output sparsity per layer over a run (a finished study)
 #   bash benchmarks/gpu.sh optim NPROC [bench_optim args]  the optimizer's share of a 1-micro-batch step, Muon variants
 #   bash benchmarks/gpu.sh ddp NPROC NAME [base_train flags]  the trainer on NPROC GPUs (torchrun if > 1), log in $OUT/NAME.log
 #   bash benchmarks/gpu.sh parallel "STAGE ARGS [; STAGE ARGS]" ...  one quoted list of stages per GPU, run at once
@@ -68,7 +68,7 @@ case $stage in
   profile) python3 -m benchmarks.profile_step --out "$OUT" "$@" 2>&1 | tee -a "$OUT/profile.log" | grep -vE "^  " ;;
   act_sparsity)  # on parity's corpus; the trainer's step lines go to the log only, the measured points are printed
     larger_corpus
-    python3 -m benchmarks.act_sparsity --out "$OUT/act_sparsity_{device}_d{depth}" "$@" 2>&1 \
+    python3 -m benchmarks.experimental.act_sparsity --out "$OUT/act_sparsity_{device}_d{depth}" "$@" 2>&1 \
       | tee -a "$OUT/act_sparsity.log" | grep -vE "^step [0-9]+/" ;;
   parity)
     larger_corpus
