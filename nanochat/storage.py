@@ -18,6 +18,8 @@ from nanochat.common import UserError
 DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EIO, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EFBIG}
 LOCK_NAME = ".lock"
 
+REPORT_BYTES = 1 << 20  # the markdown report and its loss-curve PNG
+
 
 def free_bytes(path):
     """Free bytes on the filesystem holding path (or its nearest existing parent)."""

@@ -474,7 +474,6 @@ class Run:
         return self.rank == 0
 
 
-REPORT_BYTES = 1 << 20  # the markdown report and its loss-curve PNG
 
 
 def latest_step(checkpoint_dir):
@@ -527,7 +526,7 @@ def setup(args):
         from nanochat.dataset import list_row_groups
         list_row_groups("val")  # a bad val shard fails now, not at the final eval before the last save
     if rank == 0:
-        storage.check_writable(os.path.join(get_base_dir(), "report"), REPORT_BYTES, "report directory")
+        storage.check_writable(os.path.join(get_base_dir(), "report"), storage.REPORT_BYTES, "report directory")
     model, num_params, flops_per_token = build_model(args, depth_given, tokenizer.get_vocab_size(), device, device_type)
     tokens_per_micro_batch, total_batch_size, grad_accum_steps, num_iterations = \
         plan_batches(args, world_size, flops_per_token, num_params)

@@ -58,8 +58,7 @@ def evaluate(args):
     from nanochat.dataloader import DistributedDataLoader
     from nanochat.evaluation import evaluate_bpb, sample_text
     from nanochat.report import core_line, write_eval_report
-    from nanochat.storage import check_writable
-    from nanochat.train import REPORT_BYTES
+    from nanochat.storage import REPORT_BYTES, check_writable
     from nanochat.tokenizer import get_token_bytes, get_tokenizer
 
     if args.download_bundle:
