@@ -301,7 +301,7 @@ def plot(samples, results, path):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    p.add_argument("--method", choices=["interleaved", "process"], default="interleaved")
+    p.add_argument("--method", choices=["interleaved", "process"], default="process")
     p.add_argument("--depths", type=int, nargs="+", default=[20])
     p.add_argument("--modes", nargs="+", default=DEFAULT_MODES, choices=list(MODES), help="the first is the baseline")
     p.add_argument("--micro-batches", type=int, nargs="+", default=[4], help="micro-batches per optimizer step")

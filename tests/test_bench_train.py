@@ -24,3 +24,36 @@ def test_steady_from_log_needs_a_step_past_warmup():
     assert steady_from_log("".join(line.format(i) for i in range(1, 11))) is None
     r = steady_from_log("".join(line.format(i) for i in range(1, 13)))
     assert (r["tok_per_sec"], r["step_time_ms"], r["mfu"], r["peak_memory_gib"]) == (68000, 950, 45.5, 43.44)
+
+
+def test_schedule_soaks_then_reverses_every_other_round():
+    from benchmarks.bench_train import schedule
+    plan = schedule(["dense", "sparse"], rounds=3, soak_seconds=20, soak_block_seconds=8)
+    assert [(m, k) for m, _, k in plan] == [("dense", "soak"), ("sparse", "soak"), ("dense", "soak"),
+                                           ("dense", "round0"), ("sparse", "round0"), ("sparse", "round1"),
+                                           ("dense", "round1"), ("dense", "round2"), ("sparse", "round2")]
+
+
+def test_rows_from_a_fake_step_recover_the_step_ratio():
+    """A fake clock: dense steps take 10 units, sparse 8 (1.25x); the first step of each block is slow (a switch)."""
+    from benchmarks.bench_train import block_rows, mode_summary, run_schedule, schedule
+    now = [0.0]
+    last = [None]
+
+    def clock():
+        return now[0]
+
+    def step(mode):
+        now[0] += (10.0 if mode == "dense" else 8.0) * (3 if last[0] != mode else 1)
+        last[0] = mode
+
+    plan = schedule(["dense", "sparse"], rounds=4, soak_seconds=0, soak_block_seconds=1)
+    steps = run_schedule(plan, step, block_seconds=100, clock=clock)
+    assert {s["block"] for s in steps} == set(range(8)) and all(s["t1"] > s["t0"] for s in steps)
+    blocks = block_rows(steps, samples=[], drop_steps=1)
+    assert all(b["sm_mhz"] is None and b["joules_per_step"] is None for b in blocks)  # no GPU samples: no numbers
+    summary = mode_summary(blocks, ["dense", "sparse"], tokens_per_step=1000)
+    assert summary["dense"]["step_ms"] == pytest.approx(10_000)
+    assert summary["sparse"]["ratio"] == pytest.approx(1.25)
+    assert summary["sparse"]["ratio_min"] == summary["sparse"]["ratio_max"] == pytest.approx(1.25)
+    assert summary["sparse"]["tok_per_sec"] == pytest.approx(1000 / 8.0)
