@@ -207,20 +207,26 @@ def child(spec_path, out_path):
 
 
 def run_child(spec, log_path, timeout):
-    """One child process; returns its JSON, or raises RuntimeError with the end of its log."""
-    with tempfile.TemporaryDirectory() as tmp, open(log_path, "w") as log:
-        spec_path, out_path = os.path.join(tmp, "spec.json"), os.path.join(tmp, "out.json")
+    """One child process; returns its JSON, or raises RuntimeError with the end of its log. Its output is
+    appended to log_path under a header line: one log for all children keeps a run's files few (a GPU
+    machine may hand back only a handful)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_path, out_path, child_log = (os.path.join(tmp, name) for name in ("spec.json", "out.json", "child.log"))
         with open(spec_path, "w") as f:
             json.dump(spec, f)
         try:
-            r = subprocess.run([sys.executable, "-m", "benchmarks.bench_train", "--child", spec_path, out_path],
-                               stdout=log, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+            with open(child_log, "w") as log:
+                r = subprocess.run([sys.executable, "-m", "benchmarks.bench_train", "--child", spec_path, out_path],
+                                   stdout=log, stderr=subprocess.STDOUT, text=True, timeout=timeout)
             failed = r.returncode != 0 and f"exit code {r.returncode}"
         except subprocess.TimeoutExpired:
             failed = f"timed out after {timeout}s"
+        with open(child_log) as f:
+            text = f.read()
+        with open(log_path, "a") as log:
+            log.write(f"===== {' '.join(spec['modes'])}: {' '.join(spec['flags'][spec['modes'][0]])}\n{text}")
         if failed:
-            with open(log_path) as f:
-                raise RuntimeError(f"{failed}: " + f.read()[-1500:])
+            raise RuntimeError(f"{failed}: " + text[-1500:])
         with open(out_path) as f:
             return json.load(f)
 
@@ -364,9 +370,9 @@ def main():
                                   plan=[(m, args.settle_seconds, "soak")] * settle + [(m, None, "round0")]) for m in args.modes]
                 result = dict(key=key, depth=depth, micro_batches=mb, device_batch_size=B, modes=args.modes, steps=[], info={})
                 results.append(result)
-                for i, spec in enumerate(specs):
+                for spec in specs:
                     try:
-                        out = run_child(spec, f"{args.out}_{key}_{i}.log", args.timeout)
+                        out = run_child(spec, f"{args.out}_children.log", args.timeout)
                     except RuntimeError as e:
                         result["error"] = str(e).strip().splitlines()[-1][:200]
                         print(f"{key}: FAILED {result['error']}", flush=True)

@@ -62,7 +62,9 @@ case $stage in
     exit $rc ;;
   mlp) python3 -m benchmarks.bench_mlp --out "$OUT" "$@" 2>&1 | tee "$OUT/mlp_bench.log" ;;
   mlp_fp8) python3 -m benchmarks.bench_mlp_fp8 --out-dir "$OUT" "$@" 2>&1 | tee "$OUT/mlp_fp8_bench.log" | grep -v "^d=" ;;
-  train) python3 -m benchmarks.bench_train --out "$OUT/train_bench" "$@" 2>&1 | tee -a "$OUT/train_bench.log" ;;
+  train)  # --out defaults to $OUT/train_bench; bench_train writes <out>.json/.md/.png and one <out>_children.log
+    case " $* " in *" --out "*) ;; *) set -- --out "$OUT/train_bench" "$@" ;; esac
+    python3 -m benchmarks.bench_train "$@" 2>&1 | tee -a "$OUT/train_bench.log" ;;
   fp8_ops) python3 -m benchmarks.bench_fp8_ops --out "$OUT" "$@" 2>&1 | tee -a "$OUT/fp8_ops_bench.log" ;;
   memory) python3 -m benchmarks.bench_memory --out "$OUT/memory" "$@" 2>&1 | tee -a "$OUT/memory_bench.log" ;;
   profile) python3 -m benchmarks.profile_step --out "$OUT" "$@" 2>&1 | tee -a "$OUT/profile.log" | grep -vE "^  " ;;

@@ -57,3 +57,18 @@ def test_rows_from_a_fake_step_recover_the_step_ratio():
     assert summary["sparse"]["ratio"] == pytest.approx(1.25)
     assert summary["sparse"]["ratio_min"] == summary["sparse"]["ratio_max"] == pytest.approx(1.25)
     assert summary["sparse"]["tok_per_sec"] == pytest.approx(1000 / 8.0)
+
+
+def test_children_share_one_log_and_a_failure_names_its_end(tmp_path):
+    """Every child's output goes to one log (a GPU machine hands back few files); a failing child raises with
+    the end of its own output."""
+    from benchmarks.bench_train import run_child
+    log = tmp_path / "bench_children.log"
+    for flag in ("--no-such-flag", "--another-bad-flag"):
+        spec = dict(modes=["dense"], flags={"dense": ["--depth", "2", flag]}, warm_steps=1, block_seconds=1,
+                    plan=[["dense", None, "round0"]])
+        with pytest.raises(RuntimeError, match=f"(?s)exit code 2: .*{flag}"):
+            run_child(spec, str(log), timeout=120)
+    text = log.read_text()
+    assert text.count("===== dense: --depth 2") == 2 and "--no-such-flag" in text and "--another-bad-flag" in text
+    assert list(tmp_path.iterdir()) == [log]
