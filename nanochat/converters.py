@@ -28,12 +28,14 @@ def _silent(*_args, **_kwargs):
 class SparseConverter:
     """--sparse: the MLP layers become 2:4 SemiSparseLinear, their kernels chosen for `tokens` per
     micro-batch (weighing the GEMM saving over `micro_batches` against one re-pack per step), their
-    state in one SparseRuntime on `device`. fp8: the fp8 2:4 kernel (--fp8 --sparse)."""
+    state in one SparseRuntime on `device`. fp8: the fp8 2:4 kernel (--fp8 --sparse). timing_cache: the
+    run's TimingCache (nanochat/kernel_choice.py; None: the default file)."""
 
-    def __init__(self, device, backend="auto", fp8=False, tokens=None, micro_batches=1, log=print0):
+    def __init__(self, device, backend="auto", fp8=False, tokens=None, micro_batches=1, timing_cache=None, log=print0):
         from nanochat.sparse import SparseConfig
         self.device = torch.device(device)
-        self.config = SparseConfig(backend=backend, fp8=fp8, tokens=tokens, micro_batches=micro_batches, log=log)
+        self.config = SparseConfig(backend=backend, fp8=fp8, tokens=tokens, micro_batches=micro_batches,
+                                   timing_cache=timing_cache, log=log)
         self.runtime = None
         self.num_layers = 0
 
@@ -82,16 +84,17 @@ class SparseConverter:
 
 class Fp8Converter:
     """--fp8: the dense Linear layers become torchao Float8Linear; tokens (per micro-batch) keeps a layer
-    shape in bf16 where fp8 timed slower (None: every eligible layer, --fp8-layers all)."""
+    shape in bf16 where fp8 timed slower (None: every eligible layer, --fp8-layers all). timing_cache: the
+    run's TimingCache (None: time every start)."""
 
-    def __init__(self, device, tokens=None, log=print0):
+    def __init__(self, device, tokens=None, timing_cache=None, log=print0):
         self.device = torch.device(device)
-        self.tokens, self.log = tokens, log
+        self.tokens, self.timing_cache, self.log = tokens, timing_cache, log
         self.converted = []
 
     def convert(self, model):
         from nanochat.fp8 import convert_to_float8
-        self.converted = convert_to_float8(model, self.device, log=self.log, tokens=self.tokens)
+        self.converted = convert_to_float8(model, self.device, log=self.log, tokens=self.tokens, cache=self.timing_cache)
 
     def after_optimizers(self, model, optimizers):
         pass

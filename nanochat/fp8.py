@@ -10,7 +10,8 @@ times both on our MLP shapes.
 
 Per layer shape, fp8 pays only where its GEMMs save more than its casts cost: narrow layers (d768)
 ran slower in fp8 than in bf16. Given the token count of a micro-batch, convert_to_float8 times one
-layer's forward + backward both ways and leaves a shape in bf16 where fp8 is clearly slower (logged).
+layer's forward + backward both ways and leaves a shape in bf16 where fp8 is clearly slower (the rule and
+margin of nanochat/kernel_choice.py; logged).
 """
 
 import time
@@ -21,7 +22,8 @@ import torch
 import torch.nn as nn
 
 from nanochat.common import print0, rank0s
-from nanochat.hardware import FP8_TOKEN_ALIGN, fp8_supported, round_up, time_gpu_ms
+from nanochat.hardware import FP8_TOKEN_ALIGN, fp8_supported, round_up, time_gpu_ms, torchao_version
+from nanochat.kernel_choice import MARGINS, TimingCache, device_name, pays
 
 
 # -----------------------------------------------------------------------------
@@ -77,18 +79,11 @@ def time_linear_ms(out_features, in_features, tokens, device):
     return times
 
 
-# Inside the compiled model a layer's fp8 casts fuse with the norm or activation before it, and layers that
-# read the same input (c_q, c_k, c_v) share one cast, so fp8 does better there than in time_linear_ms.
-# Measured (H200, T=32768, benchmarks/results/logs_2026-11-26_s5_call2): d20's attention shape timed 6%
-# slower in fp8 alone, yet the step with it in fp8 ran 3% faster; d20's whole MLP in fp8 takes 0.75x of bf16
-# (mlp_fp8_bench), its layers alone 0.83-0.85x. So fp8 is chosen unless it timed more than 10% slower.
-FP8_IN_MODEL_MARGIN = 1.10
-
-
-def choose_fp8_shapes(model, tokens, device, log=print0, time_fn=time_linear_ms, margin=FP8_IN_MODEL_MARGIN):
-    """{(out, in): True for fp8} over the shapes of the layers convert_to_float8 may swap: fp8 iff its
-    forward + backward at `tokens` per micro-batch timed less than `margin` times bf16's. One line per shape
-    in the log. Under torch.distributed every rank takes rank 0's choice."""
+def choose_fp8_shapes(model, tokens, device, log=print0, time_fn=time_linear_ms, margin=MARGINS["fp8"], cache=None):
+    """{(out, in): True for fp8} over the shapes of the layers convert_to_float8 may swap, by kernel_choice's
+    rule: fp8 iff bf16's forward + backward at `tokens` per micro-batch beats margin times fp8's. Timings
+    through `cache` (a TimingCache) when given. One line per shape in the log. Under torch.distributed every
+    rank takes rank 0's choice."""
     shapes = {}
     for fqn, mod in model.named_modules():
         if fp8_module_filter(mod, fqn):
@@ -96,22 +91,30 @@ def choose_fp8_shapes(model, tokens, device, log=print0, time_fn=time_linear_ms,
     start = time.perf_counter()
     choice = {}
     for (N, K), names in shapes.items():
-        t = time_fn(N, K, tokens, device)
-        choice[(N, K)] = t["fp8_ms"] < margin * t["bf16_ms"]
+        if cache is None:
+            t = time_fn(N, K, tokens, device)
+        else:
+            key = TimingCache.key("fp8 layer", device_name(device), f"torch {torch.__version__}",
+                                  f"torchao {torchao_version()}", f"{N}x{K}", f"T{tokens}")
+            t = cache.measured(key, lambda: time_fn(N, K, tokens, device))
+        choice[(N, K)] = pays(t["bf16_ms"], t["fp8_ms"], margin)
         short = ",".join(sorted({n.split(".")[-1] for n in names}))
         log(f"fp8: {len(names)} layers of weight {N}x{K} ({short}) {'in fp8' if choice[(N, K)] else 'stay bf16'}: "
             f"forward + backward {t['fp8_ms']:.3f} ms in fp8, {t['bf16_ms']:.3f} ms in bf16 at T={tokens}")
     if shapes:
-        log(f"fp8: timed {len(shapes)} layer shapes in {time.perf_counter() - start:.1f}s (--fp8-layers all skips this)")
+        how = "timed or read from the timing cache" if cache is not None else "timed"
+        log(f"fp8: {len(shapes)} layer shapes {how} in {time.perf_counter() - start:.1f}s (--fp8-layers all skips this)")
+    if cache is not None:
+        cache.save()
     return rank0s(choice)
 
 
-def convert_to_float8(model, device, log=print0, recipe="tensorwise", tokens=None, time_fn=time_linear_ms):
+def convert_to_float8(model, device, log=print0, recipe="tensorwise", tokens=None, time_fn=time_linear_ms, cache=None):
     """Swap the transformer's nn.Linear layers for torchao Float8Linear, in place.
     Call before torch.compile and DDP. tokens (per micro-batch, tensorwise only): convert only the layer
-    shapes choose_fp8_shapes keeps in fp8 at that count; None converts every eligible layer. Returns the
-    names of the converted layers ([] when fp8 is not supported here: then it logs one warning line and
-    leaves the model as it is)."""
+    shapes choose_fp8_shapes keeps in fp8 at that count (timings through cache, a TimingCache, when given);
+    None converts every eligible layer. Returns the names of the converted layers ([] when fp8 is not
+    supported here: then it logs one warning line and leaves the model as it is)."""
     ok, reason = fp8_supported(device)
     if not ok:
         # the trainer autocasts to bf16 on CUDA only: a CPU run stays fp32
@@ -123,7 +126,7 @@ def convert_to_float8(model, device, log=print0, recipe="tensorwise", tokens=Non
         raise ValueError(f"choosing fp8 layers by timing models the tensorwise recipe, not {recipe!r}: pass tokens=None")
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
-    chosen = None if tokens is None else choose_fp8_shapes(model, tokens, device, log, time_fn)
+    chosen = None if tokens is None else choose_fp8_shapes(model, tokens, device, log, time_fn, cache=cache)
     config = Float8LinearConfig.from_recipe_name(recipe)
     converted, skipped = [], []
 

@@ -24,6 +24,7 @@ from nanochat.common import (UserError, autodetect_device_type, compute_cleanup,
 from nanochat.converters import Converters, Fp8Converter, SparseConverter
 from nanochat.evaluation import evaluate_bpb, sample_text
 from nanochat.gpt import GPT, config_from_depth
+from nanochat.kernel_choice import CACHE_FILE, TimingCache
 from nanochat.optim import lr_multiplier, muon_momentum, setup_optimizers
 
 DEFAULT_DEPTH = 20
@@ -288,12 +289,15 @@ def plan_batches(args, world_size, flops_per_token, num_params):
 def build_converters(args, device, grad_accum_steps):
     """The run's model converters from --sparse and --fp8 (Converters fixes their order). Kernels and fp8
     layers are chosen for this micro-batch's token count; the sparse ones weigh their saving over the
-    step's micro-batches against one re-pack per step."""
+    step's micro-batches against one re-pack per step. Both read and extend one timing cache in the base dir
+    (nanochat/kernel_choice.py)."""
     tokens = args.device_batch_size * args.max_seq_len
+    cache = TimingCache(os.path.join(get_base_dir(), CACHE_FILE), log=print0) if (args.sparse or args.fp8) else None
     return Converters([
         SparseConverter(device, backend=args.sparse_backend, fp8=args.fp8, tokens=tokens,
-                        micro_batches=grad_accum_steps, log=print0) if args.sparse else None,
-        Fp8Converter(device, tokens=tokens if args.fp8_layers == "auto" else None, log=print0) if args.fp8 else None,
+                        micro_batches=grad_accum_steps, timing_cache=cache, log=print0) if args.sparse else None,
+        Fp8Converter(device, tokens=tokens if args.fp8_layers == "auto" else None, timing_cache=cache,
+                     log=print0) if args.fp8 else None,
     ])
 
 

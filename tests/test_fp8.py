@@ -70,7 +70,7 @@ def test_choose_fp8_shapes_keeps_slower_shapes_bf16_and_logs_each():
     choice = choose_fp8_shapes(model, 4096, torch.device("cpu"), log=lines.append, time_fn=time_fn)
     assert choice == {(64, 64): False, (256, 64): True}
     assert sorted(calls) == [(64, 64, 4096), (256, 64, 4096)]
-    assert lines[-1].startswith("fp8: timed 2 layer shapes in ") and lines[-1].endswith("s (--fp8-layers all skips this)")
+    assert lines[-1].startswith("fp8: 2 layer shapes timed in ") and lines[-1].endswith("s (--fp8-layers all skips this)")
     assert lines[:-1] == [
         "fp8: 2 layers of weight 64x64 (c_q) stay bf16: forward + backward 2.000 ms in fp8, 1.500 ms in bf16 at T=4096",
         "fp8: 2 layers of weight 256x64 (c_fc) in fp8: forward + backward 1.600 ms in fp8, 1.500 ms in bf16 at T=4096"]

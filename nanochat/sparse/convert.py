@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from nanochat.common import UserError, get_base_dir, print0, rank0s
 from nanochat.hardware import fp8_sparse_supported, round_up
+from nanochat.kernel_choice import CACHE_FILE, TimingCache, device_name
 from nanochat.sparse.cusparselt import TOKEN_PAD, pick_impl
 from nanochat.sparse.linear import DENSE, CusparseltKernel, MaskedKernel, SemiSparseLinear, SparseOp
 from nanochat.sparse.mask import masks_checksum, transposable_mask
@@ -28,7 +29,7 @@ class SparseConfig:
     impl: str = "auto"           # cuSPARSELt calls: auto (nvmath-python if installed) | nvmath | torch
     compressor: str = "auto"     # auto (our GPU-speed compressor where it matches the library's bytes) | learned | cusparselt (the library's own: cuSPARSELt's compress, torchao's fp8 packer)
     force: Optional[str] = None  # None | "sparse" | "dense": every op on cuSPARSELt / dense (tests, benchmarks)
-    timing_cache: Optional[str] = None  # JSON of measured GEMM timings; None = <base dir>/cusparselt_timings.json
+    timing_cache: Optional[TimingCache] = None  # the run's kernel timings (kernel_choice.py); None: <base dir>/kernel_timings.json
     log: Callable = field(default=print0, repr=False)
 
 
@@ -79,12 +80,16 @@ def _by_shape(layers):
     return shapes
 
 
+def _timing_cache(config):
+    return config.timing_cache or TimingCache(os.path.join(get_base_dir(), CACHE_FILE), log=config.log)
+
+
 def _tune(layers, config, impl, runtime):
     """Choose each (shape, op)'s kernel from GEMM timings (cached on disk) and the measured cost of
     compressing its operand once per step; configure every cuSPARSELt kernel accordingly."""
-    from nanochat.sparse.tune import TimingCache, decide, gemm_timings, time_compress_ms
+    from nanochat.sparse.tune import decide, gemm_timings, time_compress_ms
     lib, device = runtime.library(impl), runtime.device
-    cache = TimingCache(config.timing_cache or os.path.join(get_base_dir(), "cusparselt_timings.json"), log=config.log)
+    cache = _timing_cache(config)
 
     def compressor(m, k):
         return runtime.compressor(impl, m, k, config.compressor, log=config.log)
@@ -122,26 +127,33 @@ def _tune(layers, config, impl, runtime):
 
 def _tune_fp8(layers, config, runtime):
     """Per shape, each op of the fp8 kernels 2:4 or dense fp8 (on the masked weight), from measured GPU
-    time weighed like the bf16 kernels' (nanochat/sparse/tune.py), and the packers of W and W^T."""
+    time (cached on disk) weighed like the bf16 kernels', and the packers of W and W^T."""
+    from nanochat.hardware import torchao_version
     from nanochat.sparse.fp8_ops import cast_tensorwise
     from nanochat.sparse.tune import choose_fp8_ops, time_fp8_ops
     kind = "cutlass" if config.compressor == "cusparselt" else config.compressor  # the library's own packer
+    cache = _timing_cache(config)
     for (N, K), members in _by_shape(layers).items():
         packers = {op: runtime.fp8_packer(m, k, kind, log=config.log) for op, (m, k) in (("fwd", (N, K)), ("dgrad", (K, N)))}
         if config.tokens is None or config.force is not None:
             choice = {op: config.force != "dense" for op in ("fwd", "dgrad")}  # no token count: both 2:4
             info = "not tuned" if config.force is None else f"forced {config.force}"
         else:
-            timings = time_fp8_ops(N, K, config.tokens, runtime.device, packers, runtime.compiled(cast_tensorwise))
+            key = TimingCache.key("fp8 2:4", device_name(runtime.device), f"torch {torch.__version__}",
+                                  f"torchao {torchao_version()}", f"{N}x{K}", f"T{config.tokens}",
+                                  f"packers {packers['fwd'].name}/{packers['dgrad'].name}")
+            timings = cache.measured(key, lambda: time_fp8_ops(N, K, config.tokens, runtime.device, packers,
+                                                               runtime.compiled(cast_tensorwise)))
             choice = choose_fp8_ops(timings, config.micro_batches)
             info = f"T={config.tokens}, " + ", ".join(
                 f"{op} {'2:4' if choice[op] else 'dense fp8'} (2:4 {t['sparse_ms']:.3f} ms, dense {t['dense_ms']:.3f} ms; "
-                f"pack {t['pack_ms']:.3f} ms/step, cast {t['cast_ms']:.3f})" for op, t in timings.items())
+                f"pack {t['pack_ms']:.3f} ms/step, cast {t['cast_ms']:.3f})" for op, t in sorted(timings.items(), reverse=True))
         choice = rank0s(choice)
         for _, layer in members:
             layer.kernel.configure(*(SparseOp(packers[op]) if choice[op] else None for op in ("fwd", "dgrad")))
         config.log(f"fp8 2:4 kernels for {len(members)} layers of weight {N}x{K} ({_short_names([n for n, _ in members])}): "
                    f"{members[0][1].kernel.describe()}; packers {packers['fwd'].name}/{packers['dgrad'].name} ({info})")
+    cache.save()
 
 
 def convert_mlp_to_sparse(model, device, config=None, runtime=None):

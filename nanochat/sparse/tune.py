@@ -1,75 +1,27 @@
 """
-Choosing the kernel of each 2:4 op before training, from measured GPU time: cuSPARSELt against dense
-bf16 for the bf16 kernels, fp8 2:4 against dense fp8 for the fp8 kernel (time_fp8_ops, choose_fp8_ops).
+Timing the 2:4 ops before training, for the choice in nanochat/kernel_choice.py: cuSPARSELt against dense
+bf16 for the bf16 kernels (time_gemm, decide), fp8 2:4 against dense fp8 for the fp8 kernel (time_fp8_ops,
+choose_fp8_ops).
 
 For a GEMM y = x @ A^T with A (m x k) 2:4 at T tokens, time dense (cuBLAS on the masked weight, the
 layout the fallback uses) against every cuSPARSELt algorithm id, on random data (never zeros), with
 CUDA events around a batch of calls queued behind a GPU sleep (so host launch cost does not count).
-cuSPARSELt's own search sometimes picks a slower id, so we time them all.
+cuSPARSELt's own search sometimes picks a slower id, so we time them all. The timings go through the
+run's TimingCache (kernel_choice.py), keyed by GPU, cuSPARSELt version, implementation, shape, token
+count and op.
 
-The timings are cached in a JSON file (default <base dir>/cusparselt_timings.json) keyed by GPU name,
-cuSPARSELt version, implementation, shape, token count and op, so the next run starts without
-searching. A bad or unreadable cache file is ignored with a one-line warning.
-
-Decision rule (decide): an op runs on cuSPARSELt iff its GPU-time saving over the micro-batches of
-one optimizer step pays for compressing its operand once per step.
+An op runs 2:4 iff its saving over the micro-batches of one optimizer step, with the "2:4" margin, pays
+for packing its operand once per step (kernel_choice.pays).
 """
-
-import json
-import os
 
 import torch
 
 from nanochat.hardware import FP8_TOKEN_ALIGN, round_up, time_gpu_ms
+from nanochat.kernel_choice import MARGINS, TimingCache, device_name, pays
 from nanochat.sparse.cusparselt import TOKEN_PAD
 from nanochat.sparse.fp8_ops import E4M3, E5M2, dense_operand, fp8_mm, quantize_tensor
 from nanochat.sparse.fp8_pack import LibraryFp8Packer
 from nanochat.sparse.mask import masked_bf16
-
-CACHE_VERSION = 1
-
-
-class TimingCache:
-    """GEMM timings on disk. Keys name everything the numbers depend on."""
-
-    def __init__(self, path, log=print):
-        self.path, self.log, self.entries = path, log, {}
-        if path and os.path.exists(path):
-            try:
-                with open(path) as f:
-                    data = json.load(f)
-                if data.get("version") != CACHE_VERSION or not isinstance(data.get("entries"), dict):
-                    raise ValueError(f"version {data.get('version')!r}, expected {CACHE_VERSION}")
-                self.entries = {k: v for k, v in data["entries"].items() if _valid_entry(v)}
-            except (OSError, ValueError, AttributeError) as e:
-                log(f"Warning: ignoring the cuSPARSELt timing cache {path} ({type(e).__name__}: {e}); it will be rewritten")
-
-    @staticmethod
-    def key(gpu, version, impl, m, k, T, op):
-        return f"{gpu}|cusparselt {version}|{impl}|{m}x{k}|T{T}|{op}"
-
-    def get(self, key):
-        return self.entries.get(key)
-
-    def put(self, key, entry):
-        self.entries[key] = entry
-
-    def save(self):
-        if not self.path:
-            return
-        try:
-            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-            tmp = f"{self.path}.tmp{os.getpid()}"
-            with open(tmp, "w") as f:
-                json.dump({"version": CACHE_VERSION, "entries": self.entries}, f, indent=1, sort_keys=True)
-            os.replace(tmp, self.path)
-        except OSError as e:
-            self.log(f"Warning: could not write the cuSPARSELt timing cache {self.path} ({e})")
-
-
-def _valid_entry(v):
-    return (isinstance(v, dict) and isinstance(v.get("alg"), int) and v["alg"] >= 0
-            and all(isinstance(v.get(f), (int, float)) for f in ("sparse_ms", "dense_ms")))
 
 
 def time_gemm(lib, m, k, T, op, device):
@@ -110,31 +62,20 @@ def time_compress_ms(compressor, out, m, k, transposed, device):
     return time_gpu_ms(lambda: compressor(wm, out), reps=3, batch=3)
 
 
-# Inside a training step the 2:4 GEMMs ran 8% slower than timed alone (d20 on H100, torch.profiler:
-# 147 ms per step in the model against 136 ms from these timings; the dense GEMMs matched theirs), so
-# a sparse op must beat dense by that much to be worth it.
-IN_MODEL_SLOWDOWN = 1.08
-
-
-def decide(gemm, compress_ms, micro_batches, force=None):
+def decide(gemm, compress_ms, micro_batches, force=None, margin=MARGINS["2:4"]):
     """The algorithm id to run this op with, or None for the dense kernel on the masked weight."""
     if force == "sparse":
         return gemm["alg"]
     if force == "dense":
         return None
-    saving_ms = gemm["dense_ms"] - IN_MODEL_SLOWDOWN * gemm["sparse_ms"]
-    return gemm["alg"] if saving_ms * micro_batches > compress_ms else None
+    return gemm["alg"] if pays(gemm["dense_ms"], gemm["sparse_ms"], margin, micro_batches, compress_ms) else None
 
 
 def gemm_timings(lib, m, k, T, op, cache):
     """Cached or freshly measured timings of one GEMM on this library object (see time_gemm)."""
-    device = lib.device
-    key = TimingCache.key(torch.cuda.get_device_name(device), lib.version, lib.name, m, k, T, op)
-    entry = cache.get(key)
-    if entry is None:
-        entry = time_gemm(lib, m, k, T, op, device)
-        cache.put(key, entry)
-    return entry
+    key = TimingCache.key("cusparselt", device_name(lib.device), f"torch {torch.__version__}", f"cusparselt {lib.version}",
+                          lib.name, f"{m}x{k}", f"T{T}", op)
+    return cache.measured(key, lambda: time_gemm(lib, m, k, T, op, lib.device))
 
 
 def time_fp8_ops(out_features, in_features, tokens, device, packers=None, cast=None):
@@ -162,11 +103,8 @@ def time_fp8_ops(out_features, in_features, tokens, device, packers=None, cast=N
     return timings
 
 
-def choose_fp8_ops(timings, micro_batches, slowdown=IN_MODEL_SLOWDOWN):
-    """{op: True for 2:4}: an op runs 2:4 iff its GEMM saving over the step's micro-batches pays for
-    packing its operand instead of casting it. slowdown: how much slower, relative to the dense GEMM, a
-    2:4 GEMM runs inside a training step than timed alone; by default the bf16 kernels' margin. A larger
-    margin fitted to the profiler's per-kernel times sent every op dense at d20 with 4 micro-batches, and
-    that step ran 4% slower (docs/fp8-notes.md)."""
-    return {op: (t["dense_ms"] - slowdown * t["sparse_ms"]) * micro_batches > t["pack_ms"] - t["cast_ms"]
+def choose_fp8_ops(timings, micro_batches, margin=MARGINS["2:4"]):
+    """{op: True for 2:4}: an op runs 2:4 iff its GEMM saving over the step's micro-batches, with the 2:4
+    margin (kernel_choice.py), pays for packing its operand instead of casting it."""
+    return {op: pays(t["dense_ms"], t["sparse_ms"], margin, micro_batches, t["pack_ms"] - t["cast_ms"])
             for op, t in timings.items()}

@@ -1,0 +1,116 @@
+"""
+Choosing a kernel for each op before training, from GPU timings: one rule, its margins and one cache, for
+the three choices the trainer makes:
+  "2:4"  each forward and grad-input GEMM of a --sparse layer: 2:4 (cuSPARSELt, or the fp8 2:4 kernel with
+         --fp8) against the dense GEMM on the same masked weight (nanochat/sparse/convert.py, sparse/tune.py)
+  "fp8"  each layer shape of --fp8: torchao's fp8 Linear against bf16 (nanochat/fp8.py)
+
+The timings (hardware.time_gpu_ms) are bursts of a few ms. A run trains for hours at the GPU's power cap, at
+the clock its whole mix of kernels leaves it, so a burst timing misjudges a kernel that draws more (or less)
+power than the one it replaces. The margin of each choice says by how much: it was fitted on runs of one
+process per mode, the way a user trains (docs/measuring.md, "The kernel choices").
+
+The rule: the faster-timed kernel runs iff
+
+    (base_ms - margin * fast_ms) * micro_batches > prep_ms
+
+where prep_ms is what it costs once per optimizer step beyond the base kernel (packing a 2:4 operand instead
+of casting a dense one).
+"""
+
+import json
+import math
+import os
+
+import torch
+
+MARGINS = {
+    # A 2:4 GEMM draws more power per clock than the dense one, so under the cap the whole step runs at a lower
+    # clock. Fitted on the H200 (one process per mode, d12/d20/d26 at 1 and 4 micro-batches): 1.14-1.26 for the
+    # bf16 kernels, 1.22 for fp8 2:4 at d26.
+    "2:4": 1.20,
+    # fp8's casts fuse with the norm or activation before them in the compiled model and c_q/c_k/c_v share one,
+    # so a layer does better in fp8 inside the step than alone: it stays fp8 unless it timed > 10% slower
+    # (d12 with every layer in fp8 ran 0.974x of bf16, with this choice 0.999x).
+    "fp8": 1 / 1.10,
+}
+
+
+def pays(base_ms, fast_ms, margin, micro_batches=1, prep_ms=0.0):
+    """True when the kernel timed at fast_ms should replace the one timed at base_ms (the rule above; margin:
+    MARGINS of the choice)."""
+    return (base_ms - margin * fast_ms) * micro_batches > prep_ms
+
+
+def device_name(device):
+    """What a timing depends on of the device: the GPU's name, or the device type elsewhere."""
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+CACHE_VERSION = 2
+CACHE_FILE = "kernel_timings.json"
+
+
+def _valid_entry(v, depth=0):
+    """A timing entry: a dict of finite non-negative numbers (an algorithm id counts), one level of nesting."""
+    if not isinstance(v, dict) or not v:
+        return False
+    for x in v.values():
+        if isinstance(x, dict):
+            if depth > 0 or not _valid_entry(x, depth + 1):
+                return False
+        elif isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x < 0:
+            return False
+    return True
+
+
+class TimingCache:
+    """Kernel timings on disk, so that the next run starts without timing again. A key names everything its
+    numbers depend on (the choice, GPU, library versions, shape, token count). A file that cannot be read, of
+    another version, or with malformed entries loses what is bad, with one warning line, and is rewritten."""
+
+    def __init__(self, path, log=print):
+        self.path, self.log, self.entries = path, log, {}
+        self.changed = False  # save() writes only what this run added
+        if path and os.path.exists(path):
+            try:
+                with open(path) as f:
+                    data = json.load(f)
+                if data.get("version") != CACHE_VERSION or not isinstance(data.get("entries"), dict):
+                    raise ValueError(f"version {data.get('version')!r}, expected {CACHE_VERSION}")
+                self.entries = {k: v for k, v in data["entries"].items() if _valid_entry(v)}
+            except (OSError, ValueError, AttributeError) as e:
+                log(f"Warning: ignoring the kernel timing cache {path} ({type(e).__name__}: {e}); it will be rewritten")
+
+    @staticmethod
+    def key(*parts):
+        return "|".join(str(p) for p in parts)
+
+    def get(self, key):
+        return self.entries.get(key)
+
+    def put(self, key, entry):
+        self.entries[key] = entry
+        self.changed = True
+
+    def measured(self, key, measure):
+        """The cached entry of key, or measure()'s result, kept."""
+        entry = self.get(key)
+        if entry is None:
+            entry = measure()
+            self.put(key, entry)
+        return entry
+
+    def save(self):
+        if not (self.path and self.changed):
+            return
+        try:
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+            tmp = f"{self.path}.tmp{os.getpid()}"
+            with open(tmp, "w") as f:
+                json.dump({"version": CACHE_VERSION, "entries": self.entries}, f, indent=1, sort_keys=True)
+            os.replace(tmp, self.path)
+            self.changed = False
+        except OSError as e:
+            self.log(f"Warning: could not write the kernel timing cache {self.path} ({e})")

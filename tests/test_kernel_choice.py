@@ -1,0 +1,111 @@
+"""CPU tests of nanochat/kernel_choice.py: the one rule, its margins and the one timing cache that the 2:4 op
+choice (bf16 and fp8) and the fp8 layer choice share."""
+
+import json
+
+import torch
+
+from nanochat.fp8 import choose_fp8_shapes
+from nanochat.kernel_choice import CACHE_VERSION, MARGINS, TimingCache, pays
+from tests.test_fp8 import tiny_model
+
+
+def test_pays_weighs_the_saving_over_micro_batches_against_the_per_step_cost():
+    # 2:4 timed 1.3x faster alone: with the 1.2 margin it saves 0.58 - 1.2 * 0.446 = 0.045 ms a call
+    assert pays(0.58, 0.446, MARGINS["2:4"])
+    assert not pays(0.58, 0.446, MARGINS["2:4"], micro_batches=1, prep_ms=0.05)
+    assert pays(0.58, 0.446, MARGINS["2:4"], micro_batches=4, prep_ms=0.05)
+    assert not pays(0.214, 0.180, MARGINS["2:4"], micro_batches=64)  # d12's c_fc: 1.19x alone never pays
+    # fp8 is kept unless it timed more than 10% slower than bf16
+    assert pays(1.5, 1.6, MARGINS["fp8"]) and not pays(1.5, 1.7, MARGINS["fp8"])
+    assert not pays(1.0, 1.0, 1.0)  # a tie keeps the base kernel
+
+
+def test_every_choice_defaults_to_the_shared_margins():
+    """The bf16 and fp8 2:4 choices and the fp8 layer choice all read MARGINS: one number per kind of choice."""
+    import inspect
+
+    from nanochat.sparse.tune import choose_fp8_ops, decide
+    assert inspect.signature(decide).parameters["margin"].default == MARGINS["2:4"]
+    assert inspect.signature(choose_fp8_ops).parameters["margin"].default == MARGINS["2:4"]
+    assert inspect.signature(choose_fp8_shapes).parameters["margin"].default == MARGINS["fp8"]
+
+
+def test_timing_cache_round_trip_nested_entries_and_bad_files(tmp_path):
+    path = str(tmp_path / "timings.json")
+    key = TimingCache.key("cusparselt", "NVIDIA H200", "torch 2.11.0", "cusparselt 800", "nvmath", "5120x1280", "T32768", "fwd")
+    assert key == "cusparselt|NVIDIA H200|torch 2.11.0|cusparselt 800|nvmath|5120x1280|T32768|fwd"
+    cache = TimingCache(path)
+    assert cache.get(key) is None
+    entry = dict(alg=17, sparse_ms=0.42, dense_ms=0.59, num_algs=21)
+    nested = {"fwd": dict(sparse_ms=0.44, dense_ms=0.52, pack_ms=0.10, cast_ms=0.06), "dgrad": dict(sparse_ms=0.4, dense_ms=0.5,
+                                                                                                   pack_ms=0.16, cast_ms=0.06)}
+    cache.put(key, entry)
+    cache.put("fp8 2:4|x", nested)
+    cache.save()
+    again = TimingCache(path)
+    assert again.get(key) == entry and again.get("fp8 2:4|x") == nested
+    assert again.get(key.replace("NVIDIA H200", "NVIDIA H100 80GB HBM3")) is None  # another GPU: timed again
+    for bad in ("{not json", json.dumps({"version": CACHE_VERSION - 1, "entries": {key: entry}}), "[1, 2]"):
+        with open(path, "w") as f:
+            f.write(bad)
+        logs = []
+        cache = TimingCache(path, log=logs.append)
+        assert cache.entries == {} and len(logs) == 1 and logs[0].startswith("Warning: ignoring the kernel timing cache")
+    malformed = {"a": {"alg": "17"}, "b": {"ms": -1.0}, "c": {"ms": float("nan")}, "d": {}, "e": {"x": {"y": {"z": 1}}},
+                 "f": {"ok": True}, "g": 3}
+    with open(path, "w") as f:  # malformed entries are dropped, good ones kept
+        json.dump({"version": CACHE_VERSION, "entries": {key: entry, **malformed}}, f)
+    assert TimingCache(path).entries == {key: entry}
+
+
+def test_timing_cache_measures_once_and_survives_an_unwritable_path(tmp_path):
+    calls = []
+    cache = TimingCache(str(tmp_path / "t.json"))
+
+    def measure():
+        calls.append(1)
+        return dict(ms=1.0)
+    assert cache.measured("k", measure) == dict(ms=1.0) and cache.measured("k", measure) == dict(ms=1.0)
+    assert len(calls) == 1
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    logs = []
+    unwritable = TimingCache(str(blocker / "sub" / "t.json"), log=logs.append)  # a file where a directory should be
+    unwritable.put("k", dict(ms=1.0))
+    unwritable.save()
+    assert len(logs) == 1 and logs[0].startswith("Warning: could not write the kernel timing cache")
+
+
+def test_fp8_layer_choice_reads_its_timings_from_the_cache(tmp_path):
+    calls = []
+
+    def time_fn(out_features, in_features, tokens, device):
+        calls.append((out_features, in_features))
+        return dict(bf16_ms=1.5, fp8_ms=1.6 if out_features > in_features else 2.0)
+    path = str(tmp_path / "t.json")
+    first = choose_fp8_shapes(tiny_model(), 4096, torch.device("cpu"), log=print, time_fn=time_fn, cache=TimingCache(path))
+    assert first == {(64, 64): False, (256, 64): True} and len(calls) == 2
+    lines = []
+    second = choose_fp8_shapes(tiny_model(), 4096, torch.device("cpu"), log=lines.append, time_fn=time_fn,
+                               cache=TimingCache(path))
+    assert second == first and len(calls) == 2  # nothing timed again
+    assert "timed or read from the timing cache" in lines[-1]
+    choose_fp8_shapes(tiny_model(), 8192, torch.device("cpu"), log=print, time_fn=time_fn, cache=TimingCache(path))
+    assert len(calls) == 4  # another token count is another key
+
+
+def test_timing_cache_writes_only_what_a_run_added(tmp_path):
+    path = tmp_path / "t.json"
+    TimingCache(str(path)).save()
+    assert not path.exists()  # nothing measured: nothing written
+    cache = TimingCache(str(path))
+    cache.put("k", dict(ms=1.0))
+    cache.save()
+    before = path.stat().st_mtime_ns
+    path.write_text(path.read_text())  # same bytes, newer time stamp
+    touched = path.stat().st_mtime_ns
+    reread = TimingCache(str(path))
+    assert reread.measured("k", lambda: dict(ms=2.0)) == dict(ms=1.0)
+    reread.save()
+    assert path.stat().st_mtime_ns == touched and touched >= before
