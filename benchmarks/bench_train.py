@@ -24,7 +24,9 @@ Writes <out>.json (every step's time stamps and the GPU samples too), <out>.md a
 """
 
 import argparse
+import contextlib
 import datetime
+import io
 import json
 import math
 import os
@@ -177,10 +179,16 @@ def child(spec_path, out_path):
     trainers, info = {}, {}
     for mode in spec["modes"]:
         t = time.time()
-        run = setup(build_arg_parser().parse_args(spec["flags"][mode]))
+        setup_log = io.StringIO()  # the trainer's set-up lines: which kernel each op got goes into the result
+        try:
+            with contextlib.redirect_stdout(setup_log):
+                run = setup(build_arg_parser().parse_args(spec["flags"][mode]))
+        finally:
+            print(setup_log.getvalue(), end="", flush=True)
         trainers[mode] = [run, TrainBatches(run.loader), 0]
         info[mode] = dict(flops_per_token=run.flops_per_token, num_params=run.num_params, setup_s=time.time() - t,
-                          tokens_per_step=run.total_batch_size, micro_batches=run.grad_accum_steps)
+                          tokens_per_step=run.total_batch_size, micro_batches=run.grad_accum_steps,
+                          kernel_choice=kernel_choice_lines(setup_log.getvalue()))
 
     losses = {m: [] for m in trainers}
 
@@ -231,6 +239,14 @@ def run_child(spec, log_path, timeout):
             return json.load(f)
 
 
+CHOICE_LINE = re.compile(r"^(2:4 kernels for |fp8 2:4 kernels for |fp8: \d+ layers of weight ).*$", re.M)
+
+
+def kernel_choice_lines(log):
+    """The trainer's log lines that say which kernel each op or layer shape runs (and the timings behind it)."""
+    return [m.group(0) for m in CHOICE_LINE.finditer(log)]
+
+
 # -----------------------------------------------------------------------------
 # Outputs
 
@@ -255,7 +271,7 @@ def fmt(v, spec, dash="-"):
     return dash if v is None else format(v, spec)
 
 
-def markdown(meta, rows, traces):
+def markdown(meta, rows, traces, results=()):
     lines = [f"# Training throughput ({meta['gpu']}, torch {meta['torch']}, cuSPARSELt {meta['cusparselt']}, {meta['date']})", "",
              f"Command: `{meta['command']}`", "", f"Method: {meta['method_text']}", "",
              "| depth | micro-batches | mode | tok/s | vs first mode (min-max) | MFU % | step ms | SM MHz | W | J/step | GPU C | mem C |",
@@ -268,6 +284,10 @@ def markdown(meta, rows, traces):
         lines.append(f"| {r['depth']} | {r['micro_batches']} | {r['mode']} | {r['tok_per_sec']:,.0f} | {ratio} | "
                      f"{fmt(r['mfu'], '.1f')} | {r['step_ms']:.1f} | {fmt(r['sm_mhz'], '.0f')} | {fmt(r['power_w'], '.0f')} | "
                      f"{fmt(r['joules_per_step'], '.1f')} | {fmt(r['temp_c'], '.1f')} | {fmt(r['mem_temp_c'], '.1f')} |")
+    for res in results:
+        for mode, info in res.get("info", {}).items():
+            if info.get("kernel_choice"):
+                lines += ["", f"Kernels, {res['key']} {mode} (the trainer's log):", ""] + [f"- {c}" for c in info["kernel_choice"]]
     for key, modes in traces.items():
         lines += ["", f"Trace, {key} (per {TRACE_WINDOW_S:.0f} s window from the mode's first timed step):", "",
                   "| mode | t s | steps | tok/s | SM MHz | W | GPU C |", "|---|---|---|---|---|---|---|"]
@@ -415,7 +435,7 @@ def summarize(results, samples, drop_steps, method, meta):
 
 def write_outputs(out, meta, results, samples, rows, traces):
     dump(out, meta, results, samples, rows, traces)
-    lines = markdown(meta, rows, traces)
+    lines = markdown(meta, rows, traces, results)
     with open(out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     plot(samples, results, out + ".png")

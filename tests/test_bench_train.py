@@ -72,3 +72,27 @@ def test_children_share_one_log_and_a_failure_names_its_end(tmp_path):
     text = log.read_text()
     assert text.count("===== dense: --depth 2") == 2 and "--no-such-flag" in text and "--another-bad-flag" in text
     assert list(tmp_path.iterdir()) == [log]
+
+
+def test_a_child_trains_and_its_result_says_which_kernels_ran(tiny_data_dir, tiny_tokenizer, tmp_path):
+    from benchmarks.bench_train import run_child
+    flags = TINY + ["--sparse", "--sparse-backend", "masked", "--num-iterations", "1000", "--save-every", "0",
+                    "--model-tag", "bench_child"]
+    log = tmp_path / "children.log"
+    out = run_child(dict(modes=["sparse"], flags={"sparse": flags}, warm_steps=2, block_seconds=1.0,
+                         plan=[["sparse", None, "round0"]]), str(log), timeout=300)
+    assert len(out["steps"]) >= 1 and {s["mode"] for s in out["steps"]} == {"sparse"}
+    assert out["info"]["sparse"]["kernel_choice"] == []  # the masked kernel on CPU chooses nothing
+    assert "converted 4 MLP layers to SemiSparseLinear" in log.read_text()  # set-up lines still reach the log
+
+
+def test_kernel_choice_lines_are_the_trainers_choice_lines():
+    from benchmarks.bench_train import kernel_choice_lines
+    log = "\n".join([
+        "model: depth 12, dim 768",
+        "2:4 kernels for 12 layers of weight 3072x768 (c_fc) at T=32768: fwd dense (sparse 0.180 ms, dense 0.214 ms)",
+        "2:4 kernels: cusparselt: 24 layers (3072x768, 768x3072)",
+        "fp8 2:4 kernels for 26 layers of weight 6656x1664 (c_fc): fwd 2:4, dgrad 2:4",
+        "fp8: 104 layers of weight 1664x1664 (c_k,c_proj,c_q,c_v) in fp8: forward + backward 0.806 ms in fp8",
+        "fp8: converted 156 Linear layers to float8 (tensorwise scaling)"])
+    assert kernel_choice_lines(log) == [log.splitlines()[i] for i in (1, 3, 4)]
