@@ -27,7 +27,7 @@ import torch
 MARGINS = {
     # A 2:4 GEMM draws more power per clock than the dense one, so under the cap the whole step runs at a lower
     # clock. Fitted on the H200 (one process per mode, d12/d20/d26 at 1 and 4 micro-batches): 1.14-1.26 for the
-    # bf16 kernels, 1.22 for fp8 2:4 at d26.
+    # bf16 kernels, 1.20 for fp8 2:4 at d26 (benchmarks/fit_kernel_margin.py).
     "2:4": 1.20,
     # fp8's casts fuse with the norm or activation before them in the compiled model and c_q/c_k/c_v share one,
     # so a layer does better in fp8 inside the step than alone: it stays fp8 unless it timed > 10% slower
