@@ -109,3 +109,92 @@ def test_timing_cache_writes_only_what_a_run_added(tmp_path):
     assert reread.measured("k", lambda: dict(ms=2.0)) == dict(ms=1.0)
     reread.save()
     assert path.stat().st_mtime_ns == touched and touched >= before
+
+
+class FakeLibrary:
+    """Stands in for a cuSPARSELt library object on CPU: what the tuner asks of it."""
+    name, version, device, handle = "fake", 800, torch.device("cpu"), 1
+
+    def empty_compressed(self, m, k):
+        return torch.empty(m * k * 9 // 8, dtype=torch.uint8)
+
+    def prepare(self, *args):
+        pass
+
+
+class FakeRuntime:
+    device = torch.device("cpu")
+
+    def __init__(self):
+        self.lib = FakeLibrary()
+
+    def library(self, impl):
+        return self.lib
+
+    def compressor(self, impl, m, k, kind="auto", log=None):
+        def compress(wm, out):
+            return out
+        compress.name = "fake"
+        return compress
+
+
+def fake_tuning(monkeypatch, dense_ms):
+    """GEMM timings where 2:4 takes 0.18 ms and dense `dense_ms`; compression 0.02 ms. Returns the calls list."""
+    import nanochat.sparse.convert as convert
+    import nanochat.sparse.tune as tune
+    calls = []
+
+    def time_gemm(lib, m, k, T, op, device):
+        calls.append((m, k, T, op))
+        return dict(alg=17, sparse_ms=0.18, dense_ms=dense_ms, num_algs=20)
+    monkeypatch.setattr(tune, "time_gemm", time_gemm)
+    monkeypatch.setattr(tune, "time_compress_ms", lambda *a: 0.02)
+    monkeypatch.setattr(convert, "_kernel_kind", lambda config, device: "cusparselt")
+    monkeypatch.setattr(convert, "pick_impl", lambda requested: ("nvmath", "fake"))
+    monkeypatch.setattr(convert, "_make_kernel", lambda kind, impl, n, k, runtime, log:
+                        convert.CusparseltKernel(runtime.library(impl)))
+    return calls
+
+
+def tiny_gpt():
+    from nanochat.gpt import GPT, GPTConfig
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=32, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=64))
+    model.init_weights()
+    return model
+
+
+def test_sparse_tuning_goes_through_the_shared_rule_and_cache(monkeypatch, tmp_path):
+    """The conversion times each (shape, op) once, keeps the timings in the run's cache, and chooses by
+    kernel_choice's rule: 0.30 ms dense against 0.18 ms 2:4 pays, 0.214 against 0.18 (1.19x) does not."""
+    from nanochat.sparse import SparseConfig, convert_mlp_to_sparse
+    from nanochat.sparse.convert import sparse_layers
+    calls = fake_tuning(monkeypatch, dense_ms=0.30)
+    path = str(tmp_path / "t.json")
+    lines = []
+    model = tiny_gpt()
+    config = SparseConfig(tokens=256, micro_batches=4, timing_cache=TimingCache(path), log=lines.append)
+    assert convert_mlp_to_sparse(model, "cpu", config, runtime=FakeRuntime()) == 4
+    assert len(calls) == 4  # 2 shapes x 2 ops
+    assert all(m.kernel.describe() == "fwd cuSPARSELt alg 17, dgrad cuSPARSELt alg 17" for m in sparse_layers(model))
+    assert not any(line.startswith("2:4: no op pays") for line in lines)
+    keys = list(TimingCache(path).entries)
+    assert len(keys) == 4 and all(k.startswith("cusparselt|cpu|torch ") and "|T256|" in k for k in keys)
+    # a second run reads them back instead of timing
+    convert_mlp_to_sparse(tiny_gpt(), "cpu", SparseConfig(tokens=256, micro_batches=4, timing_cache=TimingCache(path),
+                                                         log=print), runtime=FakeRuntime())
+    assert len(calls) == 4
+
+
+def test_sparse_conversion_says_so_when_no_op_pays(monkeypatch, tmp_path):
+    from nanochat.sparse import SparseConfig, convert_mlp_to_sparse
+    from nanochat.sparse.convert import sparse_layers
+    fake_tuning(monkeypatch, dense_ms=0.214)  # d12's c_fc: 1.19x timed alone
+    lines = []
+    model = tiny_gpt()
+    convert_mlp_to_sparse(model, "cpu", SparseConfig(tokens=256, micro_batches=4, timing_cache=TimingCache(str(tmp_path / "t.json")),
+                                                     log=lines.append), runtime=FakeRuntime())
+    assert all(m.kernel.describe() == "fwd dense, dgrad dense" for m in sparse_layers(model))
+    assert sum(line.startswith("2:4: no op pays at this size") for line in lines) == 1
+    # the model still computes with the pruned weights: every layer holds its masked copy
+    assert all(m.kernel.wm is not None and (m.kernel.wm == 0).float().mean() >= 0.5 for m in sparse_layers(model))

@@ -86,7 +86,8 @@ def _timing_cache(config):
 
 def _tune(layers, config, impl, runtime):
     """Choose each (shape, op)'s kernel from GEMM timings (cached on disk) and the measured cost of
-    compressing its operand once per step; configure every cuSPARSELt kernel accordingly."""
+    compressing its operand once per step; configure every cuSPARSELt kernel accordingly. Returns how many
+    (layer, op) pairs run 2:4."""
     from nanochat.sparse.tune import decide, gemm_timings, time_compress_ms
     lib, device = runtime.library(impl), runtime.device
     cache = _timing_cache(config)
@@ -96,6 +97,7 @@ def _tune(layers, config, impl, runtime):
 
     T = config.tokens
     Tp = round_up(T, TOKEN_PAD) if T else None
+    on_24 = 0
     for (N, K), members in _by_shape(layers).items():
         choice, info = {}, []
         for op, (m, k), transposed in (("fwd", (N, K), False), ("dgrad", (K, N), True)):
@@ -115,6 +117,7 @@ def _tune(layers, config, impl, runtime):
             return None if alg == DENSE else SparseOp(compressor(m, k), lib.empty_compressed(m, k), alg)
         for _, layer in members:
             layer.kernel.configure(sparse_op(choice["fwd"], N, K), sparse_op(choice["dgrad"], K, N))
+        on_24 += len(members) * sum(alg != DENSE for alg in choice.values())
         for alg, (m, k) in ((choice["fwd"], (N, K)), (choice["dgrad"], (K, N))):
             if Tp and alg != DENSE:
                 lib.prepare(m, k, Tp, alg)  # build the plan now, not inside the first compiled step
@@ -123,16 +126,19 @@ def _tune(layers, config, impl, runtime):
         config.log(f"2:4 kernels for {len(members)} layers of weight {N}x{K} ({_short_names(names)})"
                    f"{f' at T={T}' if T else ''}: {detail}")
     cache.save()
+    return on_24
 
 
 def _tune_fp8(layers, config, runtime):
     """Per shape, each op of the fp8 kernels 2:4 or dense fp8 (on the masked weight), from measured GPU
-    time (cached on disk) weighed like the bf16 kernels', and the packers of W and W^T."""
+    time (cached on disk) weighed like the bf16 kernels', and the packers of W and W^T. Returns how many
+    (layer, op) pairs run 2:4."""
     from nanochat.hardware import torchao_version
     from nanochat.sparse.fp8_ops import cast_tensorwise
     from nanochat.sparse.tune import choose_fp8_ops, time_fp8_ops
     kind = "cutlass" if config.compressor == "cusparselt" else config.compressor  # the library's own packer
     cache = _timing_cache(config)
+    on_24 = 0
     for (N, K), members in _by_shape(layers).items():
         packers = {op: runtime.fp8_packer(m, k, kind, log=config.log) for op, (m, k) in (("fwd", (N, K)), ("dgrad", (K, N)))}
         if config.tokens is None or config.force is not None:
@@ -151,9 +157,11 @@ def _tune_fp8(layers, config, runtime):
         choice = rank0s(choice)
         for _, layer in members:
             layer.kernel.configure(*(SparseOp(packers[op]) if choice[op] else None for op in ("fwd", "dgrad")))
+        on_24 += len(members) * sum(bool(v) for v in choice.values())
         config.log(f"fp8 2:4 kernels for {len(members)} layers of weight {N}x{K} ({_short_names([n for n, _ in members])}): "
                    f"{members[0][1].kernel.describe()}; packers {packers['fwd'].name}/{packers['dgrad'].name} ({info})")
     cache.save()
+    return on_24
 
 
 def convert_mlp_to_sparse(model, device, config=None, runtime=None):
@@ -183,11 +191,12 @@ def convert_mlp_to_sparse(model, device, config=None, runtime=None):
         layers.append((name, new))
     config.log(f"✓ 2:4 sparsity enabled - converted {len(targets)} MLP layers to SemiSparseLinear")
     sparse_gemm_layers = [(n, m) for n, m in layers if isinstance(m.kernel, CusparseltKernel)]
-    if sparse_gemm_layers:
-        _tune(sparse_gemm_layers, config, impl, runtime)
     fp8_layers = [(n, m) for n, m in layers if m.kernel.name == "fp8"]
-    if fp8_layers:
-        _tune_fp8(fp8_layers, config, runtime)
+    on_24 = _tune(sparse_gemm_layers, config, impl, runtime) if sparse_gemm_layers else 0
+    on_24 += _tune_fp8(fp8_layers, config, runtime) if fp8_layers else 0
+    if (sparse_gemm_layers or fp8_layers) and config.tokens and config.force is None and on_24 == 0:
+        config.log("2:4: no op pays at this size and token count under the power cap (nanochat/kernel_choice.py): every "
+                   "GEMM runs dense on the 2:4-pruned weights, so --sparse trains the same sparse model at no speedup")
     for _, layer in layers:
         layer.refresh()  # pack now, before anything compiles the model
     kinds = {}
