@@ -112,7 +112,7 @@ def main():
     from nanochat.gpt import config_from_depth
     from nanochat.hardware import time_gpu_ms
     from nanochat.sparse.compress import metadata_bytes
-    from nanochat.sparse.mask import masked_bf16
+    from nanochat.sparse.mask import masked_bf16, transposable_mask_reference
     from nanochat.sparse.runtime import SparseRuntime
 
     p = argparse.ArgumentParser(allow_abbrev=False)
@@ -120,11 +120,12 @@ def main():
     args = p.parse_args()
     runtime = SparseRuntime("cuda")
     lib = runtime.library("nvmath")
+    meta_bytes = runtime.compiled(metadata_bytes)  # compiled, as the learned compressor's own gathers are
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | cuSPARSELt {lib.version}")
     print("| depth | weight | today: mask + compress W, W^T (ms) | fused (ms) | bytes equal |")
     print("|---|---|---|---|---|")
     for depth in args.depths:
-        d = config_from_depth(depth).n_embd
+        d = config_from_depth(depth, vocab_size=32768, sequence_len=2048).n_embd
         for m, k in ((4 * d, d), (d, 4 * d)):
             w = torch.randn(m, k, device="cuda") * k ** -0.5
             comp, comp_t = runtime.compressor("nvmath", m, k), runtime.compressor("nvmath", k, m)
@@ -145,11 +146,10 @@ def main():
                 _, fields, _, fields_t = fused_values_and_fields(
                     w, lut_a, lut_b, fout[:m * k].view(torch.bfloat16).view(m, k // 2),
                     fout_t[:m * k].view(torch.bfloat16).view(k, m // 2))
-                fout[m * k:].copy_(metadata_bytes(fields, "nibbles", comp.tables))
-                fout_t[m * k:].copy_(metadata_bytes(fields_t, "nibbles", comp_t.tables))
+                fout[m * k:].copy_(meta_bytes(fields, "nibbles", comp.tables))
+                fout_t[m * k:].copy_(meta_bytes(fields_t, "nibbles", comp_t.tables))
 
             # the same mask on both sides: today's compressors on the reference-masked weight
-            from nanochat.sparse.mask import transposable_mask_reference
             wb = w.to(torch.bfloat16)
             wm_ref = torch.where(transposable_mask_reference(wb), wb, 0)
             comp(wm_ref, out)
