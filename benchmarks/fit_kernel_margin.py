@@ -49,28 +49,18 @@ RUNS = {  # depth: {micro_batches: record}
 
 LAYERS = re.compile(r"for (\d+) layers of weight")
 OP = re.compile(r"(fwd|dgrad) (dense|cuSPARSELt alg \d+) \(sparse ([\d.]+) ms, dense ([\d.]+) ms; compress ([\d.]+) ms/step")
-
-
 FP8_OP = re.compile(r"(fwd|dgrad) (2:4|dense fp8) \(2:4 ([\d.]+) ms, dense ([\d.]+) ms; pack ([\d.]+) ms/step, cast ([\d.]+)\)")
 
 
-def parse_fp8_ops(lines):
-    """The same from `fp8 2:4 kernels for ...` lines; the per-step cost is pack - cast."""
+def parse_ops(lines, pattern=OP):
+    """[(layers, ran_2:4, sparse_ms, dense_ms, per-step cost ms)] per op of the `2:4 kernels for ...` lines
+    (compress), or with FP8_OP of the `fp8 2:4 kernels for ...` lines (pack - cast)."""
     ops = []
     for line in lines:
         n = int(LAYERS.search(line).group(1))
-        for op, kernel, sparse_ms, dense_ms, pack_ms, cast_ms in FP8_OP.findall(line):
-            ops.append((n, kernel == "2:4", float(sparse_ms), float(dense_ms), float(pack_ms) - float(cast_ms)))
-    return ops
-
-
-def parse_ops(lines):
-    """[(layers, ran_sparse, sparse_ms, dense_ms, compress_ms)] per op of the `2:4 kernels for ...` lines."""
-    ops = []
-    for line in lines:
-        n = int(LAYERS.search(line).group(1))
-        for op, kernel, sparse_ms, dense_ms, compress_ms in OP.findall(line):
-            ops.append((n, kernel != "dense", float(sparse_ms), float(dense_ms), float(compress_ms)))
+        for _, kernel, sparse_ms, dense_ms, *cost in pattern.findall(line):
+            per_step = float(cost[0]) - (float(cost[1]) if len(cost) > 1 else 0.0)
+            ops.append((n, not kernel.startswith("dense"), float(sparse_ms), float(dense_ms), per_step))
     return ops
 
 
@@ -115,7 +105,7 @@ def main():
         print(f"| d{depth}, bf16 2:4 vs bf16 | {', '.join(f'{d / s:.2f}' for n, on, s, d, c in ops)} | {S:.2f} | {R:.1f} | {compress:.1f} |")
     with open(os.path.join(RESULTS, "train_d26_mb4_fp8_process_h200.json")) as f:
         rows = {r["mode"]: r for r in json.load(f)["rows"]}
-    ops = parse_fp8_ops(FP8_D26_KERNEL_LINES)
+    ops = parse_ops(FP8_D26_KERNEL_LINES, FP8_OP)
     pack = sum(n * c for n, on, s, d, c in ops)
     R = pack + leftover[26]
     a, b = sums(4, ops)

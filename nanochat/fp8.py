@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from nanochat.common import print0, rank0s
 from nanochat.hardware import FP8_TOKEN_ALIGN, fp8_supported, round_up, time_gpu_ms, torchao_version
-from nanochat.kernel_choice import MARGINS, TimingCache, device_name, pays
+from nanochat.kernel_choice import MARGINS, pays, timing_key
 
 
 # -----------------------------------------------------------------------------
@@ -94,8 +94,7 @@ def choose_fp8_shapes(model, tokens, device, log=print0, time_fn=time_linear_ms,
         if cache is None:
             t = time_fn(N, K, tokens, device)
         else:
-            key = TimingCache.key("fp8 layer", device_name(device), f"torch {torch.__version__}",
-                                  f"torchao {torchao_version()}", f"{N}x{K}", f"T{tokens}")
+            key = timing_key("fp8 layer", device, f"torchao {torchao_version()}", f"{N}x{K}", f"T{tokens}")
             t = cache.measured(key, lambda: time_fn(N, K, tokens, device))
         choice[(N, K)] = pays(t["bf16_ms"], t["fp8_ms"], margin)
         short = ",".join(sorted({n.split(".")[-1] for n in names}))

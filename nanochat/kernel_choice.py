@@ -48,6 +48,12 @@ def device_name(device):
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
+def timing_key(choice, device, *parts):
+    """A TimingCache key: the choice, the device and the torch version (both decide what a timing is), then
+    the choice's own parts (library versions, shape, token count, op)."""
+    return TimingCache.key(choice, device_name(device), f"torch {torch.__version__}", *parts)
+
+
 CACHE_VERSION = 2
 CACHE_FILE = "kernel_timings.json"
 

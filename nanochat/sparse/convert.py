@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from nanochat.common import UserError, get_base_dir, print0, rank0s
 from nanochat.hardware import fp8_sparse_supported, round_up
-from nanochat.kernel_choice import CACHE_FILE, TimingCache, device_name
+from nanochat.kernel_choice import CACHE_FILE, TimingCache, timing_key
 from nanochat.sparse.cusparselt import TOKEN_PAD, pick_impl
 from nanochat.sparse.linear import DENSE, CusparseltKernel, MaskedKernel, SemiSparseLinear, SparseOp
 from nanochat.sparse.mask import masks_checksum, transposable_mask
@@ -145,9 +145,8 @@ def _tune_fp8(layers, config, runtime):
             choice = {op: config.force != "dense" for op in ("fwd", "dgrad")}  # no token count: both 2:4
             info = "not tuned" if config.force is None else f"forced {config.force}"
         else:
-            key = TimingCache.key("fp8 2:4", device_name(runtime.device), f"torch {torch.__version__}",
-                                  f"torchao {torchao_version()}", f"{N}x{K}", f"T{config.tokens}",
-                                  f"packers {packers['fwd'].name}/{packers['dgrad'].name}")
+            key = timing_key("fp8 2:4", runtime.device, f"torchao {torchao_version()}", f"{N}x{K}", f"T{config.tokens}",
+                             f"packers {packers['fwd'].name}/{packers['dgrad'].name}")
             timings = cache.measured(key, lambda: time_fp8_ops(N, K, config.tokens, runtime.device, packers,
                                                                runtime.compiled(cast_tensorwise)))
             choice = choose_fp8_ops(timings, config.micro_batches)

@@ -17,7 +17,7 @@ for packing its operand once per step (kernel_choice.pays).
 import torch
 
 from nanochat.hardware import FP8_TOKEN_ALIGN, round_up, time_gpu_ms
-from nanochat.kernel_choice import MARGINS, TimingCache, device_name, pays
+from nanochat.kernel_choice import MARGINS, pays, timing_key
 from nanochat.sparse.cusparselt import TOKEN_PAD
 from nanochat.sparse.fp8_ops import E4M3, E5M2, dense_operand, fp8_mm, quantize_tensor
 from nanochat.sparse.fp8_pack import LibraryFp8Packer
@@ -73,8 +73,7 @@ def decide(gemm, compress_ms, micro_batches, force=None, margin=MARGINS["2:4"]):
 
 def gemm_timings(lib, m, k, T, op, cache):
     """Cached or freshly measured timings of one GEMM on this library object (see time_gemm)."""
-    key = TimingCache.key("cusparselt", device_name(lib.device), f"torch {torch.__version__}", f"cusparselt {lib.version}",
-                          lib.name, f"{m}x{k}", f"T{T}", op)
+    key = timing_key("cusparselt", lib.device, f"cusparselt {lib.version}", lib.name, f"{m}x{k}", f"T{T}", op)
     return cache.measured(key, lambda: time_gemm(lib, m, k, T, op, lib.device))
 
 
