@@ -1,7 +1,7 @@
 """
 Benchmark (not a test): the ops of one fp8 2:4 MLP layer at the MLP shapes of the given depths: its GEMMs
 (forward x Wm^T and grad-input gy Wm) through each fp8 kernel, and its once-per-step re-pack with torchao's
-packer and with the learned one (nanochat/sparse/fp8_pack.py).
+packer and with the learned one (nanochat/accel/sparse/fp8_pack.py).
 
     python -m benchmarks.bench_fp8_ops --depths 20 26 --tokens 32768
 
@@ -30,13 +30,13 @@ import os
 
 import torch
 
-from nanochat.hardware import time_gpu_ms
-from nanochat.sparse.fp8_kernel import Fp8SparseKernel
-from nanochat.sparse.fp8_ops import E4M3, E5M2, cast_tensorwise, dense_operand, fp8_mm, quantize_tensor
-from nanochat.sparse.fp8_pack import LibraryFp8Packer
-from nanochat.sparse.linear import SemiSparseLinear, SparseOp
-from nanochat.sparse.mask import masked_bf16
-from nanochat.sparse.runtime import SparseRuntime
+from nanochat.accel.hardware import time_gpu_ms
+from nanochat.accel.sparse.fp8_kernel import Fp8SparseKernel
+from nanochat.accel.sparse.fp8_ops import E4M3, E5M2, cast_tensorwise, dense_operand, fp8_mm, quantize_tensor
+from nanochat.accel.sparse.fp8_pack import LibraryFp8Packer
+from nanochat.accel.sparse.linear import SemiSparseLinear, SparseOp
+from nanochat.accel.sparse.mask import masked_bf16
+from nanochat.accel.sparse.runtime import SparseRuntime
 
 
 def time_cycled(fn, args_list):

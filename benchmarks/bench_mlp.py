@@ -19,9 +19,9 @@ import time
 
 import torch
 
+from nanochat.accel.sparse import DENSE, SparseConfig, convert_mlp_to_sparse
+from nanochat.accel.sparse.cusparselt import pick_impl
 from nanochat.gpt import MLP as GPTMLP, GPTConfig
-from nanochat.sparse import DENSE, SparseConfig, convert_mlp_to_sparse
-from nanochat.sparse.cusparselt import pick_impl
 
 
 def MLP(d):

@@ -16,9 +16,9 @@ import sys
 import torch
 
 from nanochat.gpt import MLP as GPTMLP, GPTConfig
-from nanochat.fp8 import convert_to_float8
-from nanochat.sparse import SemiSparseLinear, SparseRuntime
-from nanochat.sparse.fp8_kernel import Fp8SparseKernel
+from nanochat.accel.fp8 import convert_to_float8
+from nanochat.accel.sparse import SemiSparseLinear, SparseRuntime
+from nanochat.accel.sparse.fp8_kernel import Fp8SparseKernel
 
 
 def MLP(d):

@@ -28,8 +28,8 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
+from nanochat.accel.converters import Converters
 from nanochat.common import compute_cleanup, compute_init, print0
-from nanochat.converters import Converters
 from nanochat.gpt import GPT, config_from_depth
 from nanochat.optim import Muon, setup_optimizers, zeropower_via_newtonschulz5
 from nanochat.train import wrap_model

@@ -1,5 +1,5 @@
 """
-The 2:4 margin of nanochat/kernel_choice.py, fitted on whole runs (docs/measuring.md, "The kernel choices").
+The 2:4 margin of nanochat/accel/kernel_choice.py, fitted on whole runs (docs/measuring.md, "The kernel choices").
 
 Per depth, a `--sparse` step differs from the dense one by
 

@@ -38,7 +38,7 @@ fi
 export NANOCHAT_BASE_DIR=${NANOCHAT_BASE_DIR:-$PWD/.gpu_base}
 python3 - <<'PY'
 import torch
-from nanochat.sparse.cusparselt import pick_impl
+from nanochat.accel.sparse.cusparselt import pick_impl
 print(torch.cuda.get_device_name(), "| torch", torch.__version__, "| cuSPARSELt", torch.backends.cusparselt.version(),
       "| 2:4 GEMMs via", pick_impl()[0])
 PY

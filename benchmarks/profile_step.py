@@ -47,8 +47,8 @@ def kernel_class(name):
 
 
 def build(depth, mode, tokens, grad_accum, device, vocab=32768, seq_len=2048):
-    from nanochat.fp8 import convert_to_float8
-    from nanochat.sparse import SparseConfig, convert_mlp_to_sparse, install_refresh_hooks
+    from nanochat.accel.fp8 import convert_to_float8
+    from nanochat.accel.sparse import SparseConfig, convert_mlp_to_sparse, install_refresh_hooks
     torch.manual_seed(0)
     config = config_from_depth(depth, vocab, seq_len)
     with torch.device(device):

@@ -369,7 +369,7 @@ def check_compatible(meta, model_config, world_size):
 def load_model_for_inference(checkpoint_dir, step=None, device="cpu"):
     """Build a GPT from a checkpoint (latest step when step is None) for evaluation or sampling, with the
     converters its meta asks for (a sparse checkpoint: its MLP layers 2:4 again, the same masks)."""
-    from nanochat.converters import Converters
+    from nanochat.accel.converters import Converters
     from nanochat.gpt import GPT, GPTConfig
     if step is None:
         steps = saved_steps(checkpoint_dir)

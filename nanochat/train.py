@@ -1,6 +1,6 @@
 """
 The pretraining loop. `scripts/base_train.py` parses the flags and calls train(). Top to bottom:
-flags and their checks; the collapse guard; set-up (model, the --sparse/--fp8 converters (nanochat/converters.py),
+flags and their checks; the collapse guard; set-up (model, the --sparse/--fp8 converters (nanochat/accel/converters.py),
 optimizers, resume, DDP, compile) and the Checkpointer (lock, storage checks, saves); train_step(), one
 optimizer step over the micro-batches; the actions between steps (val bpb, CORE, samples); Metrics (log
 lines, history, wandb, summary); and train() with loop(), the loop.
@@ -19,12 +19,12 @@ import torch
 import torch.distributed as dist
 
 from nanochat import checkpoint, storage
+from nanochat.accel.converters import Converters, Fp8Converter, SparseConverter
+from nanochat.accel.kernel_choice import CACHE_FILE, TimingCache
 from nanochat.common import (UserError, autodetect_device_type, compute_cleanup, compute_init, get_base_dir,
                              gpu_peak_flops, print0)
-from nanochat.converters import Converters, Fp8Converter, SparseConverter
 from nanochat.evaluation import evaluate_bpb, sample_text
 from nanochat.gpt import GPT, config_from_depth
-from nanochat.kernel_choice import CACHE_FILE, TimingCache
 from nanochat.optim import lr_multiplier, muon_momentum, setup_optimizers
 
 DEFAULT_DEPTH = 20
@@ -290,7 +290,7 @@ def build_converters(args, device, grad_accum_steps):
     """The run's model converters from --sparse and --fp8 (Converters fixes their order). Kernels and fp8
     layers are chosen for this micro-batch's token count; the sparse ones weigh their saving over the
     step's micro-batches against one re-pack per step. Both read and extend one timing cache in the base dir
-    (nanochat/kernel_choice.py)."""
+    (nanochat/accel/kernel_choice.py)."""
     tokens = args.device_batch_size * args.max_seq_len
     cache = TimingCache(os.path.join(get_base_dir(), CACHE_FILE), log=print0) if (args.sparse or args.fp8) else None
     return Converters([

@@ -8,9 +8,9 @@ import os
 
 import torch
 
+from nanochat.accel.sparse_export import export_sparse_model, load_sparse_export
 from nanochat.checkpoint import load_model_for_inference
 from nanochat.common import UserError, get_base_dir, run_main
-from nanochat.sparse_export import export_sparse_model, load_sparse_export
 
 
 def main():

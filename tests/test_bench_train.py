@@ -109,5 +109,5 @@ def test_the_kernel_margin_fit_reproduces_the_documented_table(capsys):
         docs = f.read()
     assert len(table) == 4 and all(line in docs for line in table)
     S = [float(line.split("|")[3]) for line in table]
-    from nanochat.kernel_choice import MARGINS
+    from nanochat.accel.kernel_choice import MARGINS
     assert min(S) <= MARGINS["2:4"] <= max(S)  # the margin the choices use sits inside the fitted range

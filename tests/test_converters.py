@@ -1,4 +1,4 @@
-"""CPU tests of the model converters (nanochat/converters.py): their order, checkpoint meta and the
+"""CPU tests of the model converters (nanochat/accel/converters.py): their order, checkpoint meta and the
 inference path from it; and the import graph they keep acyclic (lazy imports included)."""
 
 import ast
@@ -7,9 +7,9 @@ import os
 import pytest
 import torch
 
-from nanochat.converters import ORDER, Converters, Fp8Converter, SparseConverter
+from nanochat.accel.converters import ORDER, Converters, Fp8Converter, SparseConverter
+from nanochat.accel.sparse import SemiSparseLinear
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.sparse import SemiSparseLinear
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -112,11 +112,22 @@ def test_import_graph_has_no_cycles_and_respects_layers():
     for m in graph:
         if m.startswith("nanochat"):
             assert not any(d.startswith(("scripts", "benchmarks")) for d in reachable(graph, m)), m
-    assert not any(d.startswith("nanochat.sparse") for d in reachable(graph, "nanochat.fp8"))
-    assert "nanochat.fp8" not in reachable(graph, "nanochat.sparse")
-    for inference in ("scripts.base_eval", "scripts.base_sample", "scripts.export_sparse", "nanochat.sparse_export",
-                      "nanochat.checkpoint"):
+    assert not any(d.startswith("nanochat.accel.sparse") for d in reachable(graph, "nanochat.accel.fp8"))
+    assert "nanochat.accel.fp8" not in reachable(graph, "nanochat.accel.sparse")
+    for inference in ("scripts.base_eval", "scripts.base_sample", "scripts.export_sparse",
+                      "nanochat.accel.sparse_export", "nanochat.checkpoint"):
         assert "nanochat.train" not in reachable(graph, inference), inference
+    # the wing: the model, loss, optimizer and data never reach it; the rest of nanochat enters it only through
+    # nanochat.accel.converters (the trainer and Converters.from_meta for inference); the trainer also opens the
+    # timing cache of kernel_choice
+    for core in ("nanochat.gpt", "nanochat.loss", "nanochat.optim", "nanochat.dataloader", "nanochat.dataset"):
+        assert not any(d.startswith("nanochat.accel") for d in reachable(graph, core)), core
+    entries = {"nanochat.accel", "nanochat.accel.converters"}
+    for m, deps in graph.items():
+        if m.startswith("nanochat.") and not m.startswith("nanochat.accel"):
+            allowed = entries | ({"nanochat.accel.kernel_choice"} if m == "nanochat.train" else set())
+            assert {d for d in deps if d.startswith("nanochat.accel")} <= allowed, m
+    assert "nanochat.accel.converters" in graph["nanochat.train"]
 
 
 def test_eager_runs_float8_layers_as_bf16_linears():

@@ -1,13 +1,13 @@
-"""CPU tests of nanochat/fp8.py and nanochat/hardware.py's fp8 checks: support checks, the fallback warning, the layer filter.
-They do not need torchao or a GPU."""
+"""CPU tests of nanochat/accel/fp8.py and nanochat/accel/hardware.py's fp8 checks: support checks, the fallback
+warning, the layer filter. They do not need torchao or a GPU."""
 
 import pytest
 import torch
 import torch.nn as nn
 
-from nanochat.fp8 import choose_fp8_shapes, convert_to_float8, fp8_module_filter
-from nanochat.hardware import fp8_sparse_supported, fp8_supported
-from nanochat.sparse import SemiSparseLinear
+from nanochat.accel.fp8 import choose_fp8_shapes, convert_to_float8, fp8_module_filter
+from nanochat.accel.hardware import fp8_sparse_supported, fp8_supported
+from nanochat.accel.sparse import SemiSparseLinear
 
 
 class SparseSubclass(SemiSparseLinear):
@@ -92,7 +92,7 @@ def test_module_filter_picks_the_right_layers():
 
 def test_bf16_linears_bypasses_float8_forward_for_sampling():
     """Sampling runs Float8Linear layers as plain nn.Linear, and restores them afterwards."""
-    from nanochat.fp8 import bf16_linears
+    from nanochat.accel.fp8 import bf16_linears
 
     class Float8Linear(nn.Linear):  # stands in for torchao's class (matched by name)
         def forward(self, x):

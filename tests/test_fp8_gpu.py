@@ -1,5 +1,5 @@
-"""GPU tests of nanochat/fp8.py and nanochat/sparse/fp8_*.py: Fp8SparseKernel against a float32 masked-dense reference, and a
-few compiled training steps with convert_to_float8. Skipped without CUDA >= 8.9 and torchao.
+"""GPU tests of nanochat/accel/fp8.py and nanochat/accel/sparse/fp8_*.py: Fp8SparseKernel against a float32
+masked-dense reference, and a few compiled training steps with convert_to_float8. Skipped without CUDA >= 8.9 and torchao.
 
 Tolerances (relative Frobenius error against float32): e4m3 keeps 3 mantissa bits, so rounding
 one operand costs up to 2^-4 = 6% per element (~2% RMS); a product of two quantized operands
@@ -14,12 +14,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.converters import Converters, Fp8Converter, SparseConverter
-from nanochat.fp8 import convert_to_float8
-from nanochat.hardware import fp8_sparse_supported, fp8_supported
-from nanochat.sparse import SparseOp, SparseRuntime, refresh_sparse_weights
-from nanochat.sparse.fp8_kernel import Fp8SparseKernel
-from nanochat.sparse.fp8_pack import LearnedFp8Packer, LibraryFp8Packer
+from nanochat.accel.converters import Converters, Fp8Converter, SparseConverter
+from nanochat.accel.fp8 import convert_to_float8
+from nanochat.accel.hardware import fp8_sparse_supported, fp8_supported
+from nanochat.accel.sparse import SparseOp, SparseRuntime, refresh_sparse_weights
+from nanochat.accel.sparse.fp8_kernel import Fp8SparseKernel
+from nanochat.accel.sparse.fp8_pack import LearnedFp8Packer, LibraryFp8Packer
 
 DEV = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 FP8_OK, FP8_WHY = fp8_supported(DEV)
@@ -162,7 +162,7 @@ def test_fp8_kernel_with_learned_packers_matches_reference(shape, compiled):
 @needs_sm90
 def test_fp8_time_ops_and_choice():
     """time_fp8_ops measures every op (finite, positive times) and choose_fp8_ops decides each."""
-    from nanochat.sparse.tune import choose_fp8_ops, time_fp8_ops
+    from nanochat.accel.sparse.tune import choose_fp8_ops, time_fp8_ops
     t = time_fp8_ops(5120, 1280, 8192, DEV)
     print("\nTIMES", t)
     assert set(t) == {"fwd", "dgrad"}
@@ -312,7 +312,7 @@ def test_convert_to_float8_converts_only_the_chosen_shapes():
 def test_fp8_layer_timing_picks_fp8_for_d20_mlp_layers():
     """At d20's MLP shape with 32k tokens per micro-batch fp8 trains faster (benchmarks/results/mlp_fp8_bench*.md:
     1.33x for the whole MLP on H200); the per-layer timing must see that, or --fp8 would leave them bf16."""
-    from nanochat.fp8 import time_linear_ms
+    from nanochat.accel.fp8 import time_linear_ms
     for N, K in ((5120, 1280), (1280, 5120)):
         t = time_linear_ms(N, K, 32768, DEV)
         print(f"\n{N}x{K} T=32768: fp8 {t['fp8_ms']:.3f} ms, bf16 {t['bf16_ms']:.3f} ms")

@@ -1,4 +1,4 @@
-"""CPU tests of LearnedFp8Packer (nanochat/sparse/fp8_pack.py) against stand-ins for torchao's CUTLASS sm90 fp8
+"""CPU tests of LearnedFp8Packer (nanochat/accel/sparse/fp8_pack.py) against stand-ins for torchao's CUTLASS sm90 fp8
 packer whose value slots and metadata bits are scrambled: the packer must learn both from probes alone,
 reproduce the stand-in's bytes after its own row-wise quantization, and refuse a layout it cannot
 reproduce. The real packer is checked on the GPU (tests/test_fp8_gpu.py)."""
@@ -6,11 +6,11 @@ reproduce. The real packer is checked on the GPU (tests/test_fp8_gpu.py)."""
 import pytest
 import torch
 
-from nanochat.sparse.compress import CompressorMismatch
-from nanochat.sparse.fp8_ops import E4M3, quantize_rows
-from nanochat.sparse.fp8_pack import LearnedFp8Packer, LibraryFp8Packer
-from nanochat.sparse.runtime import SparseRuntime
-from nanochat.sparse.mask import transposable_mask_reference
+from nanochat.accel.sparse.compress import CompressorMismatch
+from nanochat.accel.sparse.fp8_ops import E4M3, quantize_rows
+from nanochat.accel.sparse.fp8_pack import LearnedFp8Packer, LibraryFp8Packer
+from nanochat.accel.sparse.runtime import SparseRuntime
+from nanochat.accel.sparse.mask import transposable_mask_reference
 
 
 class ScrambledCutlass:

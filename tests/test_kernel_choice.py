@@ -1,12 +1,12 @@
-"""CPU tests of nanochat/kernel_choice.py: the one rule, its margins and the one timing cache that the 2:4 op
+"""CPU tests of nanochat/accel/kernel_choice.py: the one rule, its margins and the one timing cache that the 2:4 op
 choice (bf16 and fp8) and the fp8 layer choice share."""
 
 import json
 
 import torch
 
-from nanochat.fp8 import choose_fp8_shapes
-from nanochat.kernel_choice import CACHE_VERSION, MARGINS, TimingCache, pays
+from nanochat.accel.fp8 import choose_fp8_shapes
+from nanochat.accel.kernel_choice import CACHE_VERSION, MARGINS, TimingCache, pays
 from tests.test_fp8 import tiny_model
 
 
@@ -25,7 +25,7 @@ def test_every_choice_defaults_to_the_shared_margins():
     """The bf16 and fp8 2:4 choices and the fp8 layer choice all read MARGINS: one number per kind of choice."""
     import inspect
 
-    from nanochat.sparse.tune import choose_fp8_ops, decide
+    from nanochat.accel.sparse.tune import choose_fp8_ops, decide
     assert inspect.signature(decide).parameters["margin"].default == MARGINS["2:4"]
     assert inspect.signature(choose_fp8_ops).parameters["margin"].default == MARGINS["2:4"]
     assert inspect.signature(choose_fp8_shapes).parameters["margin"].default == MARGINS["fp8"]
@@ -140,8 +140,8 @@ class FakeRuntime:
 
 def fake_tuning(monkeypatch, dense_ms):
     """GEMM timings where 2:4 takes 0.18 ms and dense `dense_ms`; compression 0.02 ms. Returns the calls list."""
-    import nanochat.sparse.convert as convert
-    import nanochat.sparse.tune as tune
+    import nanochat.accel.sparse.convert as convert
+    import nanochat.accel.sparse.tune as tune
     calls = []
 
     def time_gemm(lib, m, k, T, op, device):
@@ -167,8 +167,8 @@ def tiny_gpt():
 def test_sparse_tuning_goes_through_the_shared_rule_and_cache(monkeypatch, tmp_path):
     """The conversion times each (shape, op) once, keeps the timings in the run's cache, and chooses by
     kernel_choice's rule: 0.30 ms dense against 0.18 ms 2:4 pays, 0.214 against 0.18 (1.19x) does not."""
-    from nanochat.sparse import SparseConfig, convert_mlp_to_sparse
-    from nanochat.sparse.convert import sparse_layers
+    from nanochat.accel.sparse import SparseConfig, convert_mlp_to_sparse
+    from nanochat.accel.sparse.convert import sparse_layers
     calls = fake_tuning(monkeypatch, dense_ms=0.30)
     path = str(tmp_path / "t.json")
     lines = []
@@ -187,8 +187,8 @@ def test_sparse_tuning_goes_through_the_shared_rule_and_cache(monkeypatch, tmp_p
 
 
 def test_sparse_conversion_says_so_when_no_op_pays(monkeypatch, tmp_path):
-    from nanochat.sparse import SparseConfig, convert_mlp_to_sparse
-    from nanochat.sparse.convert import sparse_layers
+    from nanochat.accel.sparse import SparseConfig, convert_mlp_to_sparse
+    from nanochat.accel.sparse.convert import sparse_layers
     fake_tuning(monkeypatch, dense_ms=0.214)  # d12's c_fc: 1.19x timed alone
     lines = []
     model = tiny_gpt()

@@ -1,4 +1,4 @@
-"""CPU tests of nanochat/sparse/: mask rules, straight-through gradients, conversion, messages,
+"""CPU tests of nanochat/accel/sparse/: mask rules, straight-through gradients, conversion, messages,
 checkpoints, once-per-step packing, torch.compile. GPU kernels: tests/test_sparse_gpu.py."""
 
 
@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn as nn
 
+from nanochat.accel.sparse import (CusparseltKernel, SemiSparseLinear, SparseConfig, convert_mlp_to_sparse,
+                             install_refresh_hooks, refresh_sparse_weights, transposable_mask_reference)
 from nanochat.common import UserError
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.sparse import (CusparseltKernel, SemiSparseLinear, SparseConfig, convert_mlp_to_sparse,
-                             install_refresh_hooks, refresh_sparse_weights, transposable_mask_reference)
 from tests.gloo_workers import spawn_gloo
 
 
@@ -277,7 +277,7 @@ def test_refresh_hooks_pack_once_per_optimizer_step():
 
 def test_pick_impl_without_nvmath(monkeypatch):
     import builtins
-    from nanochat.sparse import cusparselt
+    from nanochat.accel.sparse import cusparselt
     real_import = builtins.__import__
 
     def no_nvmath(name, *args, **kwargs):
@@ -295,7 +295,7 @@ def test_pick_impl_without_nvmath(monkeypatch):
 
 
 def test_decide_weighs_saving_per_step_against_compression():
-    from nanochat.sparse.tune import decide
+    from nanochat.accel.sparse.tune import decide
     gemm = dict(alg=17, sparse_ms=0.42, dense_ms=0.58)  # saves 0.58 - 1.20 * 0.42 = 0.076 ms per call
     assert decide(gemm, compress_ms=0.07, micro_batches=1) == 17
     assert decide(gemm, compress_ms=0.08, micro_batches=1) is None
@@ -308,7 +308,7 @@ def test_decide_weighs_saving_per_step_against_compression():
 
 
 def test_fp8_choose_ops_weighs_gemm_saving_against_pack():
-    from nanochat.sparse.tune import choose_fp8_ops as choose_ops
+    from nanochat.accel.sparse.tune import choose_fp8_ops as choose_ops
     # d20's c_fc in a 4-micro-batch step: 2:4 saves 0.04 ms a GEMM, the pack costs 0.2 ms more than a cast
     t = dict(sparse_ms=0.25, dense_ms=0.29, pack_ms=0.23, cast_ms=0.03)
     assert choose_ops({"fwd": t}, micro_batches=4, margin=1.0) == {"fwd": False}
@@ -347,7 +347,7 @@ def test_spmm_op_takes_a_library_handle_and_compiles_to_one_graph():
 
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    from nanochat.sparse.cusparselt import TOKEN_PAD, Library
+    from nanochat.accel.sparse.cusparselt import TOKEN_PAD, Library
     lib = type("StandIn", (Library, DenseStandIn), {})("cpu")
     lib.calls = []
     a, x = torch.randn(48, 64), torch.randn(37, 64)  # 37 tokens: padded to TOKEN_PAD inside the op

@@ -1,12 +1,12 @@
-"""CPU tests of the learned 2:4 compressor (nanochat/sparse/compress.py) against stand-in libraries
+"""CPU tests of the learned 2:4 compressor (nanochat/accel/sparse/compress.py) against stand-in libraries
 whose metadata bit order is scrambled: the compressor must learn it from probes alone and reproduce
 the library's bytes, and must refuse (CompressorMismatch) a layout it cannot reproduce."""
 
 import pytest
 import torch
 
-from nanochat.sparse.compress import CompressorMismatch, LearnedCompressor, LibraryCompressor, make_compressor
-from nanochat.sparse.mask import transposable_mask_reference
+from nanochat.accel.sparse.compress import CompressorMismatch, LearnedCompressor, LibraryCompressor, make_compressor
+from nanochat.accel.sparse.mask import transposable_mask_reference
 
 
 class ScrambledLibrary:

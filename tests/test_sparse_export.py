@@ -3,8 +3,8 @@ import os
 import pytest
 import torch
 
-from nanochat.sparse import transposable_mask_reference
-from nanochat.sparse_export import compress_2to4, decompress_2to4, export_sparse_model, load_sparse_export
+from nanochat.accel.sparse import transposable_mask_reference
+from nanochat.accel.sparse_export import compress_2to4, decompress_2to4, export_sparse_model, load_sparse_export
 
 
 @pytest.mark.parametrize("shape", [(8, 16), (64, 256), (256, 64)])

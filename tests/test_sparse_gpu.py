@@ -9,12 +9,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.gpt import MLP as GPTMLP, GPTConfig
-from nanochat.kernel_choice import TimingCache
-from nanochat.sparse import (DENSE, SemiSparseLinear, SparseConfig, SparseRuntime, convert_mlp_to_sparse,
+from nanochat.accel.kernel_choice import TimingCache
+from nanochat.accel.sparse import (DENSE, SemiSparseLinear, SparseConfig, SparseRuntime, convert_mlp_to_sparse,
                              install_refresh_hooks, refresh_sparse_weights, transposable_mask, transposable_mask_reference)
-from nanochat.sparse.compress import LearnedCompressor
-from nanochat.sparse.cusparselt import nvmath_status
+from nanochat.accel.sparse.compress import LearnedCompressor
+from nanochat.accel.sparse.cusparselt import nvmath_status
+from nanochat.gpt import MLP as GPTMLP, GPTConfig
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 TOL = 1e-2

@@ -259,7 +259,7 @@ def test_recompute_auto_turns_on_only_where_the_run_would_not_fit(monkeypatch):
 @pytest.mark.parametrize("recompute", [False, True])
 def test_wrap_model_compiles_with_and_without_recompute(recompute):
     import torch._functorch.config as fconfig
-    from nanochat.converters import Converters
+    from nanochat.accel.converters import Converters
     from nanochat.train import wrap_model
     before = fconfig.ban_recompute_materialized_backward
     try:

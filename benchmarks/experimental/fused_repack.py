@@ -3,7 +3,7 @@ A fused 2:4 re-pack (not measured on a GPU yet, so not in the trainer): one Trit
 master weight once and writes, for W and for W^T, the values of cuSPARSELt's compressed layout (straight into
 the compressed buffers) and one 4-bit field per group (the two stored positions, a | b << 2); the metadata
 bytes then come from compress.metadata_bytes with the layout the learned compressor found. Today's per-step
-re-pack (nanochat/sparse/linear.py: masked_bf16 + the learned compressor of W and of W^T) reads and writes
+re-pack (nanochat/accel/sparse/linear.py: masked_bf16 + the learned compressor of W and of W^T) reads and writes
 each weight several times over ~8 launches per layer; the fit in docs/measuring.md puts the mode's per-step
 cost at 8.6 ms at d20 (3.6% of a one-micro-batch step).
 
@@ -96,8 +96,8 @@ def fused_values_and_fields(w, lut_a, lut_b, vals=None, vals_t=None, block=64):
 
 def reference_values_and_fields(w, lut_a, lut_b):
     """The same from the reference mask and the learned compressor's own gathers."""
-    from nanochat.sparse.compress import _values_and_fields
-    from nanochat.sparse.mask import transposable_mask_reference
+    from nanochat.accel.sparse.compress import _values_and_fields
+    from nanochat.accel.sparse.mask import transposable_mask_reference
     wb = w.detach().to(torch.bfloat16)
     wm = torch.where(transposable_mask_reference(wb), wb, 0)
     vals, fields = _values_and_fields(wm, lut_a.long(), lut_b.long())
@@ -109,11 +109,11 @@ def reference_values_and_fields(w, lut_a, lut_b):
 def main():
     """On a GPU: per d20/d26 MLP shape, the fused re-pack's compressed bytes against today's path (both from the
     reference mask, so that ties cannot differ) and the GPU time of each (today's path with its CUDA tile mask)."""
+    from nanochat.accel.hardware import time_gpu_ms
+    from nanochat.accel.sparse.compress import metadata_bytes
+    from nanochat.accel.sparse.mask import masked_bf16, transposable_mask_reference
+    from nanochat.accel.sparse.runtime import SparseRuntime
     from nanochat.gpt import config_from_depth
-    from nanochat.hardware import time_gpu_ms
-    from nanochat.sparse.compress import metadata_bytes
-    from nanochat.sparse.mask import masked_bf16, transposable_mask_reference
-    from nanochat.sparse.runtime import SparseRuntime
 
     p = argparse.ArgumentParser(allow_abbrev=False)
     p.add_argument("--depths", type=int, nargs="+", default=[20, 26])

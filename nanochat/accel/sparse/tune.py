@@ -1,5 +1,5 @@
 """
-Timing the 2:4 ops before training, for the choice in nanochat/kernel_choice.py: cuSPARSELt against dense
+Timing the 2:4 ops before training, for the choice in nanochat/accel/kernel_choice.py: cuSPARSELt against dense
 bf16 for the bf16 kernels (time_gemm, decide), fp8 2:4 against dense fp8 for the fp8 kernel (time_fp8_ops,
 choose_fp8_ops).
 
@@ -16,12 +16,12 @@ for packing its operand once per step (kernel_choice.pays).
 
 import torch
 
-from nanochat.hardware import FP8_TOKEN_ALIGN, round_up, time_gpu_ms
-from nanochat.kernel_choice import MARGINS, pays, timing_key
-from nanochat.sparse.cusparselt import TOKEN_PAD
-from nanochat.sparse.fp8_ops import E4M3, E5M2, dense_operand, fp8_mm, quantize_tensor
-from nanochat.sparse.fp8_pack import LibraryFp8Packer
-from nanochat.sparse.mask import masked_bf16
+from nanochat.accel.hardware import FP8_TOKEN_ALIGN, round_up, time_gpu_ms
+from nanochat.accel.kernel_choice import MARGINS, pays, timing_key
+from nanochat.accel.sparse.cusparselt import TOKEN_PAD
+from nanochat.accel.sparse.fp8_ops import E4M3, E5M2, dense_operand, fp8_mm, quantize_tensor
+from nanochat.accel.sparse.fp8_pack import LibraryFp8Packer
+from nanochat.accel.sparse.mask import masked_bf16
 
 
 def time_gemm(lib, m, k, T, op, device):

@@ -2,8 +2,8 @@
 Choosing a kernel for each op before training, from GPU timings: one rule, its margins and one cache, for
 the three choices the trainer makes:
   "2:4"  each forward and grad-input GEMM of a --sparse layer: 2:4 (cuSPARSELt, or the fp8 2:4 kernel with
-         --fp8) against the dense GEMM on the same masked weight (nanochat/sparse/convert.py, sparse/tune.py)
-  "fp8"  each layer shape of --fp8: torchao's fp8 Linear against bf16 (nanochat/fp8.py)
+         --fp8) against the dense GEMM on the same masked weight (nanochat/accel/sparse/convert.py, sparse/tune.py)
+  "fp8"  each layer shape of --fp8: torchao's fp8 Linear against bf16 (nanochat/accel/fp8.py)
 
 The timings (hardware.time_gpu_ms) are bursts of a few ms. A run trains for hours at the GPU's power cap, at
 the clock its whole mix of kernels leaves it, so a burst timing misjudges a kernel that draws more (or less)

@@ -12,11 +12,11 @@ Layout (both): A is a structured m x k row-major matrix; x (T x k, row-major) is
 column-major B; the output (T x m, row-major) is the dense m x T column-major D. This is what
 torch._cslt_sparse_mm(c, x.t(), transpose_result=True) computes, bit for bit.
 
-The library objects are owned by a SparseRuntime (nanochat/sparse/runtime.py), one per device. The GEMM
+The library objects are owned by a SparseRuntime (nanochat/accel/sparse/runtime.py), one per device. The GEMM
 is a torch.library custom op (`nanochat_sparse::spmm`) with a fake implementation, so torch.compile keeps
 one graph around it and CUDA graphs can capture it; custom ops take only tensors and numbers, so the op
 is handed its library's integer handle. The op only runs plans: algorithm choice and timing happen
-before training (nanochat/sparse/tune.py).
+before training (nanochat/accel/sparse/tune.py).
 """
 
 import itertools
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nanochat.hardware import round_up
+from nanochat.accel.hardware import round_up
 
 TOKEN_PAD = 32  # cuSPARSELt wants the dense dims aligned; odd token counts are zero-padded to this
 _BF16 = 14      # cudaDataType CUDA_R_16BF

@@ -1,7 +1,7 @@
 """
 The fp8 2:4 kernel for --fp8 --sparse on Hopper: the forward and grad-input GEMMs through torchao's sm90
 CUTLASS fp8 2:4 ops, grad-weight dense fp8. Same straight-through rule and once-per-step packing as the
-bf16 kernels (nanochat/sparse/linear.py), and the same interface (configure, pack, linear,
+bf16 kernels (nanochat/accel/sparse/linear.py), and the same interface (configure, pack, linear,
 packed_buffers, describe).
 
 Scaling is torchao's tensorwise recipe with 2:4 forward and grad-input: x is cast to e4m3 and gy to e5m2
@@ -11,16 +11,17 @@ operands carry one e4m3 scale per row (packed once per step).
 
 Each of the two ops can instead run as a dense fp8 GEMM (cuBLAS, torch._scaled_mm) on the masked weight,
 cast to e4m3 once per step: same pruned weights, no CUTLASS pack. The tuner picks per shape
-(nanochat/sparse/tune.py, choose_fp8_ops).
+(nanochat/accel/sparse/tune.py, choose_fp8_ops).
 """
 
 import torch
 import torch.nn as nn
 
-from nanochat.hardware import FP8_TOKEN_ALIGN
-from nanochat.sparse.fp8_ops import E4M3, E5M2, cast_tensorwise, dense_operand, fp8_mm, pad_rows, quantize_tensor, scaled_grad_weight
-from nanochat.sparse.fp8_pack import LibraryFp8Packer
-from nanochat.sparse.linear import SparseOp
+from nanochat.accel.hardware import FP8_TOKEN_ALIGN
+from nanochat.accel.sparse.fp8_ops import (E4M3, E5M2, cast_tensorwise, dense_operand, fp8_mm, pad_rows, quantize_tensor,
+                                           scaled_grad_weight)
+from nanochat.accel.sparse.fp8_pack import LibraryFp8Packer
+from nanochat.accel.sparse.linear import SparseOp
 
 
 class _Fp8SparseTensorwiseFn(torch.autograd.Function):

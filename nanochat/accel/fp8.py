@@ -1,5 +1,5 @@
 """FP8 training: dense Linear layers through torchao.float8 (the 2:4 sparse MLP layers of --fp8 --sparse
-have their own fp8 kernel, nanochat/sparse/fp8_kernel.py; they are converted first and left alone here).
+have their own fp8 kernel, nanochat/accel/sparse/fp8_kernel.py; they are converted first and left alone here).
 
 Nothing here imports torchao at module import time: CPU machines (and CI) never need it.
 
@@ -11,7 +11,7 @@ times both on our MLP shapes.
 Per layer shape, fp8 pays only where its GEMMs save more than its casts cost: narrow layers (d768)
 ran slower in fp8 than in bf16. Given the token count of a micro-batch, convert_to_float8 times one
 layer's forward + backward both ways and leaves a shape in bf16 where fp8 is clearly slower (the rule and
-margin of nanochat/kernel_choice.py; logged).
+margin of nanochat/accel/kernel_choice.py; logged).
 """
 
 import time
@@ -21,9 +21,9 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
+from nanochat.accel.hardware import FP8_TOKEN_ALIGN, fp8_supported, round_up, time_gpu_ms, torchao_version
+from nanochat.accel.kernel_choice import MARGINS, pays, timing_key
 from nanochat.common import print0, rank0s
-from nanochat.hardware import FP8_TOKEN_ALIGN, fp8_supported, round_up, time_gpu_ms, torchao_version
-from nanochat.kernel_choice import MARGINS, pays, timing_key
 
 
 # -----------------------------------------------------------------------------

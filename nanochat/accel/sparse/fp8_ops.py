@@ -1,5 +1,5 @@
 """
-The fp8 pieces of the fp8 2:4 kernel (nanochat/sparse/fp8_kernel.py): quantizing to e4m3/e5m2 with
+The fp8 pieces of the fp8 2:4 kernel (nanochat/accel/sparse/fp8_kernel.py): quantizing to e4m3/e5m2 with
 tensorwise or row-wise scales, padding the token dim, the two GEMMs an op can run (torchao's sm90
 CUTLASS fp8 2:4 GEMM on a packed operand, cuBLAS's dense fp8 GEMM on an e4m3 operand) and the dense
 operand's once-per-step cast. torchao is imported only when a 2:4 GEMM runs.

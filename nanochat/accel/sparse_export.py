@@ -13,8 +13,8 @@ import json
 
 import torch
 
+from nanochat.accel.sparse import SemiSparseLinear, transposable_mask
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.sparse import SemiSparseLinear, transposable_mask
 
 
 def compress_2to4(w, mask):
@@ -87,7 +87,7 @@ def load_sparse_export(path, device="cpu"):
     model.init_weights()  # rotary buffers; weights are overwritten next
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     if device.type == "cuda":
-        from nanochat.converters import Converters
+        from nanochat.accel.converters import Converters
         Converters.from_meta(dict(sparse=True, sparse_backend="auto"), device).convert(model)
     model.eval()
     return model

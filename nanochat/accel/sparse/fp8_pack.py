@@ -9,8 +9,9 @@ then torchao's packer). torchao is imported only when its packer runs.
 
 import torch
 
-from nanochat.sparse.compress import CompressorMismatch, dense_from_codes, learn_metadata, metadata_bytes, metadata_tables
-from nanochat.sparse.fp8_ops import E4M3, quantize_rows, quantize_rows_e4m3
+from nanochat.accel.sparse.compress import (CompressorMismatch, dense_from_codes, learn_metadata, metadata_bytes,
+                                            metadata_tables)
+from nanochat.accel.sparse.fp8_ops import E4M3, quantize_rows, quantize_rows_e4m3
 
 
 def cutlass_pack(q):

@@ -6,7 +6,7 @@ SemiSparseLinear: an nn.Linear whose forward uses its transposable-2:4-pruned we
 - Gradients are straight-through: y = x Wm^T, grad_x = gy Wm, grad_W = gy^T x (dense, not masked).
 - Kernels: MaskedKernel (dense matmul on the masked weight, any device: CPU tests, accuracy studies),
   CusparseltKernel (cuSPARSELt for the forward and grad-input GEMMs on W and W^T compressed once per
-  step, each op dense where that was measured faster), Fp8SparseKernel (nanochat/sparse/fp8_kernel.py).
+  step, each op dense where that was measured faster), Fp8SparseKernel (nanochat/accel/sparse/fp8_kernel.py).
   Packed tensors are non-persistent buffers updated in place, so compiled graphs see the same tensors
   every step (no recompiles) and checkpoints hold only the dense weights.
 
@@ -25,8 +25,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from nanochat.sparse.cusparselt import spmm
-from nanochat.sparse.mask import masked_bf16, transposable_mask
+from nanochat.accel.sparse.cusparselt import spmm
+from nanochat.accel.sparse.mask import masked_bf16, transposable_mask
 
 DENSE = -1  # algorithm id of an op that runs dense on the masked weight
 

@@ -9,7 +9,7 @@ and calls a stage on each:
   eager(model)                         a context for running the model eagerly (CORE, sampling)
   meta()                               what a checkpoint records for inference to rebuild the model
   from_meta(meta, device)              the converter inference needs for a checkpoint (None: none)
-Inference (scripts/base_eval.py, scripts/base_sample.py, nanochat/sparse_export.py) rebuilds its
+Inference (scripts/base_eval.py, scripts/base_sample.py, nanochat/accel/sparse_export.py) rebuilds its
 converters with Converters.from_meta and never imports the trainer.
 """
 
@@ -29,10 +29,10 @@ class SparseConverter:
     """--sparse: the MLP layers become 2:4 SemiSparseLinear, their kernels chosen for `tokens` per
     micro-batch (weighing the GEMM saving over `micro_batches` against one re-pack per step), their
     state in one SparseRuntime on `device`. fp8: the fp8 2:4 kernel (--fp8 --sparse). timing_cache: the
-    run's TimingCache (nanochat/kernel_choice.py; None: the default file)."""
+    run's TimingCache (nanochat/accel/kernel_choice.py; None: the default file)."""
 
     def __init__(self, device, backend="auto", fp8=False, tokens=None, micro_batches=1, timing_cache=None, log=print0):
-        from nanochat.sparse import SparseConfig
+        from nanochat.accel.sparse import SparseConfig
         self.device = torch.device(device)
         self.config = SparseConfig(backend=backend, fp8=fp8, tokens=tokens, micro_batches=micro_batches,
                                    timing_cache=timing_cache, log=log)
@@ -40,25 +40,25 @@ class SparseConverter:
         self.num_layers = 0
 
     def convert(self, model):
-        from nanochat.sparse import SparseRuntime, convert_mlp_to_sparse
+        from nanochat.accel.sparse import SparseRuntime, convert_mlp_to_sparse
         self.runtime = SparseRuntime(self.device)
         self.num_layers = convert_mlp_to_sparse(model, self.device, self.config, self.runtime)
 
     def after_optimizers(self, model, optimizers):
         if self.num_layers:
-            from nanochat.sparse import install_refresh_hooks
+            from nanochat.accel.sparse import install_refresh_hooks
             install_refresh_hooks(model, optimizers)  # re-pack after each optimizer step and checkpoint load
 
     def after_wrap(self, model):
         if self.num_layers:
-            from nanochat.sparse import refresh_sparse_weights
+            from nanochat.accel.sparse import refresh_sparse_weights
             refresh_sparse_weights(model)
 
     def check_replicas(self, model, log):
         """Every rank must prune the same 2:4 masks (identical weights after each all-reduce)."""
         if not (self.num_layers and dist.is_initialized()):
             return
-        from nanochat.sparse import mask_checksum
+        from nanochat.accel.sparse import mask_checksum
         local = mask_checksum(model)
         sums = torch.tensor([local, -local], dtype=torch.float64, device=next(model.parameters()).device)
         dist.all_reduce(sums, op=dist.ReduceOp.MAX)  # max and -min in one call
@@ -93,7 +93,7 @@ class Fp8Converter:
         self.converted = []
 
     def convert(self, model):
-        from nanochat.fp8 import convert_to_float8
+        from nanochat.accel.fp8 import convert_to_float8
         self.converted = convert_to_float8(model, self.device, log=self.log, tokens=self.tokens, cache=self.timing_cache)
 
     def after_optimizers(self, model, optimizers):
@@ -108,7 +108,7 @@ class Fp8Converter:
     def eager(self, model):
         """Float8Linear layers run as bf16 nn.Linear: eager sampling feeds one token at a time, which fp8
         GEMMs cannot take, and a Float8 tensor rejects autocast's casts."""
-        from nanochat.fp8 import bf16_linears
+        from nanochat.accel.fp8 import bf16_linears
         return bf16_linears(model)
 
     def meta(self):

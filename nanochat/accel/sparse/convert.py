@@ -10,13 +10,13 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
+from nanochat.accel.hardware import fp8_sparse_supported, round_up
+from nanochat.accel.kernel_choice import CACHE_FILE, TimingCache, timing_key
+from nanochat.accel.sparse.cusparselt import TOKEN_PAD, pick_impl
+from nanochat.accel.sparse.linear import DENSE, CusparseltKernel, MaskedKernel, SemiSparseLinear, SparseOp
+from nanochat.accel.sparse.mask import masks_checksum, transposable_mask
+from nanochat.accel.sparse.runtime import SparseRuntime
 from nanochat.common import UserError, get_base_dir, print0, rank0s
-from nanochat.hardware import fp8_sparse_supported, round_up
-from nanochat.kernel_choice import CACHE_FILE, TimingCache, timing_key
-from nanochat.sparse.cusparselt import TOKEN_PAD, pick_impl
-from nanochat.sparse.linear import DENSE, CusparseltKernel, MaskedKernel, SemiSparseLinear, SparseOp
-from nanochat.sparse.mask import masks_checksum, transposable_mask
-from nanochat.sparse.runtime import SparseRuntime
 
 
 @dataclass
@@ -61,7 +61,7 @@ def _kernel_kind(config, device):
 
 def _make_kernel(kind, impl, out_features, in_features, runtime, log):
     if kind == "fp8":
-        from nanochat.sparse.fp8_kernel import Fp8SparseKernel  # imports torchao
+        from nanochat.accel.sparse.fp8_kernel import Fp8SparseKernel  # imports torchao
         if Fp8SparseKernel.supports(out_features, in_features):
             return Fp8SparseKernel(out_features, in_features, runtime.device, runtime)
         log(f"Warning: fp8 2:4 kernel needs dims divisible by 32, {out_features}x{in_features} uses bf16 2:4 (cuSPARSELt)")
@@ -88,7 +88,7 @@ def _tune(layers, config, impl, runtime):
     """Choose each (shape, op)'s kernel from GEMM timings (cached on disk) and the measured cost of
     compressing its operand once per step; configure every cuSPARSELt kernel accordingly. Returns how many
     (layer, op) pairs run 2:4."""
-    from nanochat.sparse.tune import decide, gemm_timings, time_compress_ms
+    from nanochat.accel.sparse.tune import decide, gemm_timings, time_compress_ms
     lib, device = runtime.library(impl), runtime.device
     cache = _timing_cache(config)
 
@@ -133,9 +133,9 @@ def _tune_fp8(layers, config, runtime):
     """Per shape, each op of the fp8 kernels 2:4 or dense fp8 (on the masked weight), from measured GPU
     time (cached on disk) weighed like the bf16 kernels', and the packers of W and W^T. Returns how many
     (layer, op) pairs run 2:4."""
-    from nanochat.hardware import torchao_version
-    from nanochat.sparse.fp8_ops import cast_tensorwise
-    from nanochat.sparse.tune import choose_fp8_ops, time_fp8_ops
+    from nanochat.accel.hardware import torchao_version
+    from nanochat.accel.sparse.fp8_ops import cast_tensorwise
+    from nanochat.accel.sparse.tune import choose_fp8_ops, time_fp8_ops
     kind = "cutlass" if config.compressor == "cusparselt" else config.compressor  # the library's own packer
     cache = _timing_cache(config)
     on_24 = 0
@@ -194,8 +194,8 @@ def convert_mlp_to_sparse(model, device, config=None, runtime=None):
     on_24 = _tune(sparse_gemm_layers, config, impl, runtime) if sparse_gemm_layers else 0
     on_24 += _tune_fp8(fp8_layers, config, runtime) if fp8_layers else 0
     if (sparse_gemm_layers or fp8_layers) and config.tokens and config.force is None and on_24 == 0:
-        config.log("2:4: no op pays at this size and token count under the power cap (nanochat/kernel_choice.py): every "
-                   "GEMM runs dense on the 2:4-pruned weights, so --sparse trains the same sparse model at no speedup")
+        config.log("2:4: no op pays at this size and token count under the power cap "
+                   "(nanochat/accel/kernel_choice.py): every GEMM runs dense on the 2:4-pruned weights, so --sparse trains the same sparse model at no speedup")
     for _, layer in layers:
         layer.refresh()  # pack now, before anything compiles the model
     kinds = {}

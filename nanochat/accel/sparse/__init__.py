@@ -11,14 +11,14 @@
   runtime.py     SparseRuntime: per device, the libraries, plans, compressors, packers and compiled helpers
   tune.py        timing GEMMs and packs, the on-disk timing cache, the per-op decision rules
   convert.py     SparseConfig, converting a model's MLPs and choosing their kernels, re-pack hooks
-The trainer reaches all of it through SparseConverter (nanochat/converters.py).
+The trainer reaches all of it through SparseConverter (nanochat/accel/converters.py).
 """
 
-from nanochat.sparse.convert import (SparseConfig, convert_mlp_to_sparse, install_refresh_hooks, mask_checksum,
+from nanochat.accel.sparse.convert import (SparseConfig, convert_mlp_to_sparse, install_refresh_hooks, mask_checksum,
                                      refresh_sparse_weights, sparse_layers)
-from nanochat.sparse.linear import DENSE, CusparseltKernel, MaskedKernel, SemiSparseLinear, SparseOp
-from nanochat.sparse.mask import transposable_mask, transposable_mask_reference
-from nanochat.sparse.runtime import SparseRuntime
+from nanochat.accel.sparse.linear import DENSE, CusparseltKernel, MaskedKernel, SemiSparseLinear, SparseOp
+from nanochat.accel.sparse.mask import transposable_mask, transposable_mask_reference
+from nanochat.accel.sparse.runtime import SparseRuntime
 
 __all__ = ["SparseConfig", "convert_mlp_to_sparse", "install_refresh_hooks", "mask_checksum", "refresh_sparse_weights",
            "sparse_layers", "DENSE", "CusparseltKernel", "MaskedKernel", "SemiSparseLinear", "SparseOp", "SparseRuntime",

@@ -11,9 +11,9 @@ Two runtimes share nothing; what one builds lives as long as it does.
 
 import torch
 
-from nanochat.sparse.compress import make_compressor
-from nanochat.sparse.cusparselt import IMPLEMENTATIONS
-from nanochat.sparse.fp8_pack import make_fp8_packer
+from nanochat.accel.sparse.compress import make_compressor
+from nanochat.accel.sparse.cusparselt import IMPLEMENTATIONS
+from nanochat.accel.sparse.fp8_pack import make_fp8_packer
 
 
 class SparseRuntime:
