@@ -92,7 +92,9 @@ def measure(flags, loss="chunked", snapshot_prefix=None, snapshot_pickle=False, 
     final_loss. On CPU the peak is the process's peak RSS (meaningful in a fresh process only).
     partitioner: torch._functorch.config settings for the compiled model (see parse_partitioner)."""
     import torch
-    from nanochat.train import build_arg_parser, peak_memory_gib, train
+    from nanochat.flags import build_arg_parser
+    from nanochat.metrics import peak_memory_gib
+    from nanochat.train import train
     args = build_arg_parser().parse_args(flags)
     cuda = (args.device_type or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
     _use_loss(loss)

@@ -19,7 +19,8 @@ from benchmarks.bench_train import MODES
 
 
 def run_one(flags, json_path):
-    from nanochat.train import build_arg_parser, train
+    from nanochat.flags import build_arg_parser
+    from nanochat.train import train
     out = train(build_arg_parser().parse_args(flags))
     with open(json_path, "w") as f:
         json.dump(dict(history=out["history"], summary=out["summary"]), f)

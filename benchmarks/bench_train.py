@@ -168,7 +168,8 @@ def child(spec_path, out_path):
     import torch
     import torch._dynamo.config as dynamo_config
     from nanochat.common import gpu_peak_flops
-    from nanochat.train import TrainBatches, build_arg_parser, setup, train_step
+    from nanochat.flags import build_arg_parser
+    from nanochat.train import TrainBatches, setup, train_step
 
     with open(spec_path) as f:
         spec = json.load(f)

@@ -11,6 +11,7 @@ half-written checkpoint and never touches an earlier one. The meta file goes las
 saved only once its meta exists. Loading checks each file against the sizes and checksums in the meta
 and reads .pt files with weights_only=True (tensors and plain containers only: a checkpoint from
 someone else cannot run code). Every problem is a UserError naming the file and the steps still intact.
+The Checkpointer at the end is a training run's view of its tag: lock, storage checks, resume, save, pruning.
 """
 
 import glob
@@ -23,7 +24,9 @@ import re
 import torch
 import torch.distributed as dist
 
-from nanochat.common import UserError
+from nanochat import storage
+from nanochat.common import UserError, print0
+from nanochat.guards import diverged
 
 # meta["format"]: 2 = meta records each file's size and sha256. Format 1 (no "files" key) loads unchecked.
 FORMAT = 2
@@ -385,3 +388,118 @@ def load_model_for_inference(checkpoint_dir, step=None, device="cpu"):
     model.load_state_dict(model_state, strict=True)
     model.eval()
     return model, meta
+
+
+def check_fresh_run(args, checkpoint_dir):
+    """A fresh run that saves checkpoints must not silently replace another run's. Returns the steps that
+    --overwrite replaces (deleted once this run's first checkpoint is complete)."""
+    if args.resume_from_step >= 0 or args.save_every == 0:
+        return []
+    steps = saved_steps(checkpoint_dir)
+    if steps and not args.overwrite:
+        raise UserError(f"{checkpoint_dir} already holds checkpoints of another run (steps {', '.join(map(str, steps))}): "
+                        f"continue it with --resume-from-step {steps[-1]}, replace it with --overwrite, "
+                        f"or pick a new --model-tag")
+    return steps
+
+
+class Checkpointer:
+    """The run's checkpoint directory: lock it for this run, check it can take the checkpoints, resume from it,
+    save to it (never weights that are not finite; a full or failing disk stops the run with one line), keep the
+    newest --keep-last-k plus the last good and the best-val-bpb ones, and delete what --overwrite replaces once
+    this run's first save is complete. close() releases the lock; train() calls it on every exit."""
+
+    def __init__(self, args, checkpoint_dir, run_meta, rank, checkpoint_bytes, num_iterations):
+        self.dir = checkpoint_dir
+        self.run_meta = run_meta
+        self.rank = rank
+        self.keep_last_k = args.keep_last_k
+        self.overwrite = args.overwrite
+        self.lock = None
+        if rank == 0:
+            self.lock = storage.RunLock(checkpoint_dir, print0)
+        try:
+            self.replaced_steps = check_fresh_run(args, checkpoint_dir)
+            if rank == 0:
+                storage.remove_stale_temps(checkpoint_dir, print0)
+                count = self.count_needed(args, num_iterations)
+                storage.check_writable(checkpoint_dir, count * checkpoint_bytes, "checkpoint directory",
+                                       f" for {count} checkpoints of ~{checkpoint_bytes:,} bytes")
+        except BaseException:
+            self.close()
+            raise
+        self.last_saved = None  # the newest step saved by this run or resumed from, for the divergence message
+
+    def count_needed(self, args, num_iterations):
+        """Checkpoints on disk at once: the kept ones and the one being written."""
+        if args.save_every == 0:
+            return 0
+        start = args.resume_from_step if args.resume_from_step > 0 else 0
+        saves = (num_iterations - start) // args.save_every + 1 if args.save_every > 0 else 1
+        return saves if self.keep_last_k == 0 else min(saves, self.keep_last_k + 1)
+
+    def close(self):
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def resume(self, args, model, optimizers, num_iterations, world_size, device):
+        """Loads weights, optimizer moments and RNG states of --resume-from-step.
+        Returns (step, loop state, this rank's loader state)."""
+        meta = load_meta(self.dir, args.resume_from_step)
+        check_compatible(meta, model.config.to_dict(), world_size)
+        check_batch(meta, args.device_batch_size, self.run_meta["total_batch_size"], world_size,
+                               args.allow_batch_change)
+        if meta["step"] >= num_iterations:
+            horizon = f"--num-iterations {num_iterations}" if args.num_iterations > 0 else \
+                "from --target-flops/--target-param-data-ratio"
+            raise UserError(f"cannot resume from step {meta['step']}: the run ends at step {num_iterations} ({horizon}); "
+                            f"pass --num-iterations greater than {meta['step']} to train further")
+        model_state, rank_state, meta = load_checkpoint(self.dir, args.resume_from_step, device, self.rank)
+        model.load_state_dict(model_state, strict=True)
+        for opt, state in zip(optimizers, rank_state["optimizers"]):
+            opt.load_state_dict(state)
+        set_rng_state(rank_state["rng"])
+        self.last_saved = meta["step"]
+        print0(f"resumed from {self.dir} at step {meta['step']}")
+        return meta["step"], meta.get("loop_state", {}), rank_state["loader"]
+
+    def good_step(self, collapse_began):
+        """The newest saved step from before a collapse that began at step collapse_began (None: no collapse)."""
+        if collapse_began is None:
+            return None
+        before = [s for s in saved_steps(self.dir) if s < collapse_began and s not in self.replaced_steps]
+        return before[-1] if before else None
+
+    def save(self, step, model, optimizers, loader_state, loop_state, log, val_bpb=None, collapse_began=None):
+        """val_bpb: measured at this step (recorded in the meta, for the best-val-bpb checkpoint that pruning keeps).
+        collapse_began: the first step of a streak of collapsed losses, whose last good checkpoint pruning keeps."""
+        # a finite loss can still come with a non-finite update: never save (and keep-last-k never
+        # prunes good checkpoints for) weights that are not finite; DDP replicas agree, so all ranks stop
+        if not torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all():
+            raise diverged("the weights are not finite", step, self.last_saved)
+        try:
+            save_checkpoint(self.dir, step, model.state_dict(), [o.state_dict() for o in optimizers],
+                            loader_state, dict(self.run_meta, loop_state=loop_state, val_bpb=val_bpb), self.rank)
+        except Exception as e:
+            err = storage.disk_error(e)
+            if err is None:
+                raise
+            storage.remove_own_temps(self.dir)
+            if self.rank == 0:
+                remove_unsaved(self.dir, step)
+            kept = f"the earlier checkpoints are intact (newest: step {self.last_saved}, --resume-from-step " \
+                   f"{self.last_saved})" if self.last_saved is not None else "no checkpoint of this run was saved"
+            raise UserError(f"saving checkpoint step {step} to {self.dir} failed ({err.strerror}; "
+                            f"{storage.free_bytes(self.dir):,} bytes free there): {kept}; free space or fix the disk")
+        log(f"saved checkpoint step {step} to {self.dir}")
+        self.last_saved = step
+        if self.rank == 0:
+            mine = [s for s in saved_steps(self.dir) if s not in self.replaced_steps]
+            protect = {s for s in (self.good_step(collapse_began), best_val_step(self.dir, mine))
+                       if s is not None}
+            deleted = prune_checkpoints(self.dir, step, self.keep_last_k, self.replaced_steps, protect)
+            self.replaced_steps = []
+            if deleted:
+                log(f"deleted checkpoint steps {', '.join(map(str, deleted))} (--keep-last-k {self.keep_last_k}"
+                    f"{', --overwrite' if self.overwrite else ''})")

@@ -6,7 +6,8 @@ Several GPUs:
 """
 
 from nanochat.common import run_main
-from nanochat.train import build_arg_parser, train
+from nanochat.flags import build_arg_parser
+from nanochat.train import train
 
 
 def main():

@@ -4,7 +4,8 @@ in the final eval, or --from-logs): those numbers must be the ones the trainer's
 import pytest
 
 from benchmarks.bench_train import steady_from_log
-from nanochat.train import build_arg_parser, train
+from nanochat.flags import build_arg_parser
+from nanochat.train import train
 from tests.test_train import TINY
 
 

@@ -226,10 +226,12 @@ def test_base_sample_flags(saved, monkeypatch, flags, message):
 HOLD_AT_STEP_2 = """
 import os, sys, time
 sys.path.insert(0, "tests")
-import nanochat.train as T
+from nanochat.flags import build_arg_parser
+from nanochat.metrics import Metrics
+from nanochat.train import train
 from test_train import TINY
 ready, go = sys.argv[1], sys.argv[2]
-real = T.Metrics.log_step
+real = Metrics.log_step
 def log_step(self, step, *a):
     out = real(self, step, *a)
     if step == 2:  # step 1 is saved by now; hold the run (and its lock) until the test says go
@@ -238,8 +240,8 @@ def log_step(self, step, *a):
         while not os.path.exists(go) and time.time() < deadline:
             time.sleep(0.05)
     return out
-T.Metrics.log_step = log_step
-T.train(T.build_arg_parser().parse_args(TINY + sys.argv[3:]))
+Metrics.log_step = log_step
+train(build_arg_parser().parse_args(TINY + sys.argv[3:]))
 """
 
 

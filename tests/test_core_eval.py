@@ -328,7 +328,8 @@ TINY = ["--device-type", "cpu", "--depth", "2", "--aspect-ratio", "32", "--head-
 
 
 def train_tiny(*extra):
-    from nanochat.train import build_arg_parser, train
+    from nanochat.flags import build_arg_parser
+    from nanochat.train import train
     return train(build_arg_parser().parse_args(TINY + list(extra)))
 
 

@@ -26,7 +26,8 @@ def test_compress_all_zero_weight():
 
 def test_export_reload_gives_training_time_logits(tiny_data_dir, tiny_tokenizer, nanochat_base_dir, tmp_path):
     from nanochat.checkpoint import load_model_for_inference
-    from nanochat.train import build_arg_parser, train
+    from nanochat.flags import build_arg_parser
+    from nanochat.train import train
     flags = ["--device-type", "cpu", "--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", "32",
              "--device-batch-size", "4", "--total-batch-size", "128", "--num-iterations", "4", "--eval-every", "-1",
              "--eval-tokens", "128", "--sample-every", "-1", "--sparse", "--sparse-backend", "masked", "--model-tag", "export"]

@@ -13,7 +13,8 @@ import torch
 
 from nanochat import checkpoint
 from nanochat.common import UserError
-from nanochat.train import build_arg_parser, train
+from nanochat.flags import build_arg_parser
+from nanochat.train import train
 
 TINY = ["--device-type", "cpu", "--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", "32",
         "--device-batch-size", "4", "--total-batch-size", "256", "--warmup-steps", "2", "--eval-tokens", "256",
@@ -291,5 +292,5 @@ def test_every_parser_refuses_abbreviations():
 
 
 def test_short_times_print_in_seconds():
-    from nanochat.train import duration
+    from nanochat.metrics import duration
     assert duration(0.004) == "0.0s" and duration(42.25) == "42.2s" and duration(90) == "1.50m"

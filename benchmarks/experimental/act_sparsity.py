@@ -227,7 +227,8 @@ def main(argv=None):
     if resume_from == args.steps:
         print(f"the run is complete (step {resume_from} saved): measuring only")
     elif not args.measure_only:
-        from nanochat.train import build_arg_parser as trainer_parser, train
+        from nanochat.flags import build_arg_parser as trainer_parser
+        from nanochat.train import train
         t0 = time.time()
         out = train(trainer_parser().parse_args(flags))
         train_s = time.time() - t0

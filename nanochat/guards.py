@@ -1,0 +1,56 @@
+"""
+How a training run stops when its numbers go bad: diverged (a non-finite loss or weights) and the collapse
+guard (a finite loss that means nothing any more). Each ends the run with one UserError naming the newest
+checkpoint to resume from.
+"""
+
+import math
+
+from nanochat.common import UserError
+
+
+def diverged(what, step, last_saved):
+    kept = f"the newest checkpoint is step {last_saved} (--resume-from-step {last_saved})" \
+        if last_saved is not None else "no checkpoint was saved"
+    return UserError(f"training diverged at step {step} ({what}) and nothing of that step was saved; {kept}; "
+                     f"lower the learning rates (--matrix-lr, --embedding-lr)")
+
+
+class CollapseGuard:
+    """Stops a run whose loss stayed finite but means nothing any more: for --collapse-steps steps in a row
+    the smoothed train loss is --collapse-rise nats above its best so far, or, after warmup, within
+    --collapse-margin of ln(vocab), the loss of predicting every token equally likely (where a fresh model
+    starts, hence not during warmup). `began` is the first step of the current streak: the checkpointer keeps
+    the newest checkpoint saved before it."""
+
+    def __init__(self, args, vocab_size):
+        self.steps, self.rise, self.margin = args.collapse_steps, args.collapse_rise, args.collapse_margin
+        self.warmup_steps = args.warmup_steps
+        self.uniform = math.log(vocab_size)
+        self.best = math.inf
+        self.began = None
+
+    def update(self, step, smooth_loss):
+        """After step `step`: None, or why the run has collapsed."""
+        if self.steps == 0:
+            return None
+        self.best = min(self.best, smooth_loss)
+        if smooth_loss > self.best + self.rise:
+            why = f"more than {self.rise} nats above its best ({self.best:.4f})"
+        elif step > self.warmup_steps and smooth_loss > self.uniform - self.margin:
+            why = f"within {self.margin} of ln(vocab) = {self.uniform:.4f}, the loss of uniform guessing"
+        else:
+            self.began = None
+            return None
+        self.began = self.began or step
+        if step - self.began + 1 < self.steps:
+            return None
+        return f"the smoothed loss {smooth_loss:.4f} has stayed {why} for {self.steps} steps (since step {self.began})"
+
+
+def collapsed(why, step, good_step):
+    kept = f"the newest checkpoint from before the collapse is step {good_step} (--resume-from-step {good_step})" \
+        if good_step is not None else "no checkpoint from before the collapse was saved"
+    return UserError(f"training collapsed at step {step} though the loss is finite: {why}; step {step} was not saved; "
+                     f"{kept}; lower the learning rates (--matrix-lr, --embedding-lr, --unembedding-lr), or tune "
+                     f"--collapse-steps/--collapse-rise/--collapse-margin")

@@ -1,0 +1,141 @@
+"""
+Where a training run's numbers go: the log lines (through a tqdm bar on a terminal), the history train()
+returns, wandb, and at the end the summary and the report (finish).
+"""
+
+import os
+import resource
+import sys
+
+import torch
+
+from nanochat.common import UserError, compute_cleanup, get_base_dir, gpu_peak_flops, print0
+
+
+def peak_memory_gib(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1024**3
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux reports KiB: host RSS
+
+
+class Metrics:
+    """Where the run's numbers go: the log (through the progress bar on a terminal), the history that train()
+    returns, and wandb. Holds the smoothed loss and train time (continued on resume) and the latest val bpb,
+    CORE and samples, for checkpoints and the summary."""
+
+    def __init__(self, run):
+        args = run.args
+        self.run = run
+        self.peak_flops = gpu_peak_flops(run.device)
+        self.wandb_run = None
+        if args.run != "dummy" and run.master:
+            try:
+                import wandb
+            except ImportError:
+                raise UserError("--run names a wandb run but wandb is not installed: pip install wandb, or use --run dummy")
+            self.wandb_run = wandb.init(project="nanochat-sparse", name=args.run, config=vars(args))
+        self.history = dict(step=[], loss=[], val_step=[], val_bpb=[], core_step=[], core_metric=[], tok_per_sec=[], mfu=[])
+        self.smooth_loss = run.loop_state.get("smooth_loss", 0.0)
+        self.total_train_time = run.loop_state.get("total_train_time", 0.0)
+        self.val_bpb, self.core, self.samples = None, None, []
+        self.bar, self.log = None, print0
+        if sys.stdout.isatty() and run.master:
+            from tqdm import tqdm
+            self.bar = tqdm(total=run.num_iterations, initial=run.start_step, dynamic_ncols=True, leave=False)
+            self.log = self.bar.write
+
+    def log_val(self, step, val_bpb):
+        self.val_bpb = val_bpb
+        self.history["val_step"].append(step)
+        self.history["val_bpb"].append(val_bpb)
+        self.log(f"step {step:05d} | val bpb {val_bpb:.4f}")
+        if self.wandb_run:
+            self.wandb_run.log({"step": step, "val/bpb": val_bpb})
+
+    def log_core(self, step, core):
+        self.core = core
+        self.history["core_step"].append(step)
+        self.history["core_metric"].append(core["core_metric"])
+        self.log(f"step {step:05d} | CORE {core['core_metric']:.4f} ({core['seconds']:.1f}s)")
+        if self.wandb_run:
+            self.wandb_run.log({"step": step, "core_metric": core["core_metric"],
+                                **{f"core/{k}": r["centered"] for k, r in core["tasks"].items()}})
+
+    def log_samples(self, samples):
+        self.samples = samples
+        for s in samples:
+            self.log(f"sample: {s!r}")
+
+    def log_step(self, step, train_loss, lrm, dt):
+        """The step line (benchmarks/bench_train.py parses it) after optimizer step `step` (1-based) took dt seconds.
+        Returns the smoothed loss."""
+        run = self.run
+        ema = 0.9
+        self.smooth_loss = ema * self.smooth_loss + (1 - ema) * train_loss
+        debiased = self.smooth_loss / (1 - ema ** step)
+        tok_per_sec = run.total_batch_size / dt
+        mfu = 100 * run.flops_per_token * tok_per_sec / (self.peak_flops * run.world_size) if self.peak_flops else None
+        if step > run.start_step + 10:
+            self.total_train_time += dt  # the first steps include compilation
+        eta = (run.num_iterations - step) * dt
+        mfu_str = f"{mfu:.1f}%" if mfu is not None else "-"
+        self.log(f"step {step:05d}/{run.num_iterations:05d} | loss {train_loss:.4f} (smooth {debiased:.4f}) | "
+                 f"lrm {lrm:.3f} | dt {dt * 1000:.0f}ms | tok/s {tok_per_sec:,.0f} | mfu {mfu_str} | "
+                 f"mem {peak_memory_gib(run.device):.2f}GiB | eta {duration(eta)}")
+        self.history["step"].append(step)
+        self.history["loss"].append(train_loss)
+        self.history["tok_per_sec"].append(tok_per_sec)
+        self.history["mfu"].append(mfu)
+        if self.bar:
+            self.bar.update(1)
+        if self.wandb_run:
+            self.wandb_run.log({"step": step, "train/loss": train_loss, "train/lrm": lrm,
+                                "train/tok_per_sec": tok_per_sec, "train/mfu": mfu})
+        return debiased
+
+    def loop_state(self):
+        """Saved with each checkpoint, for a resumed run's smoothed loss and train time."""
+        return dict(smooth_loss=self.smooth_loss, total_train_time=self.total_train_time, val_bpb=self.val_bpb)
+
+    def summary(self):
+        """The run's final numbers; throughput and MFU average the steps after the first 10 (compilation)."""
+        run, history, core = self.run, self.history, self.core
+        steady = history["tok_per_sec"][10:] or history["tok_per_sec"]
+        steady_mfu = history["mfu"][10:]
+        return dict(
+            val_bpb=self.val_bpb, core_metric=core["core_metric"] if core else None, core=core,
+            core_step=history["core_step"][-1] if core else None,
+            final_loss=history["loss"][-1] if history["loss"] else None,
+            tok_per_sec=sum(steady) / len(steady) if steady else None,
+            mfu=(sum(m for m in steady_mfu if m) / max(1, len(steady_mfu))) if self.peak_flops else None,
+            peak_memory_gib=peak_memory_gib(run.device), num_iterations=run.num_iterations, num_params=run.num_params,
+            flops_per_token=run.flops_per_token, num_sparse_layers=run.converters.meta().get("sparse_layers", 0),
+            world_size=run.world_size,
+            device=torch.cuda.get_device_name(run.device) if run.device_type == "cuda" else run.device_type,
+            torch_version=torch.__version__, checkpoint_dir=run.checkpointer.dir, samples=self.samples,
+            total_train_time=self.total_train_time,
+        )
+
+
+def duration(seconds):
+    return f"{seconds:.1f}s" if seconds < 60 else f"{seconds / 60:.2f}m"
+
+
+def finish(run, metrics):
+    """The done line and the report; closes the progress bar, wandb and the process group.
+    Returns train()'s dict."""
+    if metrics.bar:
+        metrics.bar.close()
+    summary = metrics.summary()
+    val_str = f"{metrics.val_bpb:.4f}" if metrics.val_bpb is not None else "-"
+    print0(f"done: val bpb {val_str} | peak memory {summary['peak_memory_gib']:.2f}GiB | "
+           f"train time {duration(metrics.total_train_time)} (after the first 10 steps)")
+    if run.master:
+        from nanochat.report import write_train_report
+        path = write_train_report(os.path.join(get_base_dir(), "report"), run.model_tag, vars(run.args),
+                                  metrics.history, summary)
+        print0(f"report: {path}")
+    if metrics.wandb_run:
+        metrics.wandb_run.finish()
+    compute_cleanup()
+    return dict(history=metrics.history, summary=summary)
