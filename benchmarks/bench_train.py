@@ -40,9 +40,36 @@ import time
 
 from benchmarks.gpu_monitor import GpuMonitor, window_stats
 
-MODES = {"dense": [], "sparse": ["--sparse"], "fp8": ["--fp8"], "fp8_sparse": ["--fp8", "--sparse"],
+MODES = {"dense": [], "sparse": ["--sparse"], "sparse_masked": ["--sparse", "--sparse-backend", "masked"], "fp8": ["--fp8"], "fp8_sparse": ["--fp8", "--sparse"],
          "fp8_all": ["--fp8", "--fp8-layers", "all"], "fp8_sparse_all": ["--fp8", "--sparse", "--fp8-layers", "all"]}
 DEFAULT_MODES = ["dense", "sparse", "fp8", "fp8_sparse"]  # the *_all modes compare against the per-layer fp8 choice
+
+
+# Variants of a --sparse step for bisecting what it costs ("MODE+VARIANT", e.g. "sparse+frozen"), applied after
+# the trainer's set-up and before the first (compiling) step.
+def _frozen(layers):
+    """Packed once at set-up; no re-pack after optimizer steps (the 2:4 GEMMs run on stale operands)."""
+    for m in layers:
+        m.refresh = lambda force=False: False
+
+
+def _ops_dense(layers):
+    """The library, plans and compressors set up as --sparse does, but every op dense on the masked weight."""
+    for m in layers:
+        m.kernel.configure(None, None)
+        m.refresh(force=True)
+
+
+VARIANTS = {"frozen": _frozen, "ops_dense": _ops_dense}
+
+
+def mode_choice(text):
+    """--modes entry: a MODES key, optionally +VARIANT."""
+    base, _, variant = text.partition("+")
+    if base not in MODES or (variant and variant not in VARIANTS):
+        raise argparse.ArgumentTypeError(f"unknown mode {text!r}: one of {', '.join(MODES)}, optionally "
+                                         f"+{'/+'.join(VARIANTS)}")
+    return text
 LONG_RUN_STEPS = 1_000_000  # the lr schedule's horizon in a benchmark: warmup, then a flat lr for as long as it runs
 TRACE_WINDOW_S = 30.0
 
@@ -50,7 +77,7 @@ TRACE_WINDOW_S = 30.0
 def trainer_flags(depth, mode, steps, device_batch_size, seq_len, total_batch_size):
     return ["--depth", str(depth), "--device-batch-size", str(device_batch_size), "--max-seq-len", str(seq_len),
             "--total-batch-size", str(total_batch_size), "--num-iterations", str(steps), "--warmup-steps", "5",
-            "--eval-every", "0", "--sample-every", "0", "--save-every", "0", "--model-tag", f"bench_d{depth}_{mode}", *MODES[mode]]
+            "--eval-every", "0", "--sample-every", "0", "--save-every", "0", "--model-tag", f"bench_d{depth}_{mode.replace('+', '_')}", *MODES[mode.partition("+")[0]]]
 
 
 # -----------------------------------------------------------------------------
@@ -138,7 +165,9 @@ def mode_summary(blocks, modes, tokens_per_step):
                       ratio=math.exp(statistics.fmean(math.log(r) for r in ratios)) if ratios else None,
                       ratio_min=min(ratios) if ratios else None, ratio_max=max(ratios) if ratios else None,
                       sm_mhz=mean_of("sm_mhz"), power_w=mean_of("power_w"), joules_per_step=mean_of("joules_per_step"),
-                      temp_c=mean_of("temp_c"), mem_temp_c=mean_of("mem_temp_c"), power_capped=mean_of("power_capped"))
+                      temp_c=mean_of("temp_c"), mem_temp_c=mean_of("mem_temp_c"), power_capped=mean_of("power_capped"),
+                      power_inst_w=mean_of("power_inst_w"), power_inst_p95_w=mean_of("power_inst_p95_w"),
+                      other_slowdown=mean_of("other_slowdown"))
     return out
 
 
@@ -186,6 +215,10 @@ def child(spec_path, out_path):
                 run = setup(build_arg_parser().parse_args(spec["flags"][mode]))
         finally:
             print(setup_log.getvalue(), end="", flush=True)
+        variant = mode.partition("+")[2]
+        if variant:
+            from nanochat.accel.sparse import sparse_layers
+            VARIANTS[variant](sparse_layers(run.model))
         trainers[mode] = [run, TrainBatches(run.loader), 0]
         info[mode] = dict(flops_per_token=run.flops_per_token, num_params=run.num_params, setup_s=time.time() - t,
                           tokens_per_step=run.total_batch_size, micro_batches=run.grad_accum_steps,
@@ -275,16 +308,19 @@ def fmt(v, spec, dash="-"):
 def markdown(meta, rows, traces, results=()):
     lines = [f"# Training throughput ({meta['gpu']}, torch {meta['torch']}, cuSPARSELt {meta['cusparselt']}, {meta['date']})", "",
              f"Command: `{meta['command']}`", "", f"Method: {meta['method_text']}", "",
-             "| depth | micro-batches | mode | tok/s | vs first mode (min-max) | MFU % | step ms | SM MHz | W | J/step | GPU C | mem C |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| depth | micro-batches | mode | tok/s | vs first mode (min-max) | MFU % | step ms | SM MHz | W | W instant (p95) "
+             "| J/step | GPU C | mem C | power-capped / other slowdown |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("error"):
-            lines.append(f"| {r['depth']} | {r['micro_batches']} | {r['mode']} | failed: {r['error'][:100]} |||||||||")
+            lines.append(f"| {r['depth']} | {r['micro_batches']} | {r['mode']} | failed: {r['error'][:100]} |||||||||||")
             continue
         ratio = "-" if r["ratio"] is None else f"{r['ratio']:.3f}x ({r['ratio_min']:.3f}-{r['ratio_max']:.3f})"
         lines.append(f"| {r['depth']} | {r['micro_batches']} | {r['mode']} | {r['tok_per_sec']:,.0f} | {ratio} | "
                      f"{fmt(r['mfu'], '.1f')} | {r['step_ms']:.1f} | {fmt(r['sm_mhz'], '.0f')} | {fmt(r['power_w'], '.0f')} | "
-                     f"{fmt(r['joules_per_step'], '.1f')} | {fmt(r['temp_c'], '.1f')} | {fmt(r['mem_temp_c'], '.1f')} |")
+                     f"{fmt(r.get('power_inst_w'), '.0f')} ({fmt(r.get('power_inst_p95_w'), '.0f')}) | "
+                     f"{fmt(r['joules_per_step'], '.1f')} | {fmt(r['temp_c'], '.1f')} | {fmt(r['mem_temp_c'], '.1f')} | "
+                     f"{fmt(r.get('power_capped'), '.2f')} / {fmt(r.get('other_slowdown'), '.2f')} |")
     for res in results:
         for mode, info in res.get("info", {}).items():
             if info.get("kernel_choice"):
@@ -330,7 +366,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--method", choices=["interleaved", "process"], default="process")
     p.add_argument("--depths", type=int, nargs="+", default=[20])
-    p.add_argument("--modes", nargs="+", default=DEFAULT_MODES, choices=list(MODES), help="the first is the baseline")
+    p.add_argument("--modes", nargs="+", default=DEFAULT_MODES, type=mode_choice,
+                   help=f"the first is the baseline; one of {', '.join(MODES)}, optionally +VARIANT ({', '.join(VARIANTS)})")
     p.add_argument("--micro-batches", type=int, nargs="+", default=[4], help="micro-batches per optimizer step")
     p.add_argument("--device-batch-size", type=int, default=16)
     p.add_argument("--device-batch-size-d26", type=int, default=None, help="override for depth >= 26 (memory)")

@@ -16,7 +16,7 @@ import statistics
 import threading
 import time
 
-FIELDS = ("t", "sm_mhz", "power_w", "energy_j", "temp_c", "mem_temp_c", "reasons")
+FIELDS = ("t", "sm_mhz", "power_w", "power_inst_w", "energy_j", "temp_c", "mem_temp_c", "reasons")
 
 
 class GpuMonitor:
@@ -54,9 +54,15 @@ class GpuMonitor:
         nv, h = self._nvml, self._handle
         row = dict(t=time.time(), sm_mhz=nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_SM),
                    power_w=nv.nvmlDeviceGetPowerUsage(h) / 1000, energy_j=nv.nvmlDeviceGetTotalEnergyConsumption(h) / 1000,
-                   temp_c=nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU), mem_temp_c=None, reasons=None)
+                   temp_c=nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU), mem_temp_c=None, power_inst_w=None,
+                   reasons=None)
         try:
             row["mem_temp_c"] = nv.nvmlDeviceGetFieldValues(h, [nv.NVML_FI_DEV_MEMORY_TEMP])[0].value.uiVal
+        except Exception:
+            pass
+        try:  # the instantaneous reading (the plain one is a ~1 s average): short peaks a steady average hides
+            v = nv.nvmlDeviceGetFieldValues(h, [nv.NVML_FI_DEV_POWER_INSTANT])[0]
+            row["power_inst_w"] = v.value.uiVal / 1000 if v.nvmlReturn == 0 else None
         except Exception:
             pass
         try:
@@ -83,10 +89,12 @@ def window_stats(samples, t0, t1):
     memory temperature (mean), and the share of samples with the software power cap active, over [t0, t1)."""
     inside = [s for s in samples if t0 <= s["t"] < t1]
     if len(inside) < 2:
-        return dict(sm_mhz=None, power_w=None, energy_w=None, temp_c=None, mem_temp_c=None, power_capped=None, samples=len(inside))
+        return dict(sm_mhz=None, power_w=None, energy_w=None, temp_c=None, mem_temp_c=None, power_capped=None,
+                    power_inst_w=None, power_inst_p95_w=None, other_slowdown=None, samples=len(inside))
     dt = inside[-1]["t"] - inside[0]["t"]
     mem = [s["mem_temp_c"] for s in inside if s["mem_temp_c"] is not None]
     capped = [s["reasons"] for s in inside if s["reasons"] is not None]
+    inst = sorted(s["power_inst_w"] for s in inside if s.get("power_inst_w") is not None)
     return dict(
         sm_mhz=statistics.median(s["sm_mhz"] for s in inside),
         power_w=statistics.fmean(s["power_w"] for s in inside),
@@ -94,7 +102,12 @@ def window_stats(samples, t0, t1):
         temp_c=statistics.fmean(s["temp_c"] for s in inside),
         mem_temp_c=statistics.fmean(mem) if mem else None,
         power_capped=sum(1 for r in capped if r & SW_POWER_CAP) / len(capped) if capped else None,
+        power_inst_w=statistics.fmean(inst) if inst else None,
+        power_inst_p95_w=inst[int(0.95 * (len(inst) - 1))] if inst else None,
+        other_slowdown=sum(1 for r in capped if r & OTHER_SLOWDOWN) / len(capped) if capped else None,
         samples=len(inside))
 
 
 SW_POWER_CAP = 0x4  # nvmlClocksEventReasonSwPowerCap
+# hardware slowdown, software/hardware thermal slowdown, power brake: any reason the clock is held that is not the cap
+OTHER_SLOWDOWN = 0x8 | 0x20 | 0x40 | 0x80
