@@ -40,7 +40,11 @@ import time
 
 from benchmarks.gpu_monitor import GpuMonitor, window_stats
 
-MODES = {"dense": [], "sparse": ["--sparse"], "sparse_masked": ["--sparse", "--sparse-backend", "masked"], "fp8": ["--fp8"], "fp8_sparse": ["--fp8", "--sparse"],
+# sparse: what --sparse chooses (2:4 GEMMs where a whole-step record shows them paying, nanochat/accel/step_gate.py);
+# sparse_24 / sparse_masked: the 2:4 GEMMs forced on / off
+MODES = {"dense": [], "sparse": ["--sparse"], "sparse_24": ["--sparse", "--sparse-backend", "cusparselt"],
+         "sparse_masked": ["--sparse", "--sparse-backend", "masked"], "fp8": ["--fp8"], "fp8_sparse": ["--fp8", "--sparse"],
+         "fp8_sparse_24": ["--fp8", "--sparse", "--sparse-backend", "cusparselt"],
          "fp8_all": ["--fp8", "--fp8-layers", "all"], "fp8_sparse_all": ["--fp8", "--sparse", "--fp8-layers", "all"]}
 DEFAULT_MODES = ["dense", "sparse", "fp8", "fp8_sparse"]  # the *_all modes compare against the per-layer fp8 choice
 

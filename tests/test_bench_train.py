@@ -97,18 +97,3 @@ def test_kernel_choice_lines_are_the_trainers_choice_lines():
         "fp8: 104 layers of weight 1664x1664 (c_k,c_proj,c_q,c_v) in fp8: forward + backward 0.806 ms in fp8",
         "fp8: converted 156 Linear layers to float8 (tensorwise scaling)"])
     assert kernel_choice_lines(log) == [log.splitlines()[i] for i in (1, 3, 4)]
-
-
-def test_the_kernel_margin_fit_reproduces_the_documented_table(capsys):
-    """docs/measuring.md's fit table is what benchmarks/fit_kernel_margin.py computes from the committed records."""
-    import os
-
-    from benchmarks import fit_kernel_margin
-    fit_kernel_margin.main()
-    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| d")]
-    with open(os.path.join(os.path.dirname(__file__), "..", "docs", "measuring.md")) as f:
-        docs = f.read()
-    assert len(table) == 4 and all(line in docs for line in table)
-    S = [float(line.split("|")[3]) for line in table]
-    from nanochat.accel.kernel_choice import MARGINS
-    assert min(S) <= MARGINS["2:4"] <= max(S)  # the margin the choices use sits inside the fitted range

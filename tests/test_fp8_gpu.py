@@ -326,7 +326,7 @@ def test_fp8_plus_sparse_trains_compiled():
     model = TinyLM().to(DEV)
     # listed fp8 first on purpose: Converters runs sparse first (fp8 2:4 kernel), then torchao float8 on the rest
     lines = []
-    fp8, sparse = Fp8Converter(DEV, log=print), SparseConverter(DEV, fp8=True, tokens=8 * 128, log=lines.append)
+    fp8, sparse = Fp8Converter(DEV, log=print), SparseConverter(DEV, backend="cusparselt", fp8=True, tokens=8 * 128, log=lines.append)
     Converters([fp8, sparse]).convert(model)
     print("\n".join(lines))
     assert sparse.num_layers == 4

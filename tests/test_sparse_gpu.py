@@ -258,7 +258,7 @@ def test_trainer_conversion_packs_once_per_step_and_tunes(tmp_path):
     model = GPT(GPTConfig(sequence_len=256, vocab_size=512, n_layer=2, n_head=2, n_kv_head=2, n_embd=256)).cuda()
     model.init_weights()
     lines = []
-    config = SparseConfig(tokens=8 * 256, micro_batches=4, timing_cache=TimingCache(str(tmp_path / "t.json")), log=lines.append)
+    config = SparseConfig(backend="cusparselt", tokens=8 * 256, micro_batches=4, timing_cache=TimingCache(str(tmp_path / "t.json")), log=lines.append)
     assert convert_mlp_to_sparse(model, "cuda", config) == 4
     print("\n".join(lines))
     assert any(line.startswith("2:4 kernels for 2 layers of weight 1024x256") for line in lines)
@@ -282,7 +282,7 @@ def test_trainer_conversion_packs_once_per_step_and_tunes(tmp_path):
     lines2 = []
     model2 = GPT(GPTConfig(sequence_len=256, vocab_size=512, n_layer=2, n_head=2, n_kv_head=2, n_embd=256)).cuda()
     model2.init_weights()
-    convert_mlp_to_sparse(model2, "cuda", SparseConfig(tokens=8 * 256, micro_batches=4, timing_cache=TimingCache(str(tmp_path / "t.json")),
+    convert_mlp_to_sparse(model2, "cuda", SparseConfig(backend="cusparselt", tokens=8 * 256, micro_batches=4, timing_cache=TimingCache(str(tmp_path / "t.json")),
                                                        log=lines2.append))
     assert [m.kernel.fwd_alg for m in sparse_layers_of(model2)] == [m.kernel.fwd_alg for m in layers]
 

@@ -1,14 +1,14 @@
 """
 Choosing a kernel for each op before training, from GPU timings: one rule, its margins and one cache, for
-the three choices the trainer makes:
+the two choices the trainer makes:
   "2:4"  each forward and grad-input GEMM of a --sparse layer: 2:4 (cuSPARSELt, or the fp8 2:4 kernel with
          --fp8) against the dense GEMM on the same masked weight (nanochat/accel/sparse/convert.py, sparse/tune.py)
   "fp8"  each layer shape of --fp8: torchao's fp8 Linear against bf16 (nanochat/accel/fp8.py)
 
-The timings (hardware.time_gpu_ms) are bursts of a few ms. A run trains for hours at the GPU's power cap, at
-the clock its whole mix of kernels leaves it, so a burst timing misjudges a kernel that draws more (or less)
-power than the one it replaces. The margin of each choice says by how much: it was fitted on runs of one
-process per mode, the way a user trains (docs/measuring.md, "The kernel choices").
+The timings (hardware.time_gpu_ms) are bursts of a few ms. Whether --sparse runs 2:4 GEMMs at all is decided
+before this, from whole training steps (step_gate.py): a burst cannot see the clock a run's whole mix of
+kernels leaves the GPU at under its power cap. Where 2:4 is on, each op takes the kernel that is faster in
+its burst. The fp8 layer choice keeps a margin for what the burst misses (its casts fuse in the model).
 
 The rule: the faster-timed kernel runs iff
 
@@ -25,10 +25,9 @@ import os
 import torch
 
 MARGINS = {
-    # A 2:4 GEMM draws more power per clock than the dense one, so under the cap the whole step runs at a lower
-    # clock. Fitted on the H200 (one process per mode, d12/d20/d26 at 1 and 4 micro-batches): 1.14-1.26 for the
-    # bf16 kernels, 1.20 for fp8 2:4 at d26 (benchmarks/fit_kernel_margin.py).
-    "2:4": 1.20,
+    # 2:4 is switched on or off by whole-step records (step_gate.py); inside a run where it is on, an op runs 2:4
+    # when its GEMM is faster by more than its packing costs per step.
+    "2:4": 1.0,
     # fp8's casts fuse with the norm or activation before them in the compiled model and c_q/c_k/c_v share one,
     # so a layer does better in fp8 inside the step than alone: it stays fp8 unless it timed > 10% slower
     # (d12 with every layer in fp8 ran 0.974x of bf16, with this choice 0.999x).

@@ -4,25 +4,26 @@ weights in step with the dense master weights (optimizer step hooks, checkpoint 
 """
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
 
 from nanochat.accel.hardware import fp8_sparse_supported, round_up
-from nanochat.accel.kernel_choice import CACHE_FILE, TimingCache, timing_key
+from nanochat.accel.kernel_choice import CACHE_FILE, TimingCache, device_name, timing_key
 from nanochat.accel.sparse.cusparselt import TOKEN_PAD, pick_impl
 from nanochat.accel.sparse.linear import DENSE, CusparseltKernel, MaskedKernel, SemiSparseLinear, SparseOp
 from nanochat.accel.sparse.mask import masks_checksum, transposable_mask
 from nanochat.accel.sparse.runtime import SparseRuntime
+from nanochat.accel.step_gate import sparse_step_pays
 from nanochat.common import UserError, get_base_dir, print0, rank0s
 
 
 @dataclass
 class SparseConfig:
     """Settings of the 2:4 path. The kernels keep what they need of it; their state lives in a SparseRuntime."""
-    backend: str = "auto"        # auto (cuSPARSELt on CUDA) | cusparselt | masked (dense GEMM on the masked weight)
+    backend: str = "auto"        # auto (cuSPARSELt where a whole-step record shows it pays: step_gate.py) | cusparselt | masked (dense GEMM on the masked weight)
     fp8: bool = False            # fp8 2:4 kernel (Hopper) for --fp8 --sparse
     tokens: Optional[int] = None  # tokens per micro-batch to choose kernels for (None: ops run dense until tuned)
     micro_batches: int = 1       # micro-batches per optimizer step: GEMM savings are weighed against one pack per step
@@ -174,13 +175,20 @@ def convert_mlp_to_sparse(model, device, config=None, runtime=None):
     if kind is None:
         return 0
     runtime = runtime or SparseRuntime(device)
+    targets = [(name, mod) for name, mod in model.named_modules()
+               if isinstance(mod, nn.Linear) and not isinstance(mod, SemiSparseLinear) and ".mlp." in name
+               and mod.in_features % 16 == 0 and mod.out_features % 16 == 0]
+    if kind in ("cusparselt", "fp8") and config.backend == "auto" and config.force is None and config.tokens and targets:
+        width = min(min(mod.in_features, mod.out_features) for _, mod in targets)
+        pays, line = sparse_step_pays(device_name(device), "fp8" if kind == "fp8" else "bf16", width, config.tokens,
+                                      config.micro_batches)
+        config.log(line)
+        if not pays:  # bf16: the masked kernel, no library; fp8: every op dense fp8 on the masked weight
+            kind, config = ("masked", config) if kind == "cusparselt" else (kind, replace(config, force="dense"))
     impl = None
     if kind in ("cusparselt", "fp8"):
         impl, reason = pick_impl(config.impl)
         config.log(f"2:4 GEMMs through cuSPARSELt via {'nvmath-python (plans built once)' if impl == 'nvmath' else 'torch._cslt_*'}: {reason}")
-    targets = [(name, mod) for name, mod in model.named_modules()
-               if isinstance(mod, nn.Linear) and not isinstance(mod, SemiSparseLinear) and ".mlp." in name
-               and mod.in_features % 16 == 0 and mod.out_features % 16 == 0]
     layers = []
     for name, mod in targets:
         parent_name, _, child = name.rpartition(".")
@@ -194,8 +202,10 @@ def convert_mlp_to_sparse(model, device, config=None, runtime=None):
     on_24 = _tune(sparse_gemm_layers, config, impl, runtime) if sparse_gemm_layers else 0
     on_24 += _tune_fp8(fp8_layers, config, runtime) if fp8_layers else 0
     if (sparse_gemm_layers or fp8_layers) and config.tokens and config.force is None and on_24 == 0:
-        config.log("2:4: no op pays at this size and token count under the power cap "
-                   "(nanochat/accel/kernel_choice.py): every GEMM runs dense on the 2:4-pruned weights, so --sparse trains the same sparse model at no speedup")
+        config.log("2:4: no op pays at this size and token count (nanochat/accel/kernel_choice.py): every GEMM runs "
+                   "dense on the 2:4-pruned weights, so --sparse trains the same sparse model at no speedup")
+        for _, layer in sparse_gemm_layers:
+            layer.kernel = MaskedKernel()  # dense on the masked weight without the library, its plans or compressors
     for _, layer in layers:
         layer.refresh()  # pack now, before anything compiles the model
     kinds = {}
