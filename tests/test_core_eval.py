@@ -1,7 +1,8 @@
 """CORE (DCLM) on a tiny bundle of every task type: prompts render as upstream renders them, a model that
 prefers the gold answer scores 1, one that always picks the first choice scores the baseline-centred value
-worked out by hand, torchrun with 2 processes gives the CORE of one, and scripts.base_eval evaluates real
-tiny dense, sparse and fp8 checkpoints to the numbers the trainer logged for them."""
+worked out by hand, per-row losses and choices match a reference written from the metric's definition on a
+tiny GPT, torchrun with 2 processes gives the CORE of one, and scripts.base_eval evaluates real tiny dense,
+sparse (masked kernel) and --fp8 (dense on CPU) checkpoints to the numbers the trainer logged for them."""
 
 import csv
 import json
@@ -282,6 +283,115 @@ def test_batches_split_across_ranks_cover_the_single_process_batches(bundle, tin
                [[(e.task, e.gold, [r.tolist() for r in e.rows], e.spans) for e in b] for b in one]
 
 # -----------------------------------------------------------------------------
+# Per-row losses against a reference written from the metric's definition
+
+
+class TinyGPTWithPreferences:
+    """A 1-layer GPT with seeded random weights (every row gets its own losses), plus logit 30 on the
+    next token after any prefix of a preferred row (so greedy decoding reproduces those rows)."""
+
+    def __init__(self, preferred, vocab_size, sequence_len):
+        from nanochat.gpt import GPT, GPTConfig
+        torch.manual_seed(0)
+        self.gpt = GPT(GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=1, n_head=2, n_kv_head=2,
+                                 n_embd=32))
+        self.gpt.init_weights()
+        with torch.no_grad():
+            for p in self.gpt.parameters():  # init_weights zeroes the output projections: every weight random here
+                p.normal_(0, 0.2)
+        self.gpt.eval()
+        self.trie = {}  # token -> (subtree, the token that follows this prefix in a preferred row)
+        for row in preferred:
+            node = self.trie
+            for tok, nxt in zip(row, list(row[1:]) + [None]):
+                sub, _ = node.setdefault(tok, ({}, nxt))
+                node = sub
+
+    @torch.no_grad()
+    def __call__(self, x):
+        logits = self.gpt(x).float()
+        for b, row in enumerate(x.tolist()):
+            node = self.trie
+            for j, tok in enumerate(row):
+                if tok not in node:
+                    break
+                node, nxt = node[tok]
+                if nxt is not None:
+                    logits[b, j, nxt] += 30.0
+        return logits
+
+
+def reference_rows(task_type, prompts, tokenizer):
+    """(rows, continuations) by the DCLM definition: a multiple-choice row's continuation is its tokens after
+    the longest token prefix all choices share; a schema row's is the longest token suffix all context
+    options share; a language-modeling row's is the full prompt's tokens after the context-only prompt's."""
+    rows = tokenizer.encode(prompts, prepend=tokenizer.get_bos_token_id())
+    if task_type == "multiple_choice":
+        shared = len(os.path.commonprefix(rows))
+        return rows, [(shared, len(r)) for r in rows]
+    if task_type == "schema":
+        shared = len(os.path.commonprefix([r[::-1] for r in rows]))
+        return rows, [(len(r) - shared, len(r)) for r in rows]
+    context, full = rows
+    return [full], [(len(os.path.commonprefix([context, full])), len(full))]
+
+
+def reference_scores(model, rows, continuations):
+    """Per row, scored alone (no batch, no padding): the mean over its continuation tokens of
+    -log p(token | every token before it), and whether the argmax at each of those positions is the token."""
+    out = []
+    for row, (start, end) in zip(rows, continuations):
+        assert 1 <= start < end == len(row)
+        logp = model(torch.tensor([row]))[0].log_softmax(-1)
+        losses = [-logp[t - 1, row[t]].item() for t in range(start, end)]
+        greedy = all(logp[t - 1].argmax().item() == row[t] for t in range(start, end))
+        out.append((sum(losses) / len(losses), greedy))
+    return out
+
+
+def test_core_eval_losses_and_choices_match_the_reference(bundle, tiny_tokenizer):
+    tok = tiny_tokenizer
+    tasks = load_tasks(bundle)
+    # the model prefers every other language-modeling prompt: greedy decoding reproduces those continuations
+    lm_rows = preferred_rows(tasks, tok, lambda t, item: 1 if t.task_type == "language_modeling" else None)
+    model = TinyGPTWithPreferences(lm_rows[::2], tok.get_vocab_size(), sequence_len=64)
+    expected = []  # per example: (task label, row losses, row greedy flags, chosen row or greedy)
+    for task in tasks:
+        for i, item in enumerate(task.examples):
+            prompts = render_prompts(task.task_type, item, fewshot_examples(task.examples, i, task.num_fewshot),
+                                     task.delimiter)
+            scores = reference_scores(model, *reference_rows(task.task_type, prompts, tok))
+            losses, greedy = [s[0] for s in scores], [s[1] for s in scores]
+            decided = greedy[0] if task.task_type == "language_modeling" else losses.index(min(losses))
+            expected.append((task.label, losses, greedy, decided))
+    # what CoreEval scores, batched and padded as evaluate() batches them
+    ev = CoreEval(tasks, tok, max_len=1000, max_tokens=256)
+    got = []
+    for batch in ev.batches:
+        mean_loss, greedy = core_eval.score_rows(model, [r for ex in batch for r in ex.rows],
+                                                 [s for ex in batch for s in ex.spans], "cpu")
+        for ex in batch:
+            n = len(ex.rows)
+            losses, flags, mean_loss, greedy = mean_loss[:n], greedy[:n], mean_loss[n:], greedy[n:]
+            decided = flags[0] if ex.gold < 0 else losses.index(min(losses))
+            got.append((tasks[ex.task].label, losses, flags, decided))
+    assert len(got) == len(expected) == sum(len(t.examples) for t in tasks)
+    for (label, losses, flags, decided), (ref_label, ref_losses, ref_flags, ref_decided) in zip(got, expected):
+        assert label == ref_label
+        assert losses == pytest.approx(ref_losses, rel=1e-5, abs=1e-5), label
+        assert (flags, decided) == (ref_flags, ref_decided), label
+    # the reference decides differently across examples: a scoring bug cannot hide behind one constant answer
+    for label in ("mc_fewshot", "mc_zeroshot", "schema_task", "lm_task"):
+        assert len({e[3] for e in expected if e[0] == label}) > 1, label
+    # and evaluate()'s accuracies are the reference's
+    out = ev.evaluate(model, "cpu")
+    for task in tasks:
+        rows = [e for e in expected if e[0] == task.label]
+        right = [e[3] is True if task.task_type == "language_modeling" else e[3] == item["gold"]
+                 for e, item in zip(rows, task.examples)]
+        assert out["tasks"][task.label]["accuracy"] == pytest.approx(sum(right) / len(right), abs=1e-12), task.label
+
+# -----------------------------------------------------------------------------
 # The bundle: missing, downloaded
 
 
@@ -381,10 +491,15 @@ def test_two_process_gloo_core_equals_one_process(trained, nanochat_base_dir, tm
     assert results[2]["core"]["core_metric"] == results[1]["core"]["core_metric"]
 
 
-@pytest.mark.parametrize("mode", [["--sparse", "--sparse-backend", "masked"], ["--fp8"]], ids=["sparse", "fp8"])
-def test_sparse_and_fp8_checkpoints_evaluate(bundle, tiny_data_dir, tiny_tokenizer, mode, tmp_path):
+@pytest.mark.parametrize("mode", [["--sparse", "--sparse-backend", "masked"], ["--fp8"]],
+                         ids=["sparse_masked", "fp8_flag_trains_dense_on_cpu"])
+def test_sparse_and_fp8_flag_checkpoints_evaluate(bundle, tiny_data_dir, tiny_tokenizer, mode, tmp_path, capsys):
+    """On CPU --fp8 trains dense (fp8 needs a CUDA GPU of compute capability >= 8.9): that case checks that the
+    checkpoint of such a run (its meta says fp8) evaluates, not fp8 arithmetic."""
     tag = "core_" + mode[0].strip("-")
     s = train_tiny("--num-iterations", "4", "--core-metric-every", "-1", "--model-tag", tag, *mode)["summary"]
+    if mode == ["--fp8"]:
+        assert "Warning: --fp8 requires a CUDA GPU" in capsys.readouterr().out
     out = base_eval("--model-tag", tag, "--eval", "core,bpb", "--out-dir", str(tmp_path))
     assert out[mode[0].strip("-")] is True
     # the sparse checkpoint's 2:4 masks are recomputed from its weights: bpb and CORE are the trainer's
