@@ -521,3 +521,51 @@ def test_real_full_disk_at_save(small_tmpfs, tiny_data_dir, tiny_tokenizer, monk
         run("--num-iterations", "3", "--save-every", "1", "--keep-last-k", "1", "--eval-every", "0", "--model-tag", "full")
     assert sorted(os.listdir(d)) == ["meta_000001.json", "model_000001.pt", "optim_000001_rank0.pt"]
     checkpoint.load_checkpoint(d, 1, "cpu")
+
+# ---------------------------------------------------------------------------
+# Every file of a two-process checkpoint: a flipped byte is refused by every rank that reads the file
+
+
+def _save_two_rank_checkpoint(checkpoint_dir, rank, world):
+    """Rank `rank` of a 2-process gloo group saves step 3 of a tiny state (each rank its own optimizer file)."""
+    torch.manual_seed(rank)
+    model_state = {"w": torch.randn(64, 64)}
+    optimizer_states = [{"state": {0: {"exp_avg": torch.randn(64, 64)}}, "param_groups": [{"lr": 0.1, "params": [0]}]}]
+    checkpoint.save_checkpoint(checkpoint_dir, 3, model_state, optimizer_states, {"pos": rank},
+                               {"model_config": {"n_layer": 1}, "world_size": world}, rank)
+
+
+@pytest.fixture(scope="module")
+def two_rank_checkpoint(tmp_path_factory):
+    from functools import partial
+
+    from tests.gloo_workers import spawn_gloo
+    d = str(tmp_path_factory.mktemp("two_ranks") / "ckpt")
+    spawn_gloo(partial(_save_two_rank_checkpoint, d), 2, tmp_path_factory.mktemp("gloo"))
+    assert sorted(os.listdir(d)) == ["meta_000003.json", "model_000003.pt", "optim_000003_rank0.pt",
+                                     "optim_000003_rank1.pt"]
+    assert sorted(json.load(open(os.path.join(d, "meta_000003.json")))["files"]) == sorted(os.listdir(d))[1:]
+    return d
+
+
+@pytest.mark.parametrize("name, readers", [
+    ("model_000003.pt", (0, 1)),
+    ("optim_000003_rank0.pt", (0,)),
+    ("optim_000003_rank1.pt", (1,)),
+    ("meta_000003.json", (0, 1)),
+])
+def test_flipped_byte_in_any_file_of_a_two_rank_checkpoint_is_refused(two_rank_checkpoint, tmp_path, name, readers):
+    d = str(tmp_path / "ckpt")
+    shutil.copytree(two_rank_checkpoint, d)
+    for rank in (0, 1):  # intact: each rank loads its own optimizer file
+        _, rank_state, _ = checkpoint.load_checkpoint(d, 3, "cpu", rank=rank)
+        assert rank_state["loader"] == {"pos": rank}
+    path = os.path.join(d, name)
+    flip_byte(path, offset=os.path.getsize(path) // 2)
+    why = r"not valid JSON: .*" if name.startswith("meta") else "its sha256 differs from the one the meta file recorded"
+    for rank in readers:
+        with pytest.raises(UserError) as e:
+            checkpoint.load_checkpoint(d, 3, "cpu", rank=rank)
+        assert "\n" not in str(e.value)
+        assert re.fullmatch(rf"checkpoint file {re.escape(path)} is damaged \({why}\): no other saved step has complete "
+                            rf"files: start over with --overwrite or a new --model-tag", str(e.value)), str(e.value)
