@@ -77,3 +77,26 @@ def test_learned_compressor_refuses_a_layout_it_cannot_reproduce():
     assert isinstance(comp, LibraryCompressor) and len(logs) == 1 and "using cuSPARSELt's compress" in logs[0]
     with pytest.raises(CompressorMismatch):
         make_compressor(lib, 32, 64, "cpu", "learned")
+
+
+class ValuesSwappedLibrary(ScrambledLibrary):
+    """The stand-in with each group's two values stored in the other order (b's value first), its metadata
+    unchanged: the probes, which read metadata only, cannot tell it from ScrambledLibrary."""
+
+    def compress(self, a, out):
+        super().compress(a, out)
+        values = out[:self.m * self.k].view(torch.bfloat16).view(-1, 2)
+        values.copy_(values.flip(-1).clone())
+        return out
+
+
+def test_learned_compressor_refuses_values_stored_in_another_order():
+    m, k = 32, 64
+    with pytest.raises(CompressorMismatch, match=rf"bytes differ \(contiguous input, round 0, first at byte \d+, "
+                                                 rf"values end at {m * k}\)") as e:
+        LearnedCompressor(ValuesSwappedLibrary(m, k), m, k, "cpu")
+    assert int(e.value.args[0].split("first at byte ")[1].split(",")[0]) < m * k  # a value byte, not metadata
+    logs = []
+    assert isinstance(make_compressor(ValuesSwappedLibrary(m, k), m, k, "cpu", "auto", log=logs.append), LibraryCompressor)
+    assert len(logs) == 1
+    assert isinstance(LearnedCompressor(ScrambledLibrary(m, k), m, k, "cpu"), LearnedCompressor)  # same metadata, accepted
