@@ -3,6 +3,7 @@ inference path from it; and the import graph they keep acyclic (lazy imports inc
 
 import ast
 import os
+import sys
 
 import pytest
 import torch
@@ -48,7 +49,43 @@ def test_after_optimizers_repacks_once_per_step():
     assert all(m.num_packs == 2 for m in layers)  # conversion + the step's hook
     converters.after_wrap(model)
     assert all(m.num_packs == 2 for m in layers)  # unchanged weights: nothing to re-pack
-    converters.check_replicas(model, print)  # no process group: nothing to compare
+    logs = []
+    assert converters.check_replicas(model, logs.append) is None and logs == []  # no process group: nothing compared
+
+
+class TwoRankGroup:
+    """Stands in for torch.distributed in a 2-process group whose other rank's mask checksum is this rank's
+    plus `offset` (0: the same masks)."""
+    ReduceOp = torch.distributed.ReduceOp
+
+    def __init__(self, offset):
+        self.offset = offset
+
+    def is_initialized(self):
+        return True
+
+    def get_world_size(self):
+        return 2
+
+    def all_reduce(self, sums, op):
+        assert op == self.ReduceOp.MAX
+        local = sums[0].item()
+        sums.copy_(torch.maximum(sums, torch.tensor([local + self.offset, -(local + self.offset)], dtype=sums.dtype)))
+
+
+@pytest.mark.parametrize("offset", [7, -7])
+def test_check_replicas_compares_the_ranks_masks(monkeypatch, offset):
+    sparse = SparseConverter("cpu", backend="masked", log=lambda *_: None)
+    model = tiny_gpt()
+    Converters([sparse]).convert(model)
+    module = sys.modules[SparseConverter.__module__]
+    logs = []
+    monkeypatch.setattr(module, "dist", TwoRankGroup(0))
+    sparse.check_replicas(model, logs.append)
+    assert logs == ["2:4 masks identical on all 2 ranks"]
+    monkeypatch.setattr(module, "dist", TwoRankGroup(offset))  # the other rank kept more or fewer entries
+    with pytest.raises(RuntimeError, match="^ranks pruned different 2:4 masks: the replicas' weights have diverged$"):
+        sparse.check_replicas(model, logs.append)
 
 
 def test_from_meta_rebuilds_what_inference_needs():

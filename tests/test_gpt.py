@@ -43,12 +43,24 @@ def test_param_count_by_hand():
     assert model.num_params() == 2 * V * d + L * per_layer
 
 
+def param_count_from_config(c):
+    """Embedding and lm_head (vocab x width each); per layer: q and the output projection (width x width),
+    k and v (kv heads x head dim x width each), the MLP (width -> 4 x width -> width)."""
+    head_dim = c.n_embd // c.n_head
+    attn = 2 * c.n_embd * c.n_embd + 2 * c.n_kv_head * head_dim * c.n_embd
+    return 2 * c.vocab_size * c.n_embd + c.n_layer * (attn + 8 * c.n_embd * c.n_embd)
+
+
 def test_grouped_query_heads_param_count():
     model = make_model(n_head=4, n_kv_head=2)
     d, hd = 64, 16
     attn = model.transformer.h[0].attn
     assert attn.c_k.weight.shape == (2 * hd, d)
     assert model(torch.randint(0, 96, (1, 8))).shape == (1, 8, 96)
+    # k and v have 2 heads of 16, not 4: 2 * 32 * 64 fewer weights per layer than full multi-head attention
+    assert model.num_params() == param_count_from_config(model.config) == 2 * 96 * 64 + 2 * (12 * 64 * 64 - 2 * 32 * 64)
+    for kw in (dict(), dict(n_head=4, n_kv_head=1), dict(n_layer=3, n_embd=96, n_head=3, n_kv_head=3)):
+        assert make_model(**kw).num_params() == param_count_from_config(tiny_config(**kw)), kw
 
 
 def test_flops_estimate_by_hand():
