@@ -127,12 +127,16 @@ def bench_layer(m, k, runtime):
     return rows
 
 
-def main():
+def build_arg_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--depths", type=int, nargs="+", default=[20, 26])
     p.add_argument("--tokens", type=int, default=32768, help="tokens per micro-batch (device batch 16 x 2048)")
     p.add_argument("--out", default="out")
-    args = p.parse_args()
+    return p
+
+
+def main():
+    args = build_arg_parser().parse_args()
     runtime = SparseRuntime("cuda")
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, cusparselt=torch.backends.cusparselt.version(),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -31,6 +31,7 @@ import argparse
 import datetime
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -316,7 +317,7 @@ def print_saved_activations(n_embd, seq_len, partitioner=None):
                 print(f"  {name:28s} {str(shape):24s} {dtype:9s} {b:5.2f}")
 
 
-def main():
+def build_arg_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--depths", type=int, nargs="+", default=[26])
     p.add_argument("--modes", nargs="+", default=DEFAULT_MODES, choices=list(MODES))
@@ -336,7 +337,11 @@ def main():
                    help="CPU only: list what the compiled forward saves for backward at this width (default 1664 = d26), then exit")
     p.add_argument("--trainer-flags", nargs=argparse.REMAINDER, default=[], help="passed to the trainer after the bench's own")
     p.add_argument("--one", nargs=2, metavar=("SPEC_JSON", "OUT_JSON"), help=argparse.SUPPRESS)
-    args = p.parse_args()
+    return p
+
+
+def main():
+    args = build_arg_parser().parse_args()
     if args.one:
         run_one(json.loads(args.one[0]), args.one[1])
         return
@@ -350,7 +355,7 @@ def main():
     import torch
     meta = dict(date=datetime.date.today().isoformat(), torch=torch.__version__,
                 gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                command="python -m benchmarks.bench_memory " + " ".join(sys.argv[1:]))
+                command="python -m benchmarks.bench_memory " + shlex.join(sys.argv[1:]))
     results = []
     for depth in args.depths:
         for B in args.device_batch_sizes:

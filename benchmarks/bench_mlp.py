@@ -14,6 +14,7 @@ import argparse
 import datetime
 import json
 import os
+import shlex
 import sys
 import time
 
@@ -99,15 +100,19 @@ def spmm_host_us(layer, T, calls=50):
     return host
 
 
-def main():
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_mlp needs a CUDA GPU (it times cuSPARSELt against dense GEMMs)")
-    from triton.testing import do_bench
+def build_arg_parser():
     ap = argparse.ArgumentParser(allow_abbrev=False)
     ap.add_argument("--dims", default="2048,1280,1664,768")
     ap.add_argument("--tokens", default="16384,32768,65536")
     ap.add_argument("--out", default="out")
-    args = ap.parse_args()
+    return ap
+
+
+def main():
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_mlp needs a CUDA GPU (it times cuSPARSELt against dense GEMMs)")
+    from triton.testing import do_bench
+    args = build_arg_parser().parse_args()
     dims = [int(v) for v in args.dims.split(",")]
     tokens = [int(v) for v in args.tokens.split(",")]
     dev = torch.device("cuda")
@@ -115,7 +120,7 @@ def main():
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
                 cusparselt=torch.backends.cusparselt.version(), impl=pick_impl()[0],
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                command="python -m benchmarks.bench_mlp " + " ".join(sys.argv[1:]))
+                command="python -m benchmarks.bench_mlp " + shlex.join(sys.argv[1:]))
     print(meta, flush=True)
     rows = []
     for d in dims:

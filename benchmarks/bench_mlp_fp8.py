@@ -11,6 +11,7 @@ import argparse
 import datetime
 import json
 import os
+import shlex
 import sys
 
 import torch
@@ -45,7 +46,7 @@ VARIANTS = ["bf16", "fp8_tensorwise", "fp8_rowwise", "fp8_24"]
 SPARSE = ("fp8_24",)
 
 
-def main():
+def build_arg_parser():
     ap = argparse.ArgumentParser(allow_abbrev=False)
     ap.add_argument("--dims", default="768,1280,1664,2048")
     ap.add_argument("--tokens", default="16384,32768,65536")
@@ -53,7 +54,11 @@ def main():
     ap.add_argument("--out-dir", default="out")
     ap.add_argument("--profile", action="store_true", help="print a kernel-time breakdown instead of timing")
     ap.add_argument("--dynamic", action="store_true", help="mark T dynamic (fewer compiles, slower fp8 reductions)")
-    args = ap.parse_args()
+    return ap
+
+
+def main():
+    args = build_arg_parser().parse_args()
     from triton.testing import do_bench
     import torchao
 
@@ -66,7 +71,7 @@ def main():
     rows = []
     meta = dict(gpu=torch.cuda.get_device_name(device), torch=torch.__version__, torchao=torchao.__version__,
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                command="python -m benchmarks.bench_mlp_fp8 " + " ".join(sys.argv[1:]),
+                command="python -m benchmarks.bench_mlp_fp8 " + shlex.join(sys.argv[1:]),
                 timing="triton.testing.do_bench median, fwd+bwd incl. grad-input of c_fc, torch.compile"
                        + (", mark_dynamic(T)" if args.dynamic else ", static shapes"))
     os.makedirs(args.out_dir, exist_ok=True)

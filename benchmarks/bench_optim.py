@@ -20,6 +20,7 @@ import argparse
 import datetime
 import json
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -131,7 +132,7 @@ def bench(args):
     launch = f"torchrun --standalone --nproc_per_node={world_size}" if world_size > 1 else "python"
     meta = dict(gpu=torch.cuda.get_device_name(device) if device_type == "cuda" else "cpu", torch=torch.__version__,
                 date=datetime.date.today().isoformat(),
-                command=f"{launch} -m benchmarks.bench_optim " + " ".join(sys.argv[1:]))
+                command=f"{launch} -m benchmarks.bench_optim " + shlex.join(sys.argv[1:]))
     rows = []
     # with one process, sharded is replicated
     for variant in [v for v in args.muon if v != "sharded" or world_size > 1]:

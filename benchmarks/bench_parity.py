@@ -11,6 +11,7 @@ import argparse
 import datetime
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -85,7 +86,7 @@ def merge(paths, out):
     report(runs, meta, meta["depth"], meta["steps"], meta["total_batch_size"], out)
 
 
-def main():
+def build_arg_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--depth", type=int, default=12)
     p.add_argument("--steps", type=int, default=300)
@@ -100,7 +101,11 @@ def main():
     p.add_argument("--merge", nargs="+", metavar="JSON",
                    help="combine the runs of these results files (one mode each, e.g. from different GPUs) into --out")
     p.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
-    args = p.parse_args()
+    return p
+
+
+def main():
+    args = build_arg_parser().parse_args()
     if args.one:
         run_one(json.loads(args.one[0]), args.one[1])
         return
@@ -131,7 +136,7 @@ def main():
 
     meta = dict(date=datetime.date.today().isoformat(), torch=torch.__version__,
                 gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                command="python -m benchmarks.bench_parity " + " ".join(sys.argv[1:]),
+                command="python -m benchmarks.bench_parity " + shlex.join(sys.argv[1:]),
                 depth=args.depth, steps=args.steps, total_batch_size=args.total_batch_size,
                 tokens=args.steps * args.total_batch_size)
     report(runs, meta, args.depth, args.steps, args.total_batch_size, args.out)

@@ -366,7 +366,7 @@ def plot(samples, results, path):
 
 # -----------------------------------------------------------------------------
 
-def main():
+def build_arg_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--method", choices=["interleaved", "process"], default="process")
     p.add_argument("--depths", type=int, nargs="+", default=[20])
@@ -391,7 +391,11 @@ def main():
     p.add_argument("--out", default="out/train_bench")
     p.add_argument("--rebuild", metavar="JSON", help="run nothing: rows, markdown and plot again from this JSON")
     p.add_argument("--child", nargs=2, metavar=("SPEC_JSON", "OUT_JSON"), help=argparse.SUPPRESS)
-    args = p.parse_args()
+    return p
+
+
+def main():
+    args = build_arg_parser().parse_args()
     if args.child:
         child(*args.child)
         return

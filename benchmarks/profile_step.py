@@ -13,6 +13,7 @@ import argparse
 import datetime
 import json
 import os
+import shlex
 import sys
 import time
 
@@ -123,7 +124,7 @@ def profile_mode(depth, mode, B, grad_accum, warmup_steps, steps, seq_len=2048):
                 top_kernels=[dict(name=n[:120], ms=t, calls=c) for n, (t, c) in top], peak_memory_gib=peak)
 
 
-def main():
+def build_arg_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--depth", type=int, default=20)
     p.add_argument("--modes", nargs="+", default=["dense", "sparse"])
@@ -132,9 +133,13 @@ def main():
     p.add_argument("--warmup-steps", type=int, default=4)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--out", default="out")
-    args = p.parse_args()
+    return p
+
+
+def main():
+    args = build_arg_parser().parse_args()
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, date=datetime.date.today().isoformat(),
-                command="python -m benchmarks.profile_step " + " ".join(sys.argv[1:]))
+                command="python -m benchmarks.profile_step " + shlex.join(sys.argv[1:]))
     rows = []
     name = f"profile_d{args.depth}_mb{args.grad_accum}"
     for mode in args.modes:

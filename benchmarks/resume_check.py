@@ -334,7 +334,7 @@ def write_outputs(out, meta, row):
     return lines
 
 
-def main():
+def build_arg_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--nproc", type=int, default=1, help="processes (torchrun when > 1)")
     p.add_argument("--save-every", type=int, default=10)
@@ -353,6 +353,11 @@ def main():
     p.add_argument("--out", default="out/resume_check_{device}_g{nproc}_d{depth}_{mode}",
                    help="path prefix of the outputs; {device}, {nproc}, {depth} and {mode} are filled in")
     p.add_argument("trainer_flags", nargs=argparse.REMAINDER, help="-- then scripts.base_train flags")
+    return p
+
+
+def main():
+    p = build_arg_parser()
     args = p.parse_args()
     flags = args.trainer_flags[1:] if args.trainer_flags[:1] == ["--"] else args.trainer_flags
     own = [f for f in OWN_FLAGS if f in flags]

@@ -9,6 +9,7 @@ GPU) between its start and the next stage's. Writes <dir>/smi_clocks.md (median 
 and <dir>/smi_clocks.png (clock and power over time, one panel per GPU).
 """
 
+import argparse
 import csv
 import os
 import re
@@ -81,10 +82,14 @@ def plot(samples, stages, path):
     plt.close(fig)
 
 
+def build_arg_parser():
+    p = argparse.ArgumentParser(description="SM clock and power per stage of a `gpu.sh parallel` call", allow_abbrev=False)
+    p.add_argument("log_dir", help="the call's output folder, with smi.csv and parallel_gpu<i>.log")
+    return p
+
+
 def main():
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m benchmarks.smi_clocks LOG_DIR (with smi.csv and parallel_gpu<i>.log)")
-    log_dir = sys.argv[1]
+    log_dir = build_arg_parser().parse_args().log_dir
     samples, stages = read_samples(os.path.join(log_dir, "smi.csv")), read_stages(log_dir)
     if not samples or not stages:
         sys.exit(f"error: no nvidia-smi samples or no stage times in {log_dir}")
