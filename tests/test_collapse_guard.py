@@ -5,7 +5,7 @@ ln(vocab); either must hold for --collapse-steps steps in a row."""
 import math
 from types import SimpleNamespace
 
-from nanochat.train import CollapseGuard
+from nanochat.guards import CollapseGuard
 
 VOCAB = 512  # ln(512) = 6.2383
 
