@@ -100,3 +100,22 @@ def test_learned_compressor_refuses_values_stored_in_another_order():
     assert isinstance(make_compressor(ValuesSwappedLibrary(m, k), m, k, "cpu", "auto", log=logs.append), LibraryCompressor)
     assert len(logs) == 1
     assert isinstance(LearnedCompressor(ScrambledLibrary(m, k), m, k, "cpu"), LearnedCompressor)  # same metadata, accepted
+
+
+class LastGroupSwappedLibrary(ScrambledLibrary):
+    """The stand-in with only the last group's two values stored in the other order: one position of the
+    layout differs from the learned one."""
+
+    def compress(self, a, out):
+        super().compress(a, out)
+        last = out[self.m * self.k - 4:self.m * self.k].view(torch.bfloat16)
+        last.copy_(last.flip(0).clone())
+        return out
+
+
+def test_learned_compressor_refuses_a_layout_differing_in_one_position():
+    m, k = 32, 64
+    with pytest.raises(CompressorMismatch, match=r"contiguous input, round 0") as e:
+        LearnedCompressor(LastGroupSwappedLibrary(m, k), m, k, "cpu")
+    first = int(e.value.args[0].split("first at byte ")[1].split(",")[0])
+    assert m * k - 4 <= first < m * k  # the last group's value bytes, and nothing before them
