@@ -19,10 +19,10 @@ def test_compress_round_trip(shape):
 
 
 def decode_2to4(values, meta):
-    """The format as nanochat/sparse_export.py documents it, decoded one group at a time: row n's group g (columns
-    4g..4g+3) stores its two kept entries in values[n, 2g], values[n, 2g + 1]; byte meta[n, g // 2] holds group g
-    in its low nibble when g is even, its high nibble when odd; a nibble is two 2-bit column indices within the
-    group, the first value's in bits 0-1, the second's in bits 2-3."""
+    """The format as nanochat/accel/sparse_export.py documents it, decoded one group at a time: row n's group g
+    (columns 4g..4g+3) stores its two kept entries in values[n, 2g], values[n, 2g + 1]; byte meta[n, g // 2] holds
+    group g in its low nibble when g is even, its high nibble when odd; a nibble is two 2-bit column indices within
+    the group, the first value's in bits 0-1, the second's in bits 2-3."""
     N, half = values.shape
     dense = [[0.0] * (2 * half) for _ in range(N)]
     for n in range(N):

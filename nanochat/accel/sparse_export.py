@@ -4,6 +4,9 @@ Export a trained sparse checkpoint for inference with the 2:4 MLP weights stored
 Format (one safetensors file): for each sparse MLP weight W (N x K), `<name>.values` (N x K/2: the two
 entries kept in every group of 4 along a row, in W's dtype) and `<name>.meta` (N x K/8 uint8: the two
 2-bit column indices of each group, two groups per byte), the 2:4 layout cuSPARSELt and CUTLASS use.
+Group g of a row (columns 4g..4g+3) stores its values at values[n, 2g] and values[n, 2g+1]; its indices
+sit in byte meta[n, g // 2], the low nibble for even g, the high one for odd g; within a nibble bits 0-1
+are the first value's column and bits 2-3 the second's, ascending.
 Every other parameter is stored dense. The header's metadata holds the model config and the list of
 compressed layers. The transposable mask keeps at most 2 per group (a few groups keep fewer):
 those are padded with explicit zeros so every group stores exactly 2.
