@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from nanochat.accel.kernel_choice import default_timing_cache
 from nanochat.accel.sparse import DENSE, SparseConfig, convert_mlp_to_sparse
 from nanochat.accel.sparse.cusparselt import pick_impl
 from nanochat.gpt import MLP as GPTMLP, GPTConfig
@@ -79,7 +80,8 @@ def convert(mlp, T, force=None):
     holder = torch.nn.Module()
     holder.block = torch.nn.Module()
     holder.block.mlp = mlp  # names block.mlp.c_fc / c_proj: under `.mlp.` like the model's
-    config = SparseConfig(tokens=T, micro_batches=1, force=force, log=lambda msg: print("  " + msg, flush=True))
+    log = lambda msg: print("  " + msg, flush=True)
+    config = SparseConfig(tokens=T, micro_batches=1, force=force, timing_cache=default_timing_cache(log), log=log)
     convert_mlp_to_sparse(holder, mlp.c_fc.weight.device, config)
     return holder
 

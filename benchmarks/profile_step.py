@@ -49,6 +49,7 @@ def kernel_class(name):
 
 def build(depth, mode, tokens, grad_accum, device, vocab=32768, seq_len=2048):
     from nanochat.accel.fp8 import convert_to_float8
+    from nanochat.accel.kernel_choice import default_timing_cache
     from nanochat.accel.sparse import SparseConfig, convert_mlp_to_sparse, install_refresh_hooks
     torch.manual_seed(0)
     config = config_from_depth(depth, vocab, seq_len)
@@ -57,11 +58,13 @@ def build(depth, mode, tokens, grad_accum, device, vocab=32768, seq_len=2048):
     model.init_weights()
     sparse = mode in ("sparse", "fp8_sparse")
     fp8 = mode in ("fp8", "fp8_sparse")
+    log = lambda m: print("  " + m, flush=True)
+    cache = default_timing_cache(log)
     if sparse:
         convert_mlp_to_sparse(model, device, SparseConfig(fp8=fp8, tokens=tokens, micro_batches=grad_accum,
-                                                          log=lambda m: print("  " + m, flush=True)))
+                                                          timing_cache=cache, log=log))
     if fp8:
-        convert_to_float8(model, device, log=lambda m: print("  " + m, flush=True), tokens=tokens)  # as the trainer
+        convert_to_float8(model, device, log=log, tokens=tokens, cache=cache)  # as the trainer
     opts = setup_optimizers(model, 0.2, 0.004, 0.02, 0.0, "cuda")
     if sparse:
         install_refresh_hooks(model, opts)

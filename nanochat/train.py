@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from nanochat import checkpoint, storage
 from nanochat.accel.converters import Converters, Fp8Converter, SparseConverter
-from nanochat.accel.kernel_choice import CACHE_FILE, TimingCache
+from nanochat.accel.kernel_choice import default_timing_cache
 from nanochat.checkpoint import Checkpointer
 from nanochat.common import UserError, autodetect_device_type, compute_init, get_base_dir, print0
 from nanochat.evaluation import evaluate_bpb, sample_text
@@ -93,7 +93,7 @@ def build_converters(args, device, grad_accum_steps):
     step's micro-batches against one re-pack per step. Both read and extend one timing cache in the base dir
     (nanochat/accel/kernel_choice.py)."""
     tokens = args.device_batch_size * args.max_seq_len
-    cache = TimingCache(os.path.join(get_base_dir(), CACHE_FILE), log=print0) if (args.sparse or args.fp8) else None
+    cache = default_timing_cache(log=print0) if (args.sparse or args.fp8) else None
     return Converters([
         SparseConverter(device, backend=args.sparse_backend, fp8=args.fp8, tokens=tokens,
                         micro_batches=grad_accum_steps, timing_cache=cache, log=print0) if args.sparse else None,

@@ -18,6 +18,7 @@ from contextlib import ExitStack, nullcontext
 import torch
 import torch.distributed as dist
 
+from nanochat.accel.kernel_choice import TimingCache
 from nanochat.common import print0
 
 
@@ -35,7 +36,7 @@ class SparseConverter:
         from nanochat.accel.sparse import SparseConfig
         self.device = torch.device(device)
         self.config = SparseConfig(backend=backend, fp8=fp8, tokens=tokens, micro_batches=micro_batches,
-                                   timing_cache=timing_cache, log=log)
+                                   timing_cache=timing_cache or TimingCache(), log=log)
         self.runtime = None
         self.num_layers = 0
 

@@ -22,8 +22,8 @@ import torch
 import torch.nn as nn
 
 from nanochat.accel.hardware import FP8_TOKEN_ALIGN, fp8_supported, round_up, time_gpu_ms, torchao_version
-from nanochat.accel.kernel_choice import MARGINS, pays, timing_key
-from nanochat.common import print0, rank0s
+from nanochat.accel.kernel_choice import MARGINS, TimingCache, by_shape, choose, short_names, timing_key
+from nanochat.common import print0
 
 
 # -----------------------------------------------------------------------------
@@ -82,37 +82,34 @@ def time_linear_ms(out_features, in_features, tokens, device):
 def choose_fp8_shapes(model, tokens, device, log=print0, time_fn=time_linear_ms, margin=MARGINS["fp8"], cache=None):
     """{(out, in): True for fp8} over the shapes of the layers convert_to_float8 may swap, by kernel_choice's
     rule: fp8 iff bf16's forward + backward at `tokens` per micro-batch beats margin times fp8's. Timings
-    through `cache` (a TimingCache) when given. One line per shape in the log. Under torch.distributed every
-    rank takes rank 0's choice."""
-    shapes = {}
-    for fqn, mod in model.named_modules():
-        if fp8_module_filter(mod, fqn):
-            shapes.setdefault((mod.out_features, mod.in_features), []).append(fqn)
+    through `cache` (a TimingCache; None: one in memory, every start times again). One line per shape in the
+    log. Under torch.distributed every rank takes rank 0's choice."""
+    cache = cache if cache is not None else TimingCache()
+    shapes = by_shape((fqn, mod) for fqn, mod in model.named_modules() if fp8_module_filter(mod, fqn))
+
+    def describe(shape, chosen):
+        (N, K), fast, t = shape, chosen["layer"].fast, chosen["layer"].timings
+        return (f"fp8: {len(shapes[shape])} layers of weight {N}x{K} ({short_names(n for n, _ in shapes[shape])}) "
+                f"{'in fp8' if fast else 'stay bf16'}: forward + backward {t['fp8_ms']:.3f} ms in fp8, "
+                f"{t['bf16_ms']:.3f} ms in bf16 at T={tokens}")
     start = time.perf_counter()
-    choice = {}
-    for (N, K), names in shapes.items():
-        if cache is None:
-            t = time_fn(N, K, tokens, device)
-        else:
-            key = timing_key("fp8 layer", device, f"torchao {torchao_version()}", f"{N}x{K}", f"T{tokens}")
-            t = cache.measured(key, lambda: time_fn(N, K, tokens, device))
-        choice[(N, K)] = pays(t["bf16_ms"], t["fp8_ms"], margin)
-        short = ",".join(sorted({n.split(".")[-1] for n in names}))
-        log(f"fp8: {len(names)} layers of weight {N}x{K} ({short}) {'in fp8' if choice[(N, K)] else 'stay bf16'}: "
-            f"forward + backward {t['fp8_ms']:.3f} ms in fp8, {t['bf16_ms']:.3f} ms in bf16 at T={tokens}")
+    chosen = choose(
+        shapes, ("layer",),
+        key=lambda shape, _op: timing_key("fp8 layer", device, f"torchao {torchao_version()}", "{}x{}".format(*shape), f"T{tokens}"),
+        time_fn=lambda shape, _op: time_fn(*shape, tokens, device),
+        cost=lambda _shape, _op, t: (t["bf16_ms"], t["fp8_ms"], 0.0),
+        cache=cache, margin=margin, log=log, describe=describe)
     if shapes:
-        how = "timed or read from the timing cache" if cache is not None else "timed"
+        how = "timed or read from the timing cache" if cache.path else "timed"
         log(f"fp8: {len(shapes)} layer shapes {how} in {time.perf_counter() - start:.1f}s (--fp8-layers all skips this)")
-    if cache is not None:
-        cache.save()
-    return rank0s(choice)
+    return {shape: c["layer"].fast for shape, c in chosen.items()}
 
 
 def convert_to_float8(model, device, log=print0, recipe="tensorwise", tokens=None, time_fn=time_linear_ms, cache=None):
     """Swap the transformer's nn.Linear layers for torchao Float8Linear, in place.
     Call before torch.compile and DDP. tokens (per micro-batch, tensorwise only): convert only the layer
-    shapes choose_fp8_shapes keeps in fp8 at that count (timings through cache, a TimingCache, when given);
-    None converts every eligible layer. Returns the names of the converted layers ([] when fp8 is not
+    shapes choose_fp8_shapes keeps in fp8 at that count (timings through cache, a TimingCache; None: one in
+    memory); None converts every eligible layer. Returns the names of the converted layers ([] when fp8 is not
     supported here: then it logs one warning line and leaves the model as it is)."""
     ok, reason = fp8_supported(device)
     if not ok:

@@ -1,9 +1,10 @@
 """
-Choosing a kernel for each op before training, from GPU timings: one rule, its margins and one cache, for
-the two choices the trainer makes:
-  "2:4"  each forward and grad-input GEMM of a --sparse layer: 2:4 (cuSPARSELt, or the fp8 2:4 kernel with
-         --fp8) against the dense GEMM on the same masked weight (nanochat/accel/sparse/convert.py, sparse/tune.py)
-  "fp8"  each layer shape of --fp8: torchao's fp8 Linear against bf16 (nanochat/accel/fp8.py)
+Choosing a kernel for each op before training, from GPU timings: one loop (choose), one rule (pays), its
+margins and one cache, for the three choices the trainer makes:
+  "cusparselt"  each forward and grad-input GEMM of a --sparse layer: cuSPARSELt 2:4 against the dense GEMM on
+                the same masked weight (nanochat/accel/sparse/convert.py, sparse/tune.py); margin "2:4"
+  "fp8 2:4"     the same ops with --fp8 --sparse: the fp8 2:4 kernel against dense fp8; margin "2:4"
+  "fp8 layer"   each layer shape of --fp8: torchao's fp8 Linear against bf16 (nanochat/accel/fp8.py); margin "fp8"
 
 The timings (hardware.time_gpu_ms) are bursts of a few ms. Whether --sparse runs 2:4 GEMMs at all is decided
 before this, from whole training steps (step_gate.py): a burst cannot see the clock a run's whole mix of
@@ -21,8 +22,11 @@ of casting a dense one).
 import json
 import math
 import os
+from typing import NamedTuple
 
 import torch
+
+from nanochat.common import get_base_dir, rank0s
 
 MARGINS = {
     # 2:4 is switched on or off by whole-step records (step_gate.py); inside a run where it is on, an op runs 2:4
@@ -41,6 +45,56 @@ def pays(base_ms, fast_ms, margin, micro_batches=1, prep_ms=0.0):
     return (base_ms - margin * fast_ms) * micro_batches > prep_ms
 
 
+class Choice(NamedTuple):
+    """One op's choice: fast (the fast kernel runs), the timings it was made from (as cached) and the prep cost
+    it weighed (ms per optimizer step)."""
+    fast: bool
+    timings: dict
+    prep_ms: float
+
+
+def choose(shapes, ops, key, time_fn, cost, cache, margin, micro_batches=1, force=None, log=None, describe=None):
+    """{shape: {op: Choice}}: for each layer shape and op, whether the fast kernel replaces the base one, by
+    pays() on timings read from `cache` (a TimingCache) or measured and kept there. Every rank takes rank 0's
+    choices (timings differ a little between ranks; the kernels must not). The per-choice parts:
+      shapes                    the layer shapes to choose for (by_shape's keys), each timed once
+      ops                       the ops of a layer chosen apart, e.g. ("fwd", "dgrad")
+      key(shape, op)            the cache key of the op's timings (timing_key); ops under one key share one
+                                entry, measured once
+      time_fn(shape, op)        measures what the cache keeps under that key
+      cost(shape, op, timings)  (base_ms, fast_ms, prep_ms) of the op (prep_ms may be measured here, uncached)
+      force                     None, or True / False: every op on the fast / base kernel (timed all the same)
+      describe(shape, choices)  the log line of a shape, written through log
+    Saves the cache (what this run measured)."""
+    chosen = {}
+    for shape in shapes:
+        chosen[shape] = {}
+        for op in ops:
+            timings = cache.measured(key(shape, op), lambda: time_fn(shape, op))
+            base_ms, fast_ms, prep_ms = cost(shape, op, timings)
+            fast = pays(base_ms, fast_ms, margin, micro_batches, prep_ms) if force is None else force
+            chosen[shape][op] = Choice(fast, timings, prep_ms)
+    cache.save()
+    chosen = rank0s(chosen)
+    if describe is not None:
+        for shape in shapes:
+            log(describe(shape, chosen[shape]))
+    return chosen
+
+
+def by_shape(layers):
+    """{(out_features, in_features): [(name, layer), ...]} of (name, Linear layer) pairs, in order."""
+    shapes = {}
+    for name, layer in layers:
+        shapes.setdefault((layer.out_features, layer.in_features), []).append((name, layer))
+    return shapes
+
+
+def short_names(names):
+    """The layers' own names, e.g. "c_fc,c_proj" for transformer.h.*.mlp.c_fc and .c_proj."""
+    return ",".join(sorted({n.split(".")[-1] for n in names})) or "-"
+
+
 def device_name(device):
     """What a timing depends on of the device: the GPU's name, or the device type elsewhere."""
     device = torch.device(device)
@@ -55,6 +109,11 @@ def timing_key(choice, device, *parts):
 
 CACHE_VERSION = 2
 CACHE_FILE = "kernel_timings.json"
+
+
+def default_timing_cache(log=print):
+    """The timing cache a run keeps between starts: <base dir>/kernel_timings.json."""
+    return TimingCache(os.path.join(get_base_dir(), CACHE_FILE), log=log)
 
 
 def _valid_entry(v, depth=0):
@@ -73,9 +132,10 @@ def _valid_entry(v, depth=0):
 class TimingCache:
     """Kernel timings on disk, so that the next run starts without timing again. A key names everything its
     numbers depend on (the choice, GPU, library versions, shape, token count). A file that cannot be read, of
-    another version, or with malformed entries loses what is bad, with one warning line, and is rewritten."""
+    another version, or with malformed entries loses what is bad, with one warning line, and is rewritten.
+    path None: a cache in memory only, so every start times again."""
 
-    def __init__(self, path, log=print):
+    def __init__(self, path=None, log=print):
         self.path, self.log, self.entries = path, log, {}
         self.changed = False  # save() writes only what this run added
         if path and os.path.exists(path):

@@ -3,7 +3,6 @@ Turning a model's MLP layers into 2:4 sparse layers, choosing their kernels, and
 weights in step with the dense master weights (optimizer step hooks, checkpoint loads).
 """
 
-import os
 from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
@@ -11,13 +10,13 @@ import torch
 import torch.nn as nn
 
 from nanochat.accel.hardware import fp8_sparse_supported, round_up
-from nanochat.accel.kernel_choice import CACHE_FILE, TimingCache, device_name, timing_key
+from nanochat.accel.kernel_choice import MARGINS, TimingCache, by_shape, choose, device_name, short_names, timing_key
 from nanochat.accel.sparse.cusparselt import TOKEN_PAD, pick_impl
 from nanochat.accel.sparse.linear import DENSE, CusparseltKernel, MaskedKernel, SemiSparseLinear, SparseOp
 from nanochat.accel.sparse.mask import masks_checksum, transposable_mask
 from nanochat.accel.sparse.runtime import SparseRuntime
 from nanochat.accel.step_gate import sparse_step_pays
-from nanochat.common import UserError, get_base_dir, print0, rank0s
+from nanochat.common import UserError, print0
 
 
 @dataclass
@@ -30,7 +29,9 @@ class SparseConfig:
     impl: str = "auto"           # cuSPARSELt calls: auto (nvmath-python if installed) | nvmath | torch
     compressor: str = "auto"     # auto (our GPU-speed compressor where it matches the library's bytes) | learned | cusparselt (the library's own: cuSPARSELt's compress, torchao's fp8 packer)
     force: Optional[str] = None  # None | "sparse" | "dense": every op on cuSPARSELt / dense (tests, benchmarks)
-    timing_cache: Optional[TimingCache] = None  # the run's kernel timings (kernel_choice.py); None: <base dir>/kernel_timings.json
+    # the run's kernel timings (kernel_choice.py); the trainer passes default_timing_cache(), the default keeps
+    # them in memory (every start times again)
+    timing_cache: TimingCache = field(default_factory=TimingCache)
     log: Callable = field(default=print0, repr=False)
 
 
@@ -70,97 +71,107 @@ def _make_kernel(kind, impl, out_features, in_features, runtime, log):
     return CusparseltKernel(runtime.library(impl)) if kind == "cusparselt" else MaskedKernel()
 
 
-def _short_names(names):
-    return ",".join(sorted({n.split(".")[-1] for n in names})) or "-"
-
-
-def _by_shape(layers):
-    shapes = {}
-    for name, layer in layers:
-        shapes.setdefault((layer.out_features, layer.in_features), []).append((name, layer))
-    return shapes
-
-
-def _timing_cache(config):
-    return config.timing_cache or TimingCache(os.path.join(get_base_dir(), CACHE_FILE), log=config.log)
-
-
 def _tune(layers, config, impl, runtime):
-    """Choose each (shape, op)'s kernel from GEMM timings (cached on disk) and the measured cost of
-    compressing its operand once per step; configure every cuSPARSELt kernel accordingly. Returns how many
-    (layer, op) pairs run 2:4."""
-    from nanochat.accel.sparse.tune import decide, gemm_timings, time_compress_ms
-    lib, device = runtime.library(impl), runtime.device
-    cache = _timing_cache(config)
+    """Choose each (shape, op)'s kernel from GEMM timings (cached) and the measured cost of compressing its
+    operand once per step; configure every cuSPARSELt kernel accordingly. Returns how many (layer, op)
+    pairs run 2:4."""
+    from nanochat.accel.sparse.tune import gemm_key, time_compress_ms, time_gemm
+    lib, device, T = runtime.library(impl), runtime.device, config.tokens
+    shapes = by_shape(layers)
+    transposed = {"fwd": False, "dgrad": True}
+
+    def dims(shape, op):  # the op's operand: W (N x K) for fwd, W^T (K x N) for dgrad
+        N, K = shape
+        return (N, K) if op == "fwd" else (K, N)
 
     def compressor(m, k):
         return runtime.compressor(impl, m, k, config.compressor, log=config.log)
 
-    T = config.tokens
+    def cost(shape, op, gemm):
+        m, k = dims(shape, op)
+        pack_ms = time_compress_ms(compressor(m, k), lib.empty_compressed(m, k), m, k, transposed[op], device)
+        return gemm["dense_ms"], gemm["sparse_ms"], pack_ms
+
+    def describe(shape, chosen):
+        def how(c):
+            return f"cuSPARSELt alg {c.timings['alg']}" if c.fast else "dense"
+        return _line(shape, shapes[shape], ", ".join(
+            f"{op} {how(c)} (sparse {c.timings['sparse_ms']:.3f} ms, dense {c.timings['dense_ms']:.3f} ms; "
+            f"compress {c.prep_ms:.3f} ms/step, {compressor(*dims(shape, op)).name})" for op, c in chosen.items()), T)
+
+    if T is None or config.force == "dense":
+        alg = 0 if config.force == "sparse" else DENSE
+        algs = {shape: {"fwd": alg, "dgrad": alg} for shape in shapes}
+    else:
+        chosen = choose(shapes, ("fwd", "dgrad"), key=lambda shape, op: gemm_key(lib, *dims(shape, op), T, op),
+                        time_fn=lambda shape, op: time_gemm(lib, *dims(shape, op), T, op, device), cost=cost,
+                        cache=config.timing_cache, margin=MARGINS["2:4"], micro_batches=config.micro_batches,
+                        force=None if config.force is None else config.force == "sparse",
+                        log=config.log, describe=describe)
+        algs = {shape: {op: c.timings["alg"] if c.fast else DENSE for op, c in ops.items()} for shape, ops in chosen.items()}
     Tp = round_up(T, TOKEN_PAD) if T else None
     on_24 = 0
-    for (N, K), members in _by_shape(layers).items():
-        choice, info = {}, []
-        for op, (m, k), transposed in (("fwd", (N, K), False), ("dgrad", (K, N), True)):
-            if T is None or config.force == "dense":
-                choice[op] = 0 if config.force == "sparse" else DENSE
-                continue
-            gemm = gemm_timings(lib, m, k, T, op, cache)
-            comp = compressor(m, k)
-            pack_ms = time_compress_ms(comp, lib.empty_compressed(m, k), m, k, transposed, device)
-            alg = decide(gemm, pack_ms, config.micro_batches, config.force)
-            choice[op] = DENSE if alg is None else alg
-            info.append(f"{op} {'dense' if alg is None else f'cuSPARSELt alg {alg}'} (sparse {gemm['sparse_ms']:.3f} ms, "
-                        f"dense {gemm['dense_ms']:.3f} ms; compress {pack_ms:.3f} ms/step, {comp.name})")
-        choice = rank0s(choice)
-
-        def sparse_op(alg, m, k):
-            return None if alg == DENSE else SparseOp(compressor(m, k), lib.empty_compressed(m, k), alg)
+    for shape, members in shapes.items():
+        ops = {op: None if alg == DENSE else SparseOp(compressor(*dims(shape, op)), lib.empty_compressed(*dims(shape, op)), alg)
+               for op, alg in algs[shape].items()}
         for _, layer in members:
-            layer.kernel.configure(sparse_op(choice["fwd"], N, K), sparse_op(choice["dgrad"], K, N))
-        on_24 += len(members) * sum(alg != DENSE for alg in choice.values())
-        for alg, (m, k) in ((choice["fwd"], (N, K)), (choice["dgrad"], (K, N))):
-            if Tp and alg != DENSE:
-                lib.prepare(m, k, Tp, alg)  # build the plan now, not inside the first compiled step
-        names = [n for n, _ in members]
-        detail = ", ".join(info) if info else members[0][1].kernel.describe() + " (not tuned: no token count)"
-        config.log(f"2:4 kernels for {len(members)} layers of weight {N}x{K} ({_short_names(names)})"
-                   f"{f' at T={T}' if T else ''}: {detail}")
-    cache.save()
+            layer.kernel.configure(ops["fwd"], ops["dgrad"])
+        on_24 += len(members) * sum(op is not None for op in ops.values())
+        for op, sparse_op in ops.items():
+            if Tp and sparse_op is not None:
+                lib.prepare(*dims(shape, op), Tp, sparse_op.alg)  # build the plan now, not inside the first compiled step
+        if T is None or config.force == "dense":
+            config.log(_line(shape, members, members[0][1].kernel.describe() + " (not tuned: no token count)", T))
     return on_24
+
+
+def _line(shape, members, detail, T=None):
+    N, K = shape
+    return (f"2:4 kernels for {len(members)} layers of weight {N}x{K} ({short_names(n for n, _ in members)})"
+            f"{f' at T={T}' if T else ''}: {detail}")
 
 
 def _tune_fp8(layers, config, runtime):
     """Per shape, each op of the fp8 kernels 2:4 or dense fp8 (on the masked weight), from measured GPU
-    time (cached on disk) weighed like the bf16 kernels', and the packers of W and W^T. Returns how many
+    time (cached) weighed like the bf16 kernels', and the packers of W and W^T. Returns how many
     (layer, op) pairs run 2:4."""
     from nanochat.accel.hardware import torchao_version
     from nanochat.accel.sparse.fp8_ops import cast_tensorwise
-    from nanochat.accel.sparse.tune import choose_fp8_ops, time_fp8_ops
+    from nanochat.accel.sparse.tune import time_fp8_ops
     kind = "cutlass" if config.compressor == "cusparselt" else config.compressor  # the library's own packer
-    cache = _timing_cache(config)
+    shapes = by_shape(layers)
+    packers = {(N, K): {op: runtime.fp8_packer(m, k, kind, log=config.log) for op, (m, k) in (("fwd", (N, K)), ("dgrad", (K, N)))}
+               for N, K in shapes}
+
+    def names(shape):
+        return f"{packers[shape]['fwd'].name}/{packers[shape]['dgrad'].name}"
+
+    if config.tokens is None or config.force is not None:
+        fast = config.force != "dense"  # no token count: both 2:4
+        choices = {shape: {"fwd": fast, "dgrad": fast} for shape in shapes}
+        info = {shape: "not tuned" if config.force is None else f"forced {config.force}" for shape in shapes}
+    else:
+        def key(shape, _op):  # both ops' timings in one entry
+            return timing_key("fp8 2:4", runtime.device, f"torchao {torchao_version()}", "{}x{}".format(*shape),
+                              f"T{config.tokens}", f"packers {names(shape)}")
+        chosen = choose(shapes, ("fwd", "dgrad"), key=key,
+                        time_fn=lambda shape, _op: time_fp8_ops(*shape, config.tokens, runtime.device, packers[shape],
+                                                                runtime.compiled(cast_tensorwise)),
+                        cost=lambda _shape, op, t: (t[op]["dense_ms"], t[op]["sparse_ms"], t[op]["pack_ms"] - t[op]["cast_ms"]),
+                        cache=config.timing_cache, margin=MARGINS["2:4"], micro_batches=config.micro_batches)
+        choices = {shape: {op: c.fast for op, c in ops.items()} for shape, ops in chosen.items()}
+        info = {shape: f"T={config.tokens}, " + ", ".join(
+            f"{op} {'2:4' if choices[shape][op] else 'dense fp8'} (2:4 {t['sparse_ms']:.3f} ms, dense {t['dense_ms']:.3f} ms; "
+            f"pack {t['pack_ms']:.3f} ms/step, cast {t['cast_ms']:.3f})"
+            for op, t in sorted(chosen[shape]["fwd"].timings.items(), reverse=True)) for shape in shapes}
     on_24 = 0
-    for (N, K), members in _by_shape(layers).items():
-        packers = {op: runtime.fp8_packer(m, k, kind, log=config.log) for op, (m, k) in (("fwd", (N, K)), ("dgrad", (K, N)))}
-        if config.tokens is None or config.force is not None:
-            choice = {op: config.force != "dense" for op in ("fwd", "dgrad")}  # no token count: both 2:4
-            info = "not tuned" if config.force is None else f"forced {config.force}"
-        else:
-            key = timing_key("fp8 2:4", runtime.device, f"torchao {torchao_version()}", f"{N}x{K}", f"T{config.tokens}",
-                             f"packers {packers['fwd'].name}/{packers['dgrad'].name}")
-            timings = cache.measured(key, lambda: time_fp8_ops(N, K, config.tokens, runtime.device, packers,
-                                                               runtime.compiled(cast_tensorwise)))
-            choice = choose_fp8_ops(timings, config.micro_batches)
-            info = f"T={config.tokens}, " + ", ".join(
-                f"{op} {'2:4' if choice[op] else 'dense fp8'} (2:4 {t['sparse_ms']:.3f} ms, dense {t['dense_ms']:.3f} ms; "
-                f"pack {t['pack_ms']:.3f} ms/step, cast {t['cast_ms']:.3f})" for op, t in sorted(timings.items(), reverse=True))
-        choice = rank0s(choice)
+    for (N, K), members in shapes.items():
+        choice = choices[(N, K)]
         for _, layer in members:
-            layer.kernel.configure(*(SparseOp(packers[op]) if choice[op] else None for op in ("fwd", "dgrad")))
+            layer.kernel.configure(*(SparseOp(packers[(N, K)][op]) if choice[op] else None for op in ("fwd", "dgrad")))
         on_24 += len(members) * sum(bool(v) for v in choice.values())
-        config.log(f"fp8 2:4 kernels for {len(members)} layers of weight {N}x{K} ({_short_names([n for n, _ in members])}): "
-                   f"{members[0][1].kernel.describe()}; packers {packers['fwd'].name}/{packers['dgrad'].name} ({info})")
-    cache.save()
+        config.log(f"fp8 2:4 kernels for {len(members)} layers of weight {N}x{K} ({short_names(n for n, _ in members)}): "
+                   f"{members[0][1].kernel.describe()}; packers {names((N, K))} ({info[(N, K)]})")
     return on_24
 
 

@@ -71,10 +71,9 @@ def decide(gemm, compress_ms, micro_batches, force=None, margin=MARGINS["2:4"]):
     return gemm["alg"] if pays(gemm["dense_ms"], gemm["sparse_ms"], margin, micro_batches, compress_ms) else None
 
 
-def gemm_timings(lib, m, k, T, op, cache):
-    """Cached or freshly measured timings of one GEMM on this library object (see time_gemm)."""
-    key = timing_key("cusparselt", lib.device, f"cusparselt {lib.version}", lib.name, f"{m}x{k}", f"T{T}", op)
-    return cache.measured(key, lambda: time_gemm(lib, m, k, T, op, lib.device))
+def gemm_key(lib, m, k, T, op):
+    """The TimingCache key of one GEMM's timings on this library object (see time_gemm)."""
+    return timing_key("cusparselt", lib.device, f"cusparselt {lib.version}", lib.name, f"{m}x{k}", f"T{T}", op)
 
 
 def time_fp8_ops(out_features, in_features, tokens, device, packers=None, cast=None):
