@@ -29,7 +29,7 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
-from nanochat.accel.converters import Converters
+from nanochat.accel.converters import LinearConverter
 from nanochat.common import compute_cleanup, compute_init, print0
 from nanochat.gpt import GPT, config_from_depth
 from nanochat.optim import Muon, setup_optimizers, zeropower_via_newtonschulz5
@@ -124,7 +124,7 @@ def bench(args):
     with torch.device(device):
         model = GPT(config_from_depth(args.depth, args.vocab_size, args.seq_len))
     model.init_weights()
-    train_model, _ = wrap_model(model, is_ddp, local_rank, device_type, Converters(), use_compile=use_compile)
+    train_model, _ = wrap_model(model, is_ddp, local_rank, device_type, LinearConverter(device), use_compile=use_compile)
     torch.manual_seed(rank)
     x = torch.randint(0, args.vocab_size, (args.device_batch_size, args.seq_len), device=device)
     y = torch.randint(0, args.vocab_size, (args.device_batch_size, args.seq_len), device=device)

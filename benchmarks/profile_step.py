@@ -48,26 +48,21 @@ def kernel_class(name):
 
 
 def build(depth, mode, tokens, grad_accum, device, vocab=32768, seq_len=2048):
-    from nanochat.accel.fp8 import convert_to_float8
+    """The model and optimizers as the trainer builds them (nanochat/train.py: build_converter, setup)."""
+    from nanochat.accel.converters import LinearConverter
     from nanochat.accel.kernel_choice import default_timing_cache
-    from nanochat.accel.sparse import SparseConfig, convert_mlp_to_sparse, install_refresh_hooks
     torch.manual_seed(0)
     config = config_from_depth(depth, vocab, seq_len)
     with torch.device(device):
         model = GPT(config)
     model.init_weights()
-    sparse = mode in ("sparse", "fp8_sparse")
-    fp8 = mode in ("fp8", "fp8_sparse")
     log = lambda m: print("  " + m, flush=True)
-    cache = default_timing_cache(log)
-    if sparse:
-        convert_mlp_to_sparse(model, device, SparseConfig(fp8=fp8, tokens=tokens, micro_batches=grad_accum,
-                                                          timing_cache=cache, log=log))
-    if fp8:
-        convert_to_float8(model, device, log=log, tokens=tokens, cache=cache)  # as the trainer
+    converter = LinearConverter(device, sparse=mode in ("sparse", "fp8_sparse"), fp8=mode in ("fp8", "fp8_sparse"),
+                                tokens=tokens, micro_batches=grad_accum, timing_cache=default_timing_cache(log), log=log)
+    converter.convert(model)
     opts = setup_optimizers(model, 0.2, 0.004, 0.02, 0.0, "cuda")
-    if sparse:
-        install_refresh_hooks(model, opts)
+    for opt in opts:
+        opt.register_step_post_hook(lambda *_: converter.post_optimizer_hook(model))
     return model, opts
 
 

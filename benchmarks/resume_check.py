@@ -42,7 +42,7 @@ from nanochat.common import get_base_dir
 # flags this script sets itself for each run
 OWN_FLAGS = ("--save-every", "--num-iterations", "--model-tag", "--overwrite", "--resume-from-step")
 # the trainer's lines (nanochat/metrics.py: Metrics.log_step, Metrics.log_val; nanochat/train.py: plan_batches;
-# nanochat/accel/converters.py: SparseConverter.check_replicas)
+# nanochat/accel/converters.py: LinearConverter.check_replicas)
 STEP_LINE = re.compile(r"^step (\d+)/\d+ \| loss (\S+) \(smooth (\S+)\)", re.M)
 VAL_LINE = re.compile(r"^step (\d+) \| val bpb (\S+)", re.M)
 BATCH_LINE = re.compile(r"^batch: [\d,]+ tokens/step = (\d+) accumulation", re.M)

@@ -371,8 +371,8 @@ def check_compatible(meta, model_config, world_size):
 
 def load_model_for_inference(checkpoint_dir, step=None, device="cpu"):
     """Build a GPT from a checkpoint (latest step when step is None) for evaluation or sampling, with the
-    converters its meta asks for (a sparse checkpoint: its MLP layers 2:4 again, the same masks)."""
-    from nanochat.accel.converters import Converters
+    converter its meta asks for (a sparse checkpoint: its MLP layers 2:4 again, the same masks)."""
+    from nanochat.accel.converters import LinearConverter
     from nanochat.gpt import GPT, GPTConfig
     if step is None:
         steps = saved_steps(checkpoint_dir)
@@ -384,8 +384,10 @@ def load_model_for_inference(checkpoint_dir, step=None, device="cpu"):
     model = GPT(GPTConfig(**meta["model_config"]))
     model.to(device)
     model.init_weights()  # buffers (rotary tables); weights are overwritten below
-    Converters.from_meta(meta, device).convert(model)
+    converter = LinearConverter.from_meta(meta, device)
+    converter.convert(model)
     model.load_state_dict(model_state, strict=True)
+    converter.sync(model)  # the 2:4 layers re-packed from the loaded weights
     model.eval()
     return model, meta
 

@@ -109,7 +109,7 @@ class Metrics:
             tok_per_sec=sum(steady) / len(steady) if steady else None,
             mfu=(sum(m for m in steady_mfu if m) / max(1, len(steady_mfu))) if self.peak_flops else None,
             peak_memory_gib=peak_memory_gib(run.device), num_iterations=run.num_iterations, num_params=run.num_params,
-            flops_per_token=run.flops_per_token, num_sparse_layers=run.converters.meta().get("sparse_layers", 0),
+            flops_per_token=run.flops_per_token, num_sparse_layers=run.converter.meta().get("sparse_layers", 0),
             world_size=run.world_size,
             device=torch.cuda.get_device_name(run.device) if run.device_type == "cuda" else run.device_type,
             torch_version=torch.__version__, checkpoint_dir=run.checkpointer.dir, samples=self.samples,

@@ -1,6 +1,6 @@
 """
 The pretraining loop. `scripts/base_train.py` parses the flags (nanochat/flags.py) and calls train(). Top to
-bottom: set-up (model, the --sparse/--fp8 converters (nanochat/accel/converters.py), optimizers, the
+bottom: set-up (model, the --sparse/--fp8 converter (nanochat/accel/converters.py), optimizers, the
 Checkpointer (nanochat/checkpoint.py), resume, DDP, compile); train_step(), one optimizer step over the
 micro-batches; the actions between steps (val bpb, CORE, samples); and train() with loop(), the loop, which
 reports through Metrics (nanochat/metrics.py) and stops bad runs through the guards (nanochat/guards.py).
@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat import checkpoint, storage
-from nanochat.accel.converters import Converters, Fp8Converter, SparseConverter
+from nanochat.accel.converters import LinearConverter
 from nanochat.accel.kernel_choice import default_timing_cache
 from nanochat.checkpoint import Checkpointer
 from nanochat.common import UserError, autodetect_device_type, compute_init, get_base_dir, print0
@@ -53,7 +53,7 @@ def resolve_num_iterations(args, flops_per_token, num_params, total_batch_size):
 
 
 # -----------------------------------------------------------------------------
-# Set-up: the model, its converters (sparse, fp8), optimizers, resume, DDP and compile
+# Set-up: the model, its converter (sparse, fp8), optimizers, resume, DDP and compile
 
 def build_model(args, depth_given, vocab_size, device, device_type):
     """The dense GPT, initialized. Returns (model, params, FLOPs per token), both counted on the plain
@@ -87,19 +87,15 @@ def plan_batches(args, world_size, flops_per_token, num_params):
     return tokens_per_micro_batch, total_batch_size, grad_accum_steps, num_iterations
 
 
-def build_converters(args, device, grad_accum_steps):
-    """The run's model converters from --sparse and --fp8 (Converters fixes their order). Kernels and fp8
-    layers are chosen for this micro-batch's token count; the sparse ones weigh their saving over the
-    step's micro-batches against one re-pack per step. Both read and extend one timing cache in the base dir
+def build_converter(args, device, grad_accum_steps):
+    """The run's fast linears from --sparse and --fp8 (nanochat/accel/converters.py). Kernels and fp8 layers are
+    chosen for this micro-batch's token count; the 2:4 ones weigh their saving over the step's micro-batches
+    against one re-pack per step. Both read and extend one timing cache in the base dir
     (nanochat/accel/kernel_choice.py)."""
-    tokens = args.device_batch_size * args.max_seq_len
-    cache = default_timing_cache(log=print0) if (args.sparse or args.fp8) else None
-    return Converters([
-        SparseConverter(device, backend=args.sparse_backend, fp8=args.fp8, tokens=tokens,
-                        micro_batches=grad_accum_steps, timing_cache=cache, log=print0) if args.sparse else None,
-        Fp8Converter(device, tokens=tokens if args.fp8_layers == "auto" else None, timing_cache=cache,
-                     log=print0) if args.fp8 else None,
-    ])
+    return LinearConverter(device, sparse=args.sparse, fp8=args.fp8, backend=args.sparse_backend,
+                           tokens=args.device_batch_size * args.max_seq_len, micro_batches=grad_accum_steps,
+                           fp8_layers=args.fp8_layers,
+                           timing_cache=default_timing_cache(log=print0) if (args.sparse or args.fp8) else None, log=print0)
 
 
 # Peak-memory model of a compiled training step, fitted to H100/H200 measurements
@@ -124,14 +120,15 @@ def use_recompute(setting, config, tokens_per_micro_batch, num_params, device):
     return on, f"predicted peak {need / 2**30:.1f} GiB of {total / 2**30:.1f} GiB (auto: on above 80%)"
 
 
-def wrap_model(model, is_ddp, local_rank, device_type, converters, use_compile, recompute=False):
-    """DDP, then compile last. Returns (the model the training forward passes call, the DDP wrapper or None)."""
+def wrap_model(model, is_ddp, local_rank, device_type, converter, use_compile, recompute=False):
+    """DDP, then compile last. Returns (the model the training forward passes call, the DDP wrapper or None).
+    converter.sync re-packs what DDP's broadcast or a resumed checkpoint's load wrote."""
     train_model, ddp_model = model, None
     if is_ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         ddp_model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
         train_model = ddp_model
-    converters.after_wrap(model)
+    converter.sync(model)
     if use_compile and recompute:
         # read by the partitioner when the first step compiles; process-wide, like other compile settings
         import torch._functorch.config as functorch_config
@@ -159,7 +156,7 @@ class Run:
     optimizers: list  # [adamw, muon]
     num_params: int
     flops_per_token: float
-    converters: Converters  # --sparse, --fp8
+    converter: LinearConverter  # --sparse, --fp8
     total_batch_size: int  # tokens per optimizer step, all processes
     grad_accum_steps: int  # micro-batches per optimizer step
     num_iterations: int  # the step the run ends at
@@ -230,14 +227,15 @@ def setup(args):
     model, num_params, flops_per_token = build_model(args, depth_given, tokenizer.get_vocab_size(), device, device_type)
     tokens_per_micro_batch, total_batch_size, grad_accum_steps, num_iterations = \
         plan_batches(args, world_size, flops_per_token, num_params)
-    converters = build_converters(args, device, grad_accum_steps)
-    converters.convert(model)
+    converter = build_converter(args, device, grad_accum_steps)
+    converter.convert(model)
     optimizers = setup_optimizers(model, args.embedding_lr, args.unembedding_lr, args.matrix_lr,
                                   args.weight_decay, device_type)
-    converters.after_optimizers(model, optimizers)
+    for opt in optimizers:  # the 2:4 re-pack, once per optimizer step
+        opt.register_step_post_hook(lambda *_: converter.post_optimizer_hook(model))
 
     run_meta = dict(model_config=model.config.to_dict(), args=vars(args), world_size=world_size,
-                    tokenizer=tokenizer.identity(), total_batch_size=total_batch_size, **converters.meta())
+                    tokenizer=tokenizer.identity(), total_batch_size=total_batch_size, **converter.meta())
     checkpointer = Checkpointer(args, checkpoint_dir, run_meta, rank, checkpoint_bytes(model, world_size), num_iterations)
     try:  # the lock is released on any failure from here on
         start_step, loop_state, loader_state = 0, {}, None
@@ -248,7 +246,7 @@ def setup(args):
                                        num_params, device)
         if use_compile:
             print0(f"activation recompute in backward: {'on' if recompute else 'off'} ({why})")
-        train_model, ddp_model = wrap_model(model, is_ddp, local_rank, device_type, converters, use_compile, recompute)
+        train_model, ddp_model = wrap_model(model, is_ddp, local_rank, device_type, converter, use_compile, recompute)
 
         loader = DistributedDataLoader(tokenizer, args.device_batch_size, args.max_seq_len, "train", device,
                                        rank=rank, world_size=world_size, state=loader_state)
@@ -263,7 +261,7 @@ def setup(args):
     return Run(args=args, device=device, device_type=device_type, rank=rank, world_size=world_size,
                autocast_ctx=autocast_ctx, sync=torch.cuda.synchronize if device_type == "cuda" else (lambda: None),
                tokenizer=tokenizer, token_bytes=token_bytes, model=model, train_model=train_model, ddp_model=ddp_model,
-               optimizers=optimizers, num_params=num_params, flops_per_token=flops_per_token, converters=converters,
+               optimizers=optimizers, num_params=num_params, flops_per_token=flops_per_token, converter=converter,
                total_batch_size=total_batch_size, grad_accum_steps=grad_accum_steps, num_iterations=num_iterations,
                eval_steps=max(1, args.eval_tokens // tokens_per_micro_batch), model_tag=model_tag,
                checkpointer=checkpointer, start_step=start_step, loop_state=loop_state, loader=loader, core_eval=core_eval)
@@ -331,7 +329,7 @@ def due(every, step, last_step):
 
 def validate(run, log):
     """Val bpb on the first --eval-tokens of the val split; under DDP, also checks that the replicas still
-    agree (the converters' check: with sparse layers, every rank pruned the same masks)."""
+    agree (the converter's check: with sparse layers, every rank pruned the same masks)."""
     from nanochat.dataloader import DistributedDataLoader
     args = run.args
     run.model.eval()
@@ -339,14 +337,14 @@ def validate(run, log):
                                        rank=run.rank, world_size=run.world_size)
     val_bpb = evaluate_bpb(run.train_model, val_loader, run.eval_steps, run.token_bytes, run.autocast_ctx)
     run.model.train()
-    run.converters.check_replicas(run.model, log)
+    run.converter.check_replicas(run.model, log)
     return val_bpb
 
 
 def core_metric(run):
     """CORE on the bundle's tasks: every rank scores its share, with the eager model (the example shapes vary)."""
     run.model.eval()
-    with run.autocast_ctx, run.converters.eager(run.model):
+    with run.autocast_ctx, run.converter.eager(run.model):
         core = run.core_eval.evaluate(run.model, run.device)
     run.model.train()
     return core
@@ -355,7 +353,7 @@ def core_metric(run):
 def sample(run):
     """Greedy continuations of SAMPLE_PROMPTS."""
     run.model.eval()
-    with run.autocast_ctx, run.converters.eager(run.model):  # fp8 layers sample in bf16 (one token at a time)
+    with run.autocast_ctx, run.converter.eager(run.model):  # fp8 layers sample in bf16 (one token at a time)
         samples = sample_text(run.model, run.tokenizer)
     run.model.train()
     return samples

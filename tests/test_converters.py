@@ -1,5 +1,5 @@
-"""CPU tests of the model converters (nanochat/accel/converters.py): their order, checkpoint meta and the
-inference path from it; and the import graph they keep acyclic (lazy imports included)."""
+"""CPU tests of the model converter (nanochat/accel/converters.py): its plan, the re-pack hook and sync,
+checkpoint meta and the inference path from it; and the import graph they keep acyclic (lazy imports included)."""
 
 import ast
 import os
@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from nanochat.accel.converters import ORDER, Converters, Fp8Converter, SparseConverter
+from nanochat.accel.converters import LayerPlan, LinearConverter
 from nanochat.accel.sparse import SemiSparseLinear
 from nanochat.gpt import GPT, GPTConfig
 
@@ -22,35 +22,40 @@ def tiny_gpt():
     return model
 
 
-def test_converters_run_sparse_first_and_record_meta():
+def test_plan_is_sparse_first_and_meta_says_what_converted():
     lines = []
-    fp8, sparse = Fp8Converter("cpu", log=lines.append), SparseConverter("cpu", backend="masked", log=lines.append)
-    converters = Converters([fp8, None, sparse])
-    assert [type(c) for c in converters.converters] == list(ORDER) == [SparseConverter, Fp8Converter]
+    converter = LinearConverter("cpu", sparse=True, fp8=True, backend="masked", log=lines.append)
     model = tiny_gpt()
-    converters.convert(model)
-    assert sparse.num_layers == 4 and fp8.converted == []  # fp8 needs a GPU: one warning, the model stays bf16
+    planned = converter.planned(model)
+    mlp = [f"transformer.h.{i}.mlp.{n}" for i in range(2) for n in ("c_fc", "c_proj")]
+    attn = [f"transformer.h.{i}.attn.{n}" for i in range(2) for n in ("c_q", "c_k", "c_v", "c_proj")]
+    assert planned == {**{n: LayerPlan("2:4", "fp8") for n in mlp}, **{n: LayerPlan("dense", "fp8") for n in attn}}
+    converter.convert(model)
+    # fp8 needs a GPU: one warning, the model stays bf16; the 2:4 layers run the masked bf16 kernel
+    assert converter.num_sparse_layers() == 4 and converter.plan == {n: LayerPlan("2:4", "bf16") for n in mlp}
     assert lines[0] == "✓ 2:4 sparsity enabled - converted 4 MLP layers to SemiSparseLinear"
     assert lines[-1].startswith("Warning: --fp8 requires a CUDA GPU")
-    assert converters.meta() == dict(sparse=True, sparse_backend="masked", sparse_layers=4, fp8=True)
-    assert Converters().meta() == dict(sparse=False, fp8=False)
+    assert converter.meta() == dict(sparse=True, sparse_backend="masked", sparse_layers=4, fp8=False)  # no fp8 layer
+    assert LinearConverter("cpu").meta() == dict(sparse=False, fp8=False)
 
 
-def test_after_optimizers_repacks_once_per_step():
+def test_post_optimizer_hook_repacks_once_per_step():
     model = tiny_gpt()
-    converters = Converters([SparseConverter("cpu", backend="masked", log=lambda *_: None)])
-    converters.convert(model)
+    converter = LinearConverter("cpu", sparse=True, backend="masked", log=lambda *_: None)
+    converter.convert(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    converters.after_optimizers(model, [opt])
+    opt.register_step_post_hook(lambda *_: converter.post_optimizer_hook(model))  # as the trainer
     layers = [m for m in model.modules() if isinstance(m, SemiSparseLinear)]
     idx = torch.randint(0, 256, (2, 16))
     model(idx, idx).backward()
     opt.step()
     assert all(m.num_packs == 2 for m in layers)  # conversion + the step's hook
-    converters.after_wrap(model)
+    assert converter.sync(model) == 0
     assert all(m.num_packs == 2 for m in layers)  # unchanged weights: nothing to re-pack
     logs = []
-    assert converters.check_replicas(model, logs.append) is None and logs == []  # no process group: nothing compared
+    assert converter.check_replicas(model, logs.append) is None and logs == []  # no process group: nothing compared
+    model.load_state_dict(tiny_gpt().state_dict())  # what a resume does before the trainer's sync
+    assert converter.sync(model) == 4 and converter.sync(model) == 0
 
 
 class TwoRankGroup:
@@ -75,10 +80,10 @@ class TwoRankGroup:
 
 @pytest.mark.parametrize("offset", [7, -7])
 def test_check_replicas_compares_the_ranks_masks(monkeypatch, offset):
-    sparse = SparseConverter("cpu", backend="masked", log=lambda *_: None)
+    sparse = LinearConverter("cpu", sparse=True, backend="masked", log=lambda *_: None)
     model = tiny_gpt()
-    Converters([sparse]).convert(model)
-    module = sys.modules[SparseConverter.__module__]
+    sparse.convert(model)
+    module = sys.modules[LinearConverter.__module__]
     logs = []
     monkeypatch.setattr(module, "dist", TwoRankGroup(0))
     sparse.check_replicas(model, logs.append)
@@ -91,13 +96,37 @@ def test_check_replicas_compares_the_ranks_masks(monkeypatch, offset):
 def test_from_meta_rebuilds_what_inference_needs():
     # the keys checkpoints have always carried: sparse, sparse_backend, fp8
     old = dict(sparse=True, sparse_backend="auto", fp8=True)
-    converters = Converters.from_meta(old, "cpu")
-    assert [type(c) for c in converters.converters] == [SparseConverter]  # fp8 checkpoints evaluate in bf16
-    assert converters.converters[0].config.backend == "masked"  # off CUDA: the same masks, dense GEMMs
+    converter = LinearConverter.from_meta(old, "cpu")
+    assert converter.sparse and not converter.fp8  # fp8 checkpoints evaluate in bf16
+    assert converter.backend == "masked"  # off CUDA: the same masks, dense GEMMs
     model = tiny_gpt()
-    converters.convert(model)
+    converter.convert(model)
     assert sum(isinstance(m, SemiSparseLinear) for m in model.modules()) == 4
-    assert Converters.from_meta(dict(model_config={}), "cpu").converters == []  # a dense checkpoint
+    dense = LinearConverter.from_meta(dict(model_config={}), "cpu")  # a dense checkpoint
+    assert not dense.sparse and not dense.fp8
+    dense.convert(model := tiny_gpt())
+    assert dense.plan == {} and not any(isinstance(m, SemiSparseLinear) for m in model.modules())
+
+
+def test_inference_load_packs_the_loaded_weights(tmp_path):
+    """load_model_for_inference converts, loads, then syncs: the eager model computes with the saved weights."""
+    from nanochat.accel.sparse import transposable_mask_reference
+    from nanochat.checkpoint import load_model_for_inference, save_checkpoint
+    trained = tiny_gpt()
+    converter = LinearConverter("cpu", sparse=True, backend="masked", log=lambda *_: None)
+    converter.convert(trained)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(0.01)
+    converter.sync(trained)
+    meta = dict(model_config=trained.config.to_dict(), **converter.meta())
+    save_checkpoint(str(tmp_path), 1, trained.state_dict(), None, None, meta)
+    model, _ = load_model_for_inference(str(tmp_path), 1, "cpu")
+    idx = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), trained(idx), rtol=0, atol=0)
+    layer = model.transformer.h[0].mlp.c_fc
+    torch.testing.assert_close(layer.kernel.wm, layer.weight * transposable_mask_reference(layer.weight))
 
 
 def module_imports(path, name):
@@ -174,7 +203,7 @@ def test_eager_runs_float8_layers_as_bf16_linears():
 
     model = torch.nn.Sequential(Float8Linear(16, 8))
     x = torch.randn(3, 16)
-    with Converters([SparseConverter("cpu"), Fp8Converter("cpu")]).eager(model):
+    with LinearConverter("cpu", sparse=True, fp8=True).eager(model):
         torch.testing.assert_close(model(x), x @ model[0].weight.t() + model[0].bias)
-    with Converters().eager(model), pytest.raises(RuntimeError, match="fp8 path used"):
+    with LinearConverter("cpu").eager(model), pytest.raises(RuntimeError, match="fp8 path used"):
         model(x)

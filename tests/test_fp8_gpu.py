@@ -14,10 +14,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.accel.converters import Converters, Fp8Converter, SparseConverter
+from nanochat.accel.converters import LayerPlan, LinearConverter
 from nanochat.accel.fp8 import convert_to_float8
 from nanochat.accel.hardware import fp8_sparse_supported, fp8_supported
-from nanochat.accel.sparse import SparseOp, SparseRuntime, refresh_sparse_weights
+from nanochat.accel.sparse import SparseOp, SparseRuntime
 from nanochat.accel.sparse.fp8_kernel import Fp8SparseKernel
 from nanochat.accel.sparse.fp8_pack import LearnedFp8Packer, LibraryFp8Packer
 
@@ -324,14 +324,18 @@ def test_fp8_plus_sparse_trains_compiled():
     """--fp8 --sparse shape: MLPs through Fp8SparseKernel, the rest through torchao float8."""
     torch.manual_seed(0)
     model = TinyLM().to(DEV)
-    # listed fp8 first on purpose: Converters runs sparse first (fp8 2:4 kernel), then torchao float8 on the rest
+    # one converter: sparse first (the fp8 2:4 kernel on the MLP layers), then torchao float8 on the rest (all of
+    # them: fp8_layers "all", no timing)
     lines = []
-    fp8, sparse = Fp8Converter(DEV, log=print), SparseConverter(DEV, backend="cusparselt", fp8=True, tokens=8 * 128, log=lines.append)
-    Converters([fp8, sparse]).convert(model)
+    converter = LinearConverter(DEV, sparse=True, fp8=True, backend="cusparselt", tokens=8 * 128, fp8_layers="all",
+                                log=lines.append)
+    converter.convert(model)
     print("\n".join(lines))
-    assert sparse.num_layers == 4
+    assert converter.num_sparse_layers() == 4
     assert sum(l.startswith("fp8 2:4 kernels for 2 layers of weight") for l in lines) == 2, lines  # c_fc, c_proj
     assert all(type(model.get_submodule(f"transformer.h.{i}.mlp.{n}").kernel).__name__ == "Fp8SparseKernel"
                for i in range(2) for n in ("c_fc", "c_proj"))
-    assert fp8.converted == ["transformer.h.0.attn.c_q", "transformer.h.1.attn.c_q"], fp8.converted
-    train_steps(model, refresh=lambda: refresh_sparse_weights(model))
+    fp8_dense = sorted(n for n, p in converter.plan.items() if p == LayerPlan("dense", "fp8"))
+    assert fp8_dense == ["transformer.h.0.attn.c_q", "transformer.h.1.attn.c_q"], fp8_dense
+    assert converter.meta()["fp8"] and converter.meta()["sparse_layers"] == 4
+    train_steps(model, refresh=lambda: converter.sync(model))

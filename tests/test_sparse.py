@@ -94,6 +94,7 @@ def test_straight_through_gradients(kernel):
     if kernel == "cusparselt":
         assert layer.kernel.describe() == "fwd dense, dgrad dense"
     assert layer.weight is lin.weight
+    layer.refresh()  # the first pack (convert_mlp_to_sparse does it for a model)
     x = torch.randn(3, 7, 64, requires_grad=True)  # odd token count, leading dims
     y = layer(x)
     mask = transposable_mask_reference(lin.weight)
@@ -171,6 +172,7 @@ def test_checkpoint_round_trip():
     model = tiny_gpt()
     convert(model, backend="masked")
     train_steps(model, 2)
+    refresh_sparse_weights(model)  # the last step's weights (the trainer's post-optimizer hook)
     sd = model.state_dict()
     assert set(sd) == set(tiny_gpt().state_dict())  # dense weights only, no packed buffers
     idx = torch.randint(0, 256, (2, 16))
@@ -374,3 +376,17 @@ def test_spmm_op_takes_a_library_handle_and_compiles_to_one_graph():
     gc.collect()
     with pytest.raises(KeyError):  # the handle table keeps nothing alive
         Library.from_handle(handle)
+
+
+def test_eager_forward_refuses_a_stale_pack():
+    """forward never packs: a weight written outside the optimizer step's hook must be synced before eager use."""
+    model = tiny_gpt()
+    convert(model, backend="masked")
+    idx = torch.randint(0, 256, (2, 16))
+    model(idx)  # packed at conversion
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight.add_(0.01)
+    with pytest.raises(RuntimeError, match="changed since its last pack"):
+        model(idx)
+    assert refresh_sparse_weights(model) == 1
+    model(idx)

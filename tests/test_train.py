@@ -260,15 +260,15 @@ def test_recompute_auto_turns_on_only_where_the_run_would_not_fit(monkeypatch):
 @pytest.mark.parametrize("recompute", [False, True])
 def test_wrap_model_compiles_with_and_without_recompute(recompute):
     import torch._functorch.config as fconfig
-    from nanochat.accel.converters import Converters
+    from nanochat.accel.converters import LinearConverter
     from nanochat.train import wrap_model
     before = fconfig.ban_recompute_materialized_backward
     try:
         model = torch.nn.Linear(4, 4)
-        compiled, ddp = wrap_model(model, False, 0, "cpu", Converters(), use_compile=True, recompute=recompute)
+        compiled, ddp = wrap_model(model, False, 0, "cpu", LinearConverter("cpu"), use_compile=True, recompute=recompute)
         assert ddp is None and isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule)
         assert fconfig.ban_recompute_materialized_backward is (not recompute and before)
-        assert wrap_model(model, False, 0, "cpu", Converters(), use_compile=False, recompute=recompute)[0] is model
+        assert wrap_model(model, False, 0, "cpu", LinearConverter("cpu"), use_compile=False, recompute=recompute)[0] is model
     finally:
         fconfig.ban_recompute_materialized_backward = before
 

@@ -1,5 +1,6 @@
 """FP8 training: dense Linear layers through torchao.float8 (the 2:4 sparse MLP layers of --fp8 --sparse
-have their own fp8 kernel, nanochat/accel/sparse/fp8_kernel.py; they are converted first and left alone here).
+have their own fp8 kernel, nanochat/accel/sparse/fp8_kernel.py: the converter's plan gives this module only
+the dense layers, nanochat/accel/converters.py).
 
 Nothing here imports torchao at module import time: CPU machines (and CI) never need it.
 
@@ -33,7 +34,7 @@ def fp8_module_filter(mod, fqn, skipped=None):
     """Which Linear layers convert_to_float8 swaps. Dims that are not multiples of 16 are
     left in bf16 (fp8 GEMMs cannot take them) and their names appended to `skipped`."""
     if type(mod) is not nn.Linear:
-        return False  # subclasses: 2:4 layers carry their own fp8 kernel, Float8Linear is converted already
+        return False  # subclasses (a 2:4 layer, a Float8Linear) are converted already
     if fqn == "lm_head" or fqn.endswith(".lm_head"):
         return False  # logits stay in bf16/fp32: small share of FLOPs, sensitive to precision
     if mod.in_features % 16 != 0 or mod.out_features % 16 != 0:
@@ -79,13 +80,16 @@ def time_linear_ms(out_features, in_features, tokens, device):
     return times
 
 
-def choose_fp8_shapes(model, tokens, device, log=print0, time_fn=time_linear_ms, margin=MARGINS["fp8"], cache=None):
-    """{(out, in): True for fp8} over the shapes of the layers convert_to_float8 may swap, by kernel_choice's
+def choose_fp8_shapes(model, tokens, device, log=print0, time_fn=time_linear_ms, margin=MARGINS["fp8"], cache=None,
+                      names=None):
+    """{(out, in): True for fp8} over the shapes of the layers convert_to_float8 may swap (of `names` when
+    given), by kernel_choice's
     rule: fp8 iff bf16's forward + backward at `tokens` per micro-batch beats margin times fp8's. Timings
     through `cache` (a TimingCache; None: one in memory, every start times again). One line per shape in the
     log. Under torch.distributed every rank takes rank 0's choice."""
     cache = cache if cache is not None else TimingCache()
-    shapes = by_shape((fqn, mod) for fqn, mod in model.named_modules() if fp8_module_filter(mod, fqn))
+    shapes = by_shape((fqn, mod) for fqn, mod in model.named_modules()
+                      if fp8_module_filter(mod, fqn) and (names is None or fqn in names))
 
     def describe(shape, chosen):
         (N, K), fast, t = shape, chosen["layer"].fast, chosen["layer"].timings
@@ -105,8 +109,10 @@ def choose_fp8_shapes(model, tokens, device, log=print0, time_fn=time_linear_ms,
     return {shape: c["layer"].fast for shape, c in chosen.items()}
 
 
-def convert_to_float8(model, device, log=print0, recipe="tensorwise", tokens=None, time_fn=time_linear_ms, cache=None):
-    """Swap the transformer's nn.Linear layers for torchao Float8Linear, in place.
+def convert_to_float8(model, device, log=print0, recipe="tensorwise", tokens=None, time_fn=time_linear_ms, cache=None,
+                      names=None):
+    """Swap the transformer's nn.Linear layers (those in `names`, the converter's plan, when given) for
+    torchao Float8Linear, in place.
     Call before torch.compile and DDP. tokens (per micro-batch, tensorwise only): convert only the layer
     shapes choose_fp8_shapes keeps in fp8 at that count (timings through cache, a TimingCache; None: one in
     memory); None converts every eligible layer. Returns the names of the converted layers ([] when fp8 is not
@@ -122,12 +128,13 @@ def convert_to_float8(model, device, log=print0, recipe="tensorwise", tokens=Non
         raise ValueError(f"choosing fp8 layers by timing models the tensorwise recipe, not {recipe!r}: pass tokens=None")
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
-    chosen = None if tokens is None else choose_fp8_shapes(model, tokens, device, log, time_fn, cache=cache)
+    chosen = None if tokens is None else choose_fp8_shapes(model, tokens, device, log, time_fn, cache=cache, names=names)
     config = Float8LinearConfig.from_recipe_name(recipe)
     converted, skipped = [], []
 
     def module_filter_fn(mod, fqn):
-        keep = fp8_module_filter(mod, fqn, skipped) and (chosen is None or chosen[(mod.out_features, mod.in_features)])
+        keep = (fp8_module_filter(mod, fqn, skipped) and (names is None or fqn in names)
+                and (chosen is None or chosen[(mod.out_features, mod.in_features)]))
         if keep:
             converted.append(fqn)
         return keep

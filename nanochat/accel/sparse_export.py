@@ -90,7 +90,7 @@ def load_sparse_export(path, device="cpu"):
     model.init_weights()  # rotary buffers; weights are overwritten next
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     if device.type == "cuda":
-        from nanochat.accel.converters import Converters
-        Converters.from_meta(dict(sparse=True, sparse_backend="auto"), device).convert(model)
+        from nanochat.accel.converters import LinearConverter
+        LinearConverter.from_meta(dict(sparse=True, sparse_backend="auto"), device).convert(model)
     model.eval()
     return model

@@ -175,8 +175,14 @@ def _tune_fp8(layers, config, runtime):
     return on_24
 
 
-def convert_mlp_to_sparse(model, device, config=None, runtime=None):
-    """Swap every nn.Linear under `.mlp.` with both dims divisible by 16 for a SemiSparseLinear
+def sparse_target(name, mod):
+    """The layers 2:4 applies to: every nn.Linear under `.mlp.` with both dims divisible by 16."""
+    return (isinstance(mod, nn.Linear) and not isinstance(mod, SemiSparseLinear) and ".mlp." in name
+            and mod.in_features % 16 == 0 and mod.out_features % 16 == 0)
+
+
+def convert_mlp_to_sparse(model, device, config=None, runtime=None, names=None):
+    """Swap every sparse_target layer (of `names`, the converter's plan, when given) for a SemiSparseLinear
     (in place, same Parameters), choose kernels and pack. runtime: the SparseRuntime the kernels use
     (None: a new one for this device). Returns the number converted (0: the model stays dense, e.g.
     --sparse on CPU). Call before torch.compile and DDP."""
@@ -187,8 +193,7 @@ def convert_mlp_to_sparse(model, device, config=None, runtime=None):
         return 0
     runtime = runtime or SparseRuntime(device)
     targets = [(name, mod) for name, mod in model.named_modules()
-               if isinstance(mod, nn.Linear) and not isinstance(mod, SemiSparseLinear) and ".mlp." in name
-               and mod.in_features % 16 == 0 and mod.out_features % 16 == 0]
+               if sparse_target(name, mod) and (names is None or name in names)]
     if kind in ("cusparselt", "fp8") and config.backend == "auto" and config.force is None and config.tokens and targets:
         width = min(min(mod.in_features, mod.out_features) for _, mod in targets)
         pays, line = sparse_step_pays(device_name(device), "fp8" if kind == "fp8" else "bf16", width, config.tokens,

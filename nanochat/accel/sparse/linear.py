@@ -1,8 +1,9 @@
 """
 SemiSparseLinear: an nn.Linear whose forward uses its transposable-2:4-pruned weight.
 
-- The Parameter stays the dense fp32 master weight. Once per optimizer step (refresh(), outside
-  torch.compile) its bf16 copy is pruned with the transposable mask and handed to the kernel's pack().
+- The Parameter stays the dense fp32 master weight. Once per optimizer step, and after anything else writes
+  it (a checkpoint load, DDP's broadcast, .to()), refresh() prunes its bf16 copy with the transposable mask
+  and hands it to the kernel's pack(), outside torch.compile; forward never packs.
 - Gradients are straight-through: y = x Wm^T, grad_x = gy Wm, grad_W = gy^T x (dense, not masked).
 - Kernels: MaskedKernel (dense matmul on the masked weight, any device: CPU tests, accuracy studies),
   CusparseltKernel (cuSPARSELt for the forward and grad-input GEMMs on W and W^T compressed once per
@@ -193,8 +194,12 @@ class SemiSparseLinear(nn.Linear):
         return self.weight_key() != self._packed_key
 
     def forward(self, x):
-        if not torch.compiler.is_compiling():
-            self.refresh()  # eager use (eval, sampling) just works; a no-op when the weight is unchanged
+        # forward never packs: the packed weight is refreshed after each optimizer step and after anything else
+        # writes the weight (LinearConverter.post_optimizer_hook and sync); eager use checks it is not stale
+        if not torch.compiler.is_compiling() and self.stale():
+            raise RuntimeError(f"SemiSparseLinear {self.out_features}x{self.in_features}: the weight changed since its "
+                               f"last pack; call refresh() (LinearConverter.sync, refresh_sparse_weights) after writing "
+                               f"weights outside an optimizer step")
         dev = x.device.type
         out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
         x2 = x.to(torch.bfloat16 if x.is_cuda else self.weight.dtype).reshape(-1, x.shape[-1])
