@@ -55,6 +55,7 @@ def _frozen(layers):
     """Packed once at set-up; no re-pack after optimizer steps (the 2:4 GEMMs run on stale operands)."""
     for m in layers:
         m.refresh = lambda force=False: False
+        m.stale = lambda: False  # eager forward (no compile) runs on them as they are
 
 
 def _ops_dense(layers):
@@ -207,49 +208,48 @@ def child(spec_path, out_path):
     with open(spec_path) as f:
         spec = json.load(f)
     # one compiled graph set per model: several models in one process must not hit dynamo's recompile limit
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(dynamo_config, name):
-            setattr(dynamo_config, name, max(64, getattr(dynamo_config, name)))
-    trainers, info = {}, {}
-    for mode in spec["modes"]:
-        t = time.time()
-        setup_log = io.StringIO()  # the trainer's set-up lines: which kernel each op got goes into the result
-        try:
-            with contextlib.redirect_stdout(setup_log):
-                run = setup(build_arg_parser().parse_args(spec["flags"][mode]))
-        finally:
-            print(setup_log.getvalue(), end="", flush=True)
-        variant = mode.partition("+")[2]
-        if variant:
-            from nanochat.accel.sparse import sparse_layers
-            VARIANTS[variant](sparse_layers(run.model))
-        trainers[mode] = [run, TrainBatches(run.loader), 0]
-        info[mode] = dict(flops_per_token=run.flops_per_token, num_params=run.num_params, setup_s=time.time() - t,
-                          tokens_per_step=run.total_batch_size, micro_batches=run.grad_accum_steps,
-                          kernel_choice=kernel_choice_lines(setup_log.getvalue()))
+    limit = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    with dynamo_config.patch({limit: max(64, getattr(dynamo_config, limit))}):
+        trainers, info = {}, {}
+        for mode in spec["modes"]:
+            t = time.time()
+            setup_log = io.StringIO()  # the trainer's set-up lines: which kernel each op got goes into the result
+            try:
+                with contextlib.redirect_stdout(setup_log):
+                    run = setup(build_arg_parser().parse_args(spec["flags"][mode]))
+            finally:
+                print(setup_log.getvalue(), end="", flush=True)
+            variant = mode.partition("+")[2]
+            if variant:
+                from nanochat.accel.sparse import sparse_layers
+                VARIANTS[variant](sparse_layers(run.model))
+            trainers[mode] = [run, TrainBatches(run.loader), 0]
+            info[mode] = dict(flops_per_token=run.flops_per_token, num_params=run.num_params, setup_s=time.time() - t,
+                              tokens_per_step=run.total_batch_size, micro_batches=run.grad_accum_steps,
+                              kernel_choice=kernel_choice_lines(setup_log.getvalue()))
 
-    losses = {m: [] for m in trainers}
+        losses = {m: [] for m in trainers}
 
-    def step(mode):
-        tr = trainers[mode]
-        run, batches, n = tr
-        run.sync()
-        loss, _ = train_step(run, batches, n)  # reads the loss: a host sync every step, as the trainer does
-        run.sync()
-        tr[2] += 1
-        losses[mode].append(loss)
+        def step(mode):
+            tr = trainers[mode]
+            run, batches, n = tr
+            run.sync()
+            loss, _ = train_step(run, batches, n)  # reads the loss: a host sync every step, as the trainer does
+            run.sync()
+            tr[2] += 1
+            losses[mode].append(loss)
 
-    for mode in trainers:  # compile, autotune and warm each mode before anything is timed
-        t = time.time()
-        for _ in range(spec["warm_steps"]):
-            step(mode)
-        info[mode]["warm_s"] = time.time() - t
-    plan = [tuple(p) for p in spec["plan"]]
-    steps = run_schedule(plan, step, spec["block_seconds"])
-    peak = gpu_peak_flops(next(iter(trainers.values()))[0].device)
-    with open(out_path, "w") as f:
-        json.dump(dict(steps=steps, info=info, peak_flops=peak, final_loss={m: l[-1] for m, l in losses.items()},
-                       peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None), f)
+        for mode in trainers:  # compile, autotune and warm each mode before anything is timed
+            t = time.time()
+            for _ in range(spec["warm_steps"]):
+                step(mode)
+            info[mode]["warm_s"] = time.time() - t
+        plan = [tuple(p) for p in spec["plan"]]
+        steps = run_schedule(plan, step, spec["block_seconds"])
+        peak = gpu_peak_flops(next(iter(trainers.values()))[0].device)
+        with open(out_path, "w") as f:
+            json.dump(dict(steps=steps, info=info, peak_flops=peak, final_loss={m: l[-1] for m, l in losses.items()},
+                           peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None), f)
 
 
 def run_child(spec, log_path, timeout):
