@@ -184,7 +184,7 @@ def test_import_graph_has_no_cycles_and_respects_layers():
                       "nanochat.accel.sparse_export", "nanochat.checkpoint"):
         assert "nanochat.train" not in reachable(graph, inference), inference
     # the wing: the model, loss, optimizer and data never reach it; the rest of nanochat enters it only through
-    # nanochat.accel.converters (the trainer and Converters.from_meta for inference); the trainer also opens the
+    # nanochat.accel.converters (the trainer and LinearConverter.from_meta for inference); the trainer also opens the
     # timing cache of kernel_choice
     for core in ("nanochat.gpt", "nanochat.loss", "nanochat.optim", "nanochat.dataloader", "nanochat.dataset"):
         assert not any(d.startswith("nanochat.accel") for d in reachable(graph, core)), core

@@ -9,9 +9,10 @@
   fp8_pack.py    packing fp8 2:4 weight operands into torchao's CUTLASS layout (learned, self-checked)
   fp8_kernel.py  Fp8SparseKernel, the fp8 2:4 kernel for --fp8 --sparse
   runtime.py     SparseRuntime: per device, the libraries, plans, compressors, packers and compiled helpers
-  tune.py        timing GEMMs and packs, the on-disk timing cache, the per-op decision rules
-  convert.py     SparseConfig, converting a model's MLPs and choosing their kernels, re-pack hooks
-The trainer reaches all of it through SparseConverter (nanochat/accel/converters.py).
+  tune.py        timing GEMMs, packs and fp8 ops, their cache keys, the per-op decision rules (the timing cache
+                 and the loop that chooses are nanochat/accel/kernel_choice.py)
+  convert.py     SparseConfig, converting a model's MLPs and choosing their kernels (kernel_choice.choose), re-pack
+The trainer reaches all of it through LinearConverter (nanochat/accel/converters.py).
 """
 
 from nanochat.accel.sparse.convert import (SparseConfig, convert_mlp_to_sparse, install_refresh_hooks, mask_checksum,

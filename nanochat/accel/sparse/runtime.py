@@ -1,6 +1,6 @@
 """
 SparseRuntime: the state of the 2:4 kernels on one device, made by whoever converts a model (the trainer's
-SparseConverter, a test, a benchmark) and kept by the kernels it builds. It owns
+LinearConverter, a test, a benchmark) and kept by the kernels it builds. It owns
   - the cuSPARSELt library objects, one per implementation (each with its handle, descriptors and plans),
   - the 2:4 compressors, one per library, shape and kind (learning a layout costs probes and a self-check),
   - the fp8 packers, one per shape and kind,
