@@ -35,7 +35,7 @@ def test_plan_is_sparse_first_and_meta_says_what_converted():
     assert converter.num_sparse_layers() == 4 and converter.plan == {n: LayerPlan("2:4", "bf16") for n in mlp}
     assert lines[0] == "✓ 2:4 sparsity enabled - converted 4 MLP layers to SemiSparseLinear"
     assert lines[-1].startswith("Warning: --fp8 requires a CUDA GPU")
-    assert converter.meta() == dict(sparse=True, sparse_backend="masked", sparse_layers=4, fp8=False)  # no fp8 layer
+    assert converter.meta() == dict(sparse=True, sparse_backend="masked", sparse_layers=4, fp8=True, fp8_layers=0)
     assert LinearConverter("cpu").meta() == dict(sparse=False, fp8=False)
 
 

@@ -337,5 +337,5 @@ def test_fp8_plus_sparse_trains_compiled():
                for i in range(2) for n in ("c_fc", "c_proj"))
     fp8_dense = sorted(n for n, p in converter.plan.items() if p == LayerPlan("dense", "fp8"))
     assert fp8_dense == ["transformer.h.0.attn.c_q", "transformer.h.1.attn.c_q"], fp8_dense
-    assert converter.meta()["fp8"] and converter.meta()["sparse_layers"] == 4
+    assert converter.meta()["fp8_layers"] == 6 and converter.meta()["sparse_layers"] == 4
     train_steps(model, refresh=lambda: converter.sync(model))

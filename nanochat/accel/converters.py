@@ -10,7 +10,7 @@ converters):
                               DDP's initial broadcast (both write the weights in place)
   check_replicas(model, log)  under DDP, at each evaluation: the replicas still agree
   eager(model)                a context for running the model eagerly (CORE, sampling)
-  meta()                      what a checkpoint records: what the plan turned into on this machine
+  meta()                      what a checkpoint records: the flags and what the plan turned into on this machine
   from_meta(meta, device)     the converter inference needs for a checkpoint
 Inference (scripts/base_eval.py, scripts/base_sample.py, nanochat/accel/sparse_export.py) rebuilds it with
 LinearConverter.from_meta and never imports the trainer.
@@ -133,8 +133,11 @@ class LinearConverter:
         return bf16_linears(model)
 
     def meta(self):
-        """For the checkpoint, what this run's layers are: sparse and fp8 only where some layer runs so."""
-        meta = dict(sparse=False, fp8=any(p.precision == "fp8" for p in self.plan.values()))
+        """For the checkpoint: sparse (some layer runs 2:4), fp8 (the run asked for --fp8: base_eval reports
+        it), and with each flag how many layers run so on this machine."""
+        meta = dict(sparse=False, fp8=self.fp8)
+        if self.fp8:
+            meta.update(fp8_layers=sum(p.precision == "fp8" for p in self.plan.values()))
         if self.sparse:
             n = self.num_sparse_layers()
             meta.update(sparse=n > 0, sparse_backend=self.backend, sparse_layers=n)
