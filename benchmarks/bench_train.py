@@ -20,17 +20,15 @@ lasted: a ratio between modes depends on how it is measured. Two methods (--meth
     python -m benchmarks.bench_train --method process --seconds 300 --depths 20 --modes dense sparse
 
 Needs data shards and a tokenizer under NANOCHAT_BASE_DIR (benchmarks/gpu.sh sets that up on a GPU machine).
-Writes <out>.json (every step's time stamps and the GPU samples too), <out>.md and <out>.png.
+Writes <out>.json (every step's time stamps and the GPU samples too), <out>.md and <out>.png. Which kernel each
+op got comes from each trainer's start event (nanochat/metrics.py: EventLog).
 """
 
 import argparse
-import contextlib
 import datetime
-import io
 import json
 import math
 import os
-import re
 import shlex
 import statistics
 import subprocess
@@ -203,6 +201,7 @@ def child(spec_path, out_path):
     import torch._dynamo.config as dynamo_config
     from nanochat.common import gpu_peak_flops
     from nanochat.flags import build_arg_parser
+    from nanochat.metrics import read_events
     from nanochat.train import TrainBatches, setup, train_step
 
     with open(spec_path) as f:
@@ -211,14 +210,10 @@ def child(spec_path, out_path):
     limit = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
     with dynamo_config.patch({limit: max(64, getattr(dynamo_config, limit))}):
         trainers, info = {}, {}
-        for mode in spec["modes"]:
+        for i, mode in enumerate(spec["modes"]):
             t = time.time()
-            setup_log = io.StringIO()  # the trainer's set-up lines: which kernel each op got goes into the result
-            try:
-                with contextlib.redirect_stdout(setup_log):
-                    run = setup(build_arg_parser().parse_args(spec["flags"][mode]))
-            finally:
-                print(setup_log.getvalue(), end="", flush=True)
+            events = os.path.join(os.path.dirname(out_path), f"events_{i}.jsonl")  # the start event: which kernel each op got
+            run = setup(build_arg_parser().parse_args(spec["flags"][mode] + ["--events", events]))
             variant = mode.partition("+")[2]
             if variant:
                 from nanochat.accel.sparse import sparse_layers
@@ -226,7 +221,7 @@ def child(spec_path, out_path):
             trainers[mode] = [run, TrainBatches(run.loader), 0]
             info[mode] = dict(flops_per_token=run.flops_per_token, num_params=run.num_params, setup_s=time.time() - t,
                               tokens_per_step=run.total_batch_size, micro_batches=run.grad_accum_steps,
-                              kernel_choice=kernel_choice_lines(setup_log.getvalue()))
+                              kernel_choice=read_events(events, "start")[-1]["kernel_choices"])
 
         losses = {m: [] for m in trainers}
 
@@ -277,32 +272,21 @@ def run_child(spec, log_path, timeout):
             return json.load(f)
 
 
-CHOICE_LINE = re.compile(r"^(2:4 kernels for |fp8 2:4 kernels for |fp8: \d+ layers of weight ).*$", re.M)
-
-
-def kernel_choice_lines(log):
-    """The trainer's log lines that say which kernel each op or layer shape runs (and the timings behind it)."""
-    return [m.group(0) for m in CHOICE_LINE.finditer(log)]
-
-
 # -----------------------------------------------------------------------------
 # Outputs
 
-STEP_LINE = re.compile(r"step (\d+)/\d+ \|.*\| dt ([\d.]+)ms \| tok/s ([\d,]+) \| mfu ([\d.]+%|-) \| mem ([\d.]+)GiB")
-
-
-def steady_from_log(log, skip=10):
-    """Steady-state numbers from the trainer's step lines (median of the steps after the 10th): for a
-    trainer run's log. None if no steady step."""
-    steps = [m.groups() for m in STEP_LINE.finditer(log)]
-    steady = [(float(dt), float(tps.replace(",", "")), mfu) for i, dt, tps, mfu, _ in steps if int(i) > skip]
+def steady_from_events(steps, skip=10):
+    """Steady-state numbers from a trainer run's step events (nanochat/metrics.py: EventLog): the median of the
+    steps after the 10th. None if no steady step."""
+    steady = [e for e in steps if e["step"] > skip]
     if not steady:
         return None
-    mfus = [float(m[:-1]) for _, _, m in steady if m != "-"]
-    tps = [t for _, t, _ in steady]
+    mfus = [e["mfu"] for e in steady if e["mfu"] is not None]
+    tps = [e["tok_per_sec"] for e in steady]
     return dict(tok_per_sec=statistics.median(tps), tok_per_sec_mean=sum(tps) / len(tps),
-                step_time_ms=statistics.median(d for d, _, _ in steady),
-                mfu=statistics.median(mfus) if mfus else None, peak_memory_gib=float(steps[-1][4]), steps_logged=len(steps))
+                step_time_ms=statistics.median(1000 * e["dt"] for e in steady),
+                mfu=statistics.median(mfus) if mfus else None, peak_memory_gib=steps[-1]["peak_memory_gib"],
+                steps_logged=len(steps))
 
 
 def fmt(v, spec, dash="-"):
@@ -328,7 +312,7 @@ def markdown(meta, rows, traces, results=()):
     for res in results:
         for mode, info in res.get("info", {}).items():
             if info.get("kernel_choice"):
-                lines += ["", f"Kernels, {res['key']} {mode} (the trainer's log):", ""] + [f"- {c}" for c in info["kernel_choice"]]
+                lines += ["", f"Kernels, {res['key']} {mode} (the trainer's start event):", ""] + [f"- {c}" for c in info["kernel_choice"]]
     for key, modes in traces.items():
         lines += ["", f"Trace, {key} (per {TRACE_WINDOW_S:.0f} s window from the mode's first timed step):", "",
                   "| mode | t s | steps | tok/s | SM MHz | W | GPU C |", "|---|---|---|---|---|---|---|"]

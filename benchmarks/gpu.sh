@@ -11,7 +11,8 @@
 #   bash benchmarks/gpu.sh act_sparsity [act_sparsity args]  relu² output sparsity per layer over a run (a finished study)
 #   bash benchmarks/gpu.sh repack [fused_repack args]  the experimental fused re-pack: bytes against today's, GPU ms
 #   bash benchmarks/gpu.sh optim NPROC [bench_optim args]  the optimizer's share of a 1-micro-batch step, Muon variants
-#   bash benchmarks/gpu.sh ddp NPROC NAME [base_train flags]  the trainer on NPROC GPUs (torchrun if > 1), log in $OUT/NAME.log
+#   bash benchmarks/gpu.sh ddp NPROC NAME [base_train flags]  the trainer on NPROC GPUs (torchrun if > 1), log in $OUT/NAME.log,
+#                                                    step events in $OUT/NAME.events.jsonl
 #   bash benchmarks/gpu.sh parallel "STAGE ARGS [; STAGE ARGS]" ...  one quoted list of stages per GPU, run at once
 #                                                    (GPU i runs the i-th list in order, or the GPUs a list names
 #                                                    first as "@2,3 STAGE ..."; logs in $OUT/parallel_gpu<i>.log)
@@ -84,7 +85,7 @@ case $stage in
   ddp)
     nproc=$1 name=$2; shift 2
     if [ "$nproc" = 1 ]; then launch="python3"; else launch="torchrun --standalone --nproc_per_node=$nproc"; fi
-    $launch -m scripts.base_train "$@" > "$OUT/$name.log" 2>&1
+    $launch -m scripts.base_train --events "$OUT/$name.events.jsonl" "$@" > "$OUT/$name.log" 2>&1
     echo "$name: rc $? | $(grep -E '^step [0-9]+/' "$OUT/$name.log" | tail -1 | cut -c1-150)" ;;
   parallel)  # independent 1-GPU stages side by side: a 2-GPU machine does two lists in the time of one
     i=0 pids=()
@@ -100,7 +101,7 @@ case $stage in
     rc=0; for p in "${pids[@]}"; do wait "$p" || rc=1; done
     for ((j = 0; j < i; j++)); do echo "---- GPU $j"; grep -vE "^step [0-9]+/|^  " "$OUT/parallel_gpu$j.log" | tail -n 40; done
     exit $rc ;;
-  resume)  # the trainer's step lines go to the per-run logs beside the results
+  resume)  # the trainer's step lines and events go to the per-run files beside the results
     nproc=$1; shift
     python3 -m benchmarks.resume_check --nproc "$nproc" --out "$OUT/resume_{device}_g{nproc}_d{depth}_{mode}" "$@" 2>&1 \
       | tee -a "$OUT/resume_check.log" ;;

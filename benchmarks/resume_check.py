@@ -4,14 +4,15 @@ Kill-and-resume check (issue 13): a run whose launcher is killed with SIGKILL mi
 subprocess with its own log (torchrun when --nproc > 1):
   base     the unbroken run: --save-every S --num-iterations I
   repeat   (--repeat-baseline) the same again under another tag: the machine's run-to-run noise
-  killed   the same under a third tag, in its own session; at the step line of --kill-step the launcher's
+  killed   the same under a third tag, in its own session; at the step event of --kill-step the launcher's
            pid gets SIGKILL, as a user would send it. torchrun starts each worker in a session of its own,
            so its workers outlive it: they are found in the process table, watched for --orphan-wait s,
            then killed (each worker's group) and reported
   resumed  that tag again with --resume-from-step <its newest intact checkpoint>, to step I
-The resumed run's loss at every step after the resume point, its final val bpb and its final weights are
-compared with the base run's. Passes when the losses' largest relative difference is <= --tolerance
-(default 0: identical printed values) and no rank reported different 2:4 masks.
+Each run writes its events file (nanochat/metrics.py: EventLog) beside its log. The resumed run's loss at
+every step after the resume point, its final val bpb and its final weights are compared with the base run's.
+Passes when the losses' largest relative difference is <= --tolerance (default 0: identical values) and no
+rank reported different 2:4 masks.
 
     python -m benchmarks.resume_check --nproc 2 --out /tmp/rc -- --device-type cpu --depth 2 --aspect-ratio 32 \\
         --head-dim 32 --max-seq-len 64 --device-batch-size 4 --total-batch-size 1024 --eval-tokens 512 --sample-every -1
@@ -21,7 +22,7 @@ two unbroken runs differ, some kernel is not deterministic (atomics-based reduct
 backward, the compiled embedding backward's scatter-add; cuBLAS split-K only with a changing workspace) and a
 relative tolerance like 1e-3 is the honest bar; --probe (on by default on CUDA) times nothing, it runs those
 kernels twice on identical inputs and says which of them gave different bits.
-Writes <out>.json, <out>.md and the logs (<out>_<run>.log). Exits 1 when the check fails, with a message
+Writes <out>.json, <out>.md, the logs (<out>_<run>.log) and events (<out>_<run>.events.jsonl). Exits 1 when the check fails, with a message
 when a run it needs could not run.
 """
 
@@ -29,7 +30,6 @@ import argparse
 import datetime
 import json
 import os
-import re
 import shlex
 import signal
 import subprocess
@@ -38,17 +38,12 @@ import time
 
 from nanochat import checkpoint
 from nanochat.common import get_base_dir
+from nanochat.metrics import read_events
 
 # flags this script sets itself for each run
-OWN_FLAGS = ("--save-every", "--num-iterations", "--model-tag", "--overwrite", "--resume-from-step")
-# the trainer's lines (nanochat/metrics.py: Metrics.log_step, Metrics.log_val; nanochat/train.py: plan_batches;
-# nanochat/accel/converters.py: LinearConverter.check_replicas)
-STEP_LINE = re.compile(r"^step (\d+)/\d+ \| loss (\S+) \(smooth (\S+)\)", re.M)
-VAL_LINE = re.compile(r"^step (\d+) \| val bpb (\S+)", re.M)
-BATCH_LINE = re.compile(r"^batch: [\d,]+ tokens/step = (\d+) accumulation", re.M)
+OWN_FLAGS = ("--save-every", "--num-iterations", "--model-tag", "--overwrite", "--resume-from-step", "--events")
+# the error a run stops with when its ranks' 2:4 masks differ (nanochat/accel/converters.py: check_replicas)
 MASK_ERROR = "ranks pruned different 2:4 masks"
-MASK_OK = "2:4 masks identical on all"
-KERNEL_LINE = re.compile(r"^(2:4 kernels|2:4 GEMMs|fp8: converted).*$", re.M)
 
 
 def flag_value(flags, name, default=None):
@@ -125,19 +120,22 @@ def kill_group(pgid):
         pass
 
 
-def kill_at_step(cmd, log_path, kill_step, orphan_wait, timeout):
-    """Starts cmd in its own session, SIGKILLs the launcher's pid once the log shows step kill_step, watches its
+def step_events(events_path):
+    """The step events written so far (none before the file exists)."""
+    return read_events(events_path, "step") if os.path.exists(events_path) else []
+
+
+def kill_at_step(cmd, log_path, events_path, checkpoint_dir, kill_step, orphan_wait, timeout):
+    """Starts cmd in its own session, SIGKILLs the launcher's pid once the events show step kill_step, watches its
     descendants for orphan_wait seconds, then kills the groups of those still running. Returns what happened."""
-    target = re.compile(rf"^step {kill_step:05d}/", re.M)
     t0 = time.time()
     with open(log_path, "w") as log:
         log.write("$ " + shlex.join(cmd) + "\n")
         log.flush()
         p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env(), start_new_session=True)
         while True:
-            with open(log_path) as f:
-                text = f.read()
-            if target.search(text):
+            done = step_events(events_path)
+            if any(e["step"] == kill_step for e in done):
                 break
             if p.poll() is not None or time.time() - t0 > timeout:
                 kill_group(p.pid)
@@ -147,7 +145,7 @@ def kill_at_step(cmd, log_path, kill_step, orphan_wait, timeout):
         table = process_table()
         tree = descendants(p.pid, table)
         alive_at_kill = [pid for pid in tree if not table[pid][2].startswith("Z")]
-        log_offset = len(text)
+        saved_at_kill = set(checkpoint.saved_steps(checkpoint_dir))
         os.kill(p.pid, signal.SIGKILL)  # the launcher only, as `kill -9 <pid>` would
         p.wait()
         killed_at = time.time()
@@ -162,10 +160,8 @@ def kill_at_step(cmd, log_path, kill_step, orphan_wait, timeout):
         deadline = time.time() + 10
         while alive(survivors) and time.time() < deadline:
             time.sleep(0.1)
-    with open(log_path) as f:
-        after = f.read()[log_offset:]
-    steps_after = [int(s) for s, _, _ in STEP_LINE.findall(after)]
-    saved_after = [int(s) for s in re.findall(r"^saved checkpoint step (\d+)", after, re.M)]
+    steps_after = [e["step"] for e in step_events(events_path)[len(done):]]
+    saved_after = sorted(set(checkpoint.saved_steps(checkpoint_dir)) - saved_at_kill)
     return dict(
         launcher_pid=p.pid,
         descendants={pid: table[pid][3][:160] for pid in tree},
@@ -181,27 +177,36 @@ def kill_at_step(cmd, log_path, kill_step, orphan_wait, timeout):
 
 
 # -----------------------------------------------------------------------------
-# Logs and checkpoints
+# Events, logs and checkpoints
 
-def parse_log(path):
-    with open(path) as f:
+def log_tail(log_path):
+    with open(log_path) as f:
+        return f.read()[-1500:]
+
+
+def read_run(events_path, log_path):
+    """One run's curve and set-up from its events; from its log only the error a failed run printed."""
+    events = read_events(events_path) if os.path.exists(events_path) else []
+    start = next((e for e in reversed(events) if e["event"] == "start"), {})
+    val = {e["step"]: e["val_bpb"] for e in events if e["event"] == "val"}
+    sparse_ddp = start.get("world_size", 1) > 1 and start.get("converter", {}).get("sparse_layers", 0) > 0
+    with open(log_path) as f:
         text = f.read()
-    batch = BATCH_LINE.search(text)
     return dict(
-        loss={int(s): (loss, smooth) for s, loss, smooth in STEP_LINE.findall(text)},  # printed strings
-        val={int(s): v for s, v in VAL_LINE.findall(text)},
-        micro_batches=int(batch.group(1)) if batch else None,
+        loss={e["step"]: (e["loss"], e["smooth_loss"]) for e in events if e["event"] == "step"},
+        val=val,
+        micro_batches=start.get("micro_batches"),
         mask_error=MASK_ERROR in text,
-        mask_checks=text.count(MASK_OK),
-        kernels=[m.group(0) for m in KERNEL_LINE.finditer(text)],
-        warnings=re.findall(r"^Warning: .*$", text, re.M),  # e.g. --sparse on CPU trains dense
+        mask_checks=len(val) if sparse_ddp else 0,  # under DDP each evaluation first checks the ranks' 2:4 masks
+        kernels=start.get("kernel_choices", []),
+        warnings=start.get("warnings", []),  # e.g. --sparse on CPU trains dense
         tail=text[-1500:],
     )
 
 
 def compare_curves(ref, other, after_step, last_step):
-    """Losses at steps after_step+1..last_step and the val bpb evaluations after after_step, as printed; bit-exact
-    also needs the smoothed losses (carried in the checkpoint) identical. Missing steps count as a failure."""
+    """Losses at steps after_step+1..last_step and the val bpb evaluations after after_step; bit-exact also needs
+    the smoothed losses (carried in the checkpoint) identical. Missing steps count as a failure."""
     steps = list(range(after_step + 1, last_step + 1))
     missing = [s for s in steps if s not in ref["loss"] or s not in other["loss"]]
     pairs = [(float(ref["loss"][s][0]), float(other["loss"][s][0])) for s in steps if s not in missing]
@@ -301,6 +306,7 @@ def write_outputs(out, meta, row):
     with open(out + ".json", "w") as f:
         json.dump(dict(meta=meta, results=[row]), f, indent=2)
     fmt = lambda v: "-" if v is None else (f"{v:.3g}" if isinstance(v, float) else str(v))
+    fmt_bpb = lambda v: "-" if v is None else f"{float(v):.4f}"
     k = row["kill"]
     lines = [f"# Kill-and-resume check ({meta['gpu']}, torch {meta['torch']}, {meta['date']})", "",
              f"Command: `{meta['command']}`", "",
@@ -309,10 +315,10 @@ def write_outputs(out, meta, row):
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
              f"| {row['depth']} | {row['mode']} | {row['nproc']} | {row['micro_batches']} | {row['kill_step']} | "
              f"{row['resume_step']} | {row['steps_compared']} | {fmt(row['max_abs_diff'])} | {fmt(row['max_rel_diff'])} | "
-             f"{row['bit_exact']} | {row.get('weights_bit_exact', '-')} | {row['val_bpb_ref']} / {row['val_bpb']} | "
+             f"{row['bit_exact']} | {row.get('weights_bit_exact', '-')} | {fmt_bpb(row['val_bpb_ref'])} / {fmt_bpb(row['val_bpb'])} | "
              f"{fmt(row['baseline_noise']['max_abs_diff']) if row.get('baseline_noise') else 'not measured'} | "
              f"{row['passed']} |", "",
-             f"Killed: SIGKILL to the launcher (pid {k['launcher_pid']}) at its step line {row['kill_step']}; "
+             f"Killed: SIGKILL to the launcher (pid {k['launcher_pid']}) at its step event {row['kill_step']}; "
              f"{len(k['alive_at_kill'])} descendant processes were running; "
              + (f"{len(k['orphaned'])} of them (pids {', '.join(map(str, k['orphaned']))}) were still running "
                 f"{k['orphan_wait_s']} s later, orphaned (the log reached step {k['orphan_last_step']}"
@@ -341,7 +347,7 @@ def build_arg_parser():
     p.add_argument("--num-iterations", type=int, default=None, help="default 3 x --save-every")
     p.add_argument("--kill-step", type=int, default=None, help="default halfway between the first two saves")
     p.add_argument("--tolerance", type=float, default=0.0,
-                   help="largest relative loss difference that passes (0: identical printed values; ~1e-3 on a GPU "
+                   help="largest relative loss difference that passes (0: identical values; ~1e-3 on a GPU "
                         "whose kernels are not deterministic: measure with --repeat-baseline)")
     p.add_argument("--repeat-baseline", action="store_true", help="run the unbroken run twice: run-to-run noise")
     p.add_argument("--probe", action=argparse.BooleanOptionalAction, default=None,
@@ -374,15 +380,21 @@ def main():
     depth = int(flag_value(flags, "--depth", 20))
     args.out = args.out.format(device="gpu" if on_cuda else "cpu", nproc=args.nproc, depth=depth, mode=mode)
 
-    def cmd(run_tag, *extra):
-        return launcher(args.nproc) + flags + ["--save-every", str(S), "--num-iterations", str(I),
-                                               "--model-tag", run_tag, *extra]
-
-    commands = dict(base=cmd(f"{tag}_base", "--overwrite"), killed=cmd(f"{tag}_killed", "--overwrite"))
-    if args.repeat_baseline:
-        commands["repeat"] = cmd(f"{tag}_repeat", "--overwrite")
-    logs = {name: f"{args.out}_{name}.log" for name in ("base", "repeat", "killed", "resumed")}
+    names = ("base", "repeat", "killed", "resumed")
+    logs = {name: f"{args.out}_{name}.log" for name in names}
+    events = {name: f"{args.out}_{name}.events.jsonl" for name in names}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    for path in events.values():  # a resumed run appends: a file of an earlier check must not mix in
+        if os.path.exists(path):
+            os.remove(path)
+
+    def cmd(name, run_tag, *extra):
+        return launcher(args.nproc) + flags + ["--save-every", str(S), "--num-iterations", str(I),
+                                               "--model-tag", run_tag, "--events", events[name], *extra]
+
+    commands = dict(base=cmd("base", f"{tag}_base", "--overwrite"), killed=cmd("killed", f"{tag}_killed", "--overwrite"))
+    if args.repeat_baseline:
+        commands["repeat"] = cmd("repeat", f"{tag}_repeat", "--overwrite")
     failures, seconds = [], {}
 
     for name in ("base", "repeat"):
@@ -390,26 +402,26 @@ def main():
             rc, seconds[name] = run_to_end(commands[name], logs[name], args.timeout)
             print(f"{name}: exit {rc} in {seconds[name]:.0f}s", flush=True)
             if rc != 0:
-                sys.exit(f"the {name} run failed (exit {rc}), see {logs[name]}:\n{parse_log(logs[name])['tail']}")
+                sys.exit(f"the {name} run failed (exit {rc}), see {logs[name]}:\n{log_tail(logs[name])}")
 
-    kill = kill_at_step(commands["killed"], logs["killed"], K, args.orphan_wait, args.timeout)
+    killed_dir = os.path.join(get_base_dir(), "base_checkpoints", f"{tag}_killed")
+    kill = kill_at_step(commands["killed"], logs["killed"], events["killed"], killed_dir, K, args.orphan_wait, args.timeout)
     print(f"killed: launcher SIGKILLed at step {K} after {kill['seconds']:.0f}s; orphaned workers: "
           f"{kill['orphaned'] or 'none'}" + (f" (reached step {kill['orphan_last_step']}, killed here)"
                                              if kill["orphaned"] else ""), flush=True)
-    killed_dir = os.path.join(get_base_dir(), "base_checkpoints", f"{tag}_killed")
     intact = checkpoint.intact_steps(killed_dir)
     if not intact or intact[-1] >= I:
         sys.exit(f"no checkpoint to resume from below step {I} in {killed_dir} (intact: {intact}): "
                  + ("the orphaned workers finished the run; lower --orphan-wait or raise --num-iterations"
                     if intact else "the kill came before the first save"))
     R = intact[-1]
-    commands["resumed"] = cmd(f"{tag}_killed", "--resume-from-step", str(R))
+    commands["resumed"] = cmd("resumed", f"{tag}_killed", "--resume-from-step", str(R))
     rc, seconds["resumed"] = run_to_end(commands["resumed"], logs["resumed"], args.timeout)
     print(f"resumed from step {R}: exit {rc} in {seconds['resumed']:.0f}s", flush=True)
     if rc != 0:
         failures.append(f"the resumed run failed (exit {rc}), see {logs['resumed']}")
 
-    parsed = {name: parse_log(logs[name]) for name in commands}
+    parsed = {name: read_run(events[name], logs[name]) for name in commands}
     curve = compare_curves(parsed["base"], parsed["resumed"], R, I)
     row = dict(depth=depth, mode=mode, nproc=args.nproc,
                micro_batches=parsed["base"]["micro_batches"], save_every=S, num_iterations=I, kill_step=K,
@@ -449,7 +461,8 @@ def main():
     row["warnings"] = parsed["base"]["warnings"]
     row.update(passed=not failures, failures=failures, mask_checks={n: l["mask_checks"] for n, l in parsed.items()},
                kill=kill, seconds=seconds, gpu=gpu, torch=torch_version,
-               commands={name: shlex.join(c) for name, c in commands.items()}, logs=logs)
+               commands={name: shlex.join(c) for name, c in commands.items()},
+               logs=logs, events={name: events[name] for name in commands})
     meta = dict(date=datetime.date.today().isoformat(), gpu=gpu, torch=torch_version,
                 command="python -m benchmarks.resume_check " + shlex.join(sys.argv[1:]))
     print("\n".join(write_outputs(args.out, meta, row)))

@@ -6,8 +6,9 @@ One table and one bar chart of end-to-end trainer throughput gathered from sever
     python -m benchmarks.summarize_train --gather OUT.json --meta META.json A.json=LABEL [B.json=LABEL ...]
 
 --gather builds OUT.json from bench_train JSONs: rows of the same LABEL form one config (one GPU, or GPUs named
-in the label), and where a run's log lies beside its JSON the row's numbers are recomputed from its step lines
-(bench_train.steady_from_log: the median of the steps after the 10th). META.json holds title, about, notes.
+in the label), and where a trainer run's events file lies beside its JSON (<json>_d<depth>_<mode>.events.jsonl,
+e.g. from gpu.sh's ddp stage) the row's numbers are recomputed from its step events (bench_train.steady_from_events:
+the median of the steps after the 10th). META.json holds title, about, notes.
 
 The JSON holds {"meta": {...}, "results": [{depth, mode, tok_per_sec | tok_per_sec_range, mfu,
 step_time_ms, peak_memory_gib, source, config?}, ...]}; rows compare with the dense row of the same
@@ -18,7 +19,8 @@ import json
 import os
 import sys
 
-from benchmarks.bench_train import MODES, steady_from_log
+from benchmarks.bench_train import MODES, steady_from_events
+from nanochat.metrics import read_events
 
 
 def fmt(v, spec, suffix=""):
@@ -97,15 +99,16 @@ def plot(data, path):
 
 
 def gather(sources, meta):
-    """The combined results of bench_train JSONs [(path, label)], each row's numbers from its log where it exists."""
+    """The combined results of bench_train JSONs [(path, label)], each row's numbers from its events file where it
+    exists."""
     rows = []
     for path, label in sources:
         with open(path) as f:
             data = json.load(f)
         for r in data["results"]:
             row = {k: v for k, v in r.items() if k != "log_tail"}
-            log = f"{path[:-len('.json')]}_d{r['depth']}_{r['mode']}.log"
-            steady = steady_from_log(open(log).read()) if os.path.exists(log) else None
+            events = f"{path[:-len('.json')]}_d{r['depth']}_{r['mode']}.events.jsonl"
+            steady = steady_from_events(read_events(events, "step")) if os.path.exists(events) else None
             if steady:
                 row.update(steady)
             mb = r.get("micro_batches", r.get("grad_accum"))

@@ -74,6 +74,9 @@ def build_arg_parser():
                    help="a fresh run may write into a --model-tag that holds checkpoints; they are deleted once "
                         "this run saves its first checkpoint")
     p.add_argument("--model-tag", type=str, default="", help="checkpoint directory name (default d<depth>)")
+    p.add_argument("--events", type=str, default="",
+                   help="the run's events file, one JSON line per step (nanochat/metrics.py: EventLog; "
+                        "default <checkpoint dir>/events.jsonl; a fresh run replaces it, a resumed one appends)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on for CUDA, off elsewhere)")

@@ -1,11 +1,15 @@
 """
-Where a training run's numbers go: the log lines (through a tqdm bar on a terminal), the history train()
-returns, wandb, and at the end the summary and the report (finish).
+Where a training run's numbers go: the log lines (through a tqdm bar on a terminal), the events file (one JSON
+object a line, for benchmarks and tools), the history train() returns, wandb, and at the end the summary and
+the report (finish).
 """
 
+import json
 import os
+import re
 import resource
 import sys
+import time
 
 import torch
 
@@ -18,10 +22,90 @@ def peak_memory_gib(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux reports KiB: host RSS
 
 
+EVENTS_FILE = "events.jsonl"  # in the checkpoint directory, unless --events names a path
+
+
+class EventLog:
+    """The run's events, one JSON object a line, written to `path` and flushed line by line (None: writes
+    nothing, as on ranks other than 0); a fresh run replaces the file, a resumed one (append) adds to it. Every event has "event" and "time" (Unix seconds):
+      start  once per start of the trainer: step (0, or the step resumed from), args, model_config, world_size,
+             device, device_type, torch, num_params, flops_per_token, total_batch_size (tokens per optimizer
+             step, all processes), micro_batches, num_iterations, converter (what a checkpoint records of
+             --sparse/--fp8), plan ({layer: "FORMAT PRECISION"} of the layers the converter changed, e.g.
+             "2:4 fp8"), kernel_choices (the converter's lines saying which kernel each op or layer shape runs,
+             with the timings behind it), warnings (the converter's warnings)
+      step   after each optimizer step: step (1-based), loss, smooth_loss, lrm, dt (seconds), tok_per_sec, mfu
+             (percent, null without a known peak), peak_memory_gib (GPU: allocated; CPU: the process's RSS)
+      val    step, val_bpb
+    Each run's events begin with its start event."""
+
+    def __init__(self, path, append=False):
+        self.file = None
+        if path:
+            try:
+                os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+                self.file = open(path, "a" if append else "w")
+            except OSError as e:
+                raise UserError(f"cannot write the events file {path} ({e.strerror}): pass --events a writable path")
+
+    def write(self, event, **fields):
+        if self.file:
+            self.file.write(json.dumps(dict(event=event, time=time.time(), **fields)) + "\n")
+            self.file.flush()
+
+    def close(self):
+        if self.file:
+            self.file.close()
+            self.file = None
+
+
+def read_events(path, event=None):
+    """The events of an events file, in order (only those named `event` if given)."""
+    with open(path) as f:
+        events = [json.loads(line) for line in f if line.strip()]
+    return [e for e in events if event is None or e["event"] == event]
+
+
+# the converter's lines that say which kernel an op or layer shape runs (nanochat/accel/sparse/convert.py, fp8.py)
+KERNEL_CHOICE = re.compile(r"^(2:4 kernels for |fp8 2:4 kernels for |fp8: \d+ layers of weight )")
+
+
+class SetupLog:
+    """The converter's log: each line printed (rank 0) and kept for the start event."""
+
+    def __init__(self, log=print0):
+        self.log, self.lines = log, []
+
+    def __call__(self, line):
+        self.log(line)
+        self.lines.append(line)
+
+    def kernel_choices(self):
+        return [line for line in self.lines if KERNEL_CHOICE.match(line)]
+
+    def warnings(self):
+        return [line for line in self.lines if line.startswith("Warning")]
+
+
+def device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def write_start(run, setup_log):
+    """The start event: what the run is (its flags, model, world size, device) and which kernels it chose."""
+    run.events.write("start", step=run.start_step, args=vars(run.args), model_config=run.model.config.to_dict(),
+                     world_size=run.world_size, device=device_name(run.device), device_type=run.device_type,
+                     torch=torch.__version__, num_params=run.num_params, flops_per_token=run.flops_per_token,
+                     total_batch_size=run.total_batch_size, micro_batches=run.grad_accum_steps,
+                     num_iterations=run.num_iterations, converter=run.converter.meta(),
+                     plan={name: f"{p.format} {p.precision}" for name, p in run.converter.plan.items()},
+                     kernel_choices=setup_log.kernel_choices(), warnings=setup_log.warnings())
+
+
 class Metrics:
-    """Where the run's numbers go: the log (through the progress bar on a terminal), the history that train()
-    returns, and wandb. Holds the smoothed loss and train time (continued on resume) and the latest val bpb,
-    CORE and samples, for checkpoints and the summary."""
+    """Where the run's numbers go: the log (through the progress bar on a terminal), the events file
+    (run.events), the history that train() returns, and wandb. Holds the smoothed loss and train time
+    (continued on resume) and the latest val bpb, CORE and samples, for checkpoints and the summary."""
 
     def __init__(self, run):
         args = run.args
@@ -49,6 +133,7 @@ class Metrics:
         self.history["val_step"].append(step)
         self.history["val_bpb"].append(val_bpb)
         self.log(f"step {step:05d} | val bpb {val_bpb:.4f}")
+        self.run.events.write("val", step=step, val_bpb=val_bpb)
         if self.wandb_run:
             self.wandb_run.log({"step": step, "val/bpb": val_bpb})
 
@@ -67,7 +152,7 @@ class Metrics:
             self.log(f"sample: {s!r}")
 
     def log_step(self, step, train_loss, lrm, dt):
-        """The step line (benchmarks/bench_train.py parses it) after optimizer step `step` (1-based) took dt seconds.
+        """The step line and the step event after optimizer step `step` (1-based) took dt seconds.
         Returns the smoothed loss."""
         run = self.run
         ema = 0.9
@@ -79,9 +164,12 @@ class Metrics:
             self.total_train_time += dt  # the first steps include compilation
         eta = (run.num_iterations - step) * dt
         mfu_str = f"{mfu:.1f}%" if mfu is not None else "-"
+        mem = peak_memory_gib(run.device)
         self.log(f"step {step:05d}/{run.num_iterations:05d} | loss {train_loss:.4f} (smooth {debiased:.4f}) | "
                  f"lrm {lrm:.3f} | dt {dt * 1000:.0f}ms | tok/s {tok_per_sec:,.0f} | mfu {mfu_str} | "
-                 f"mem {peak_memory_gib(run.device):.2f}GiB | eta {duration(eta)}")
+                 f"mem {mem:.2f}GiB | eta {duration(eta)}")
+        run.events.write("step", step=step, loss=train_loss, smooth_loss=debiased, lrm=lrm, dt=dt,
+                         tok_per_sec=tok_per_sec, mfu=mfu, peak_memory_gib=mem)
         self.history["step"].append(step)
         self.history["loss"].append(train_loss)
         self.history["tok_per_sec"].append(tok_per_sec)
@@ -110,8 +198,7 @@ class Metrics:
             mfu=(sum(m for m in steady_mfu if m) / max(1, len(steady_mfu))) if self.peak_flops else None,
             peak_memory_gib=peak_memory_gib(run.device), num_iterations=run.num_iterations, num_params=run.num_params,
             flops_per_token=run.flops_per_token, num_sparse_layers=run.converter.meta().get("sparse_layers", 0),
-            world_size=run.world_size,
-            device=torch.cuda.get_device_name(run.device) if run.device_type == "cuda" else run.device_type,
+            world_size=run.world_size, device=device_name(run.device),
             torch_version=torch.__version__, checkpoint_dir=run.checkpointer.dir, samples=self.samples,
             total_train_time=self.total_train_time,
         )
@@ -137,5 +224,6 @@ def finish(run, metrics):
         print0(f"report: {path}")
     if metrics.wandb_run:
         metrics.wandb_run.finish()
+    run.events.close()
     compute_cleanup()
     return dict(history=metrics.history, summary=summary)

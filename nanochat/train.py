@@ -25,7 +25,7 @@ from nanochat.evaluation import evaluate_bpb, sample_text
 from nanochat.flags import CPU_MAX_DEFAULT_PARAMS, DEFAULT_DEPTH, MAKE_TRAIN_FLAGS, validate_args
 from nanochat.gpt import GPT, config_from_depth
 from nanochat.guards import CollapseGuard, collapsed, diverged
-from nanochat.metrics import Metrics, finish
+from nanochat.metrics import EVENTS_FILE, EventLog, Metrics, SetupLog, finish, write_start
 from nanochat.optim import lr_multiplier, muon_momentum, setup_optimizers
 
 
@@ -87,7 +87,7 @@ def plan_batches(args, world_size, flops_per_token, num_params):
     return tokens_per_micro_batch, total_batch_size, grad_accum_steps, num_iterations
 
 
-def build_converter(args, device, grad_accum_steps):
+def build_converter(args, device, grad_accum_steps, log=print0):
     """The run's fast linears from --sparse and --fp8 (nanochat/accel/converters.py). Kernels and fp8 layers are
     chosen for this micro-batch's token count; the 2:4 ones weigh their saving over the step's micro-batches
     against one re-pack per step. Both read and extend one timing cache in the base dir
@@ -95,7 +95,7 @@ def build_converter(args, device, grad_accum_steps):
     return LinearConverter(device, sparse=args.sparse, fp8=args.fp8, backend=args.sparse_backend,
                            tokens=args.device_batch_size * args.max_seq_len, micro_batches=grad_accum_steps,
                            fp8_layers=args.fp8_layers,
-                           timing_cache=default_timing_cache(log=print0) if (args.sparse or args.fp8) else None, log=print0)
+                           timing_cache=default_timing_cache(log=log) if (args.sparse or args.fp8) else None, log=log)
 
 
 # Peak-memory model of a compiled training step, fitted to H100/H200 measurements
@@ -167,6 +167,7 @@ class Run:
     loop_state: dict  # the smoothed loss and train time saved with the resumed checkpoint
     loader: object  # the train loader, at the resumed position
     core_eval: object  # None unless --core-metric-every
+    events: EventLog  # --events (rank 0)
 
     @property
     def master(self):
@@ -227,7 +228,8 @@ def setup(args):
     model, num_params, flops_per_token = build_model(args, depth_given, tokenizer.get_vocab_size(), device, device_type)
     tokens_per_micro_batch, total_batch_size, grad_accum_steps, num_iterations = \
         plan_batches(args, world_size, flops_per_token, num_params)
-    converter = build_converter(args, device, grad_accum_steps)
+    setup_log = SetupLog()  # the kernel choices, for the start event
+    converter = build_converter(args, device, grad_accum_steps, log=setup_log)
     converter.convert(model)
     optimizers = setup_optimizers(model, args.embedding_lr, args.unembedding_lr, args.matrix_lr,
                                   args.weight_decay, device_type)
@@ -254,17 +256,22 @@ def setup(args):
         if core_tasks is not None:
             from nanochat.core_eval import CoreEval
             core_eval = CoreEval(core_tasks, tokenizer, model.rotary_seq_len, args.device_batch_size * args.max_seq_len)
+        events = EventLog((args.events or os.path.join(checkpoint_dir, EVENTS_FILE)) if rank == 0 else None,
+                          append=start_step > 0)
     except BaseException:
         checkpointer.close()
         raise
 
-    return Run(args=args, device=device, device_type=device_type, rank=rank, world_size=world_size,
-               autocast_ctx=autocast_ctx, sync=torch.cuda.synchronize if device_type == "cuda" else (lambda: None),
-               tokenizer=tokenizer, token_bytes=token_bytes, model=model, train_model=train_model, ddp_model=ddp_model,
-               optimizers=optimizers, num_params=num_params, flops_per_token=flops_per_token, converter=converter,
-               total_batch_size=total_batch_size, grad_accum_steps=grad_accum_steps, num_iterations=num_iterations,
-               eval_steps=max(1, args.eval_tokens // tokens_per_micro_batch), model_tag=model_tag,
-               checkpointer=checkpointer, start_step=start_step, loop_state=loop_state, loader=loader, core_eval=core_eval)
+    run = Run(args=args, device=device, device_type=device_type, rank=rank, world_size=world_size,
+              autocast_ctx=autocast_ctx, sync=torch.cuda.synchronize if device_type == "cuda" else (lambda: None),
+              tokenizer=tokenizer, token_bytes=token_bytes, model=model, train_model=train_model, ddp_model=ddp_model,
+              optimizers=optimizers, num_params=num_params, flops_per_token=flops_per_token, converter=converter,
+              total_batch_size=total_batch_size, grad_accum_steps=grad_accum_steps, num_iterations=num_iterations,
+              eval_steps=max(1, args.eval_tokens // tokens_per_micro_batch), model_tag=model_tag,
+              checkpointer=checkpointer, start_step=start_step, loop_state=loop_state, loader=loader, core_eval=core_eval,
+              events=events)
+    write_start(run, setup_log)
+    return run
 
 
 # -----------------------------------------------------------------------------

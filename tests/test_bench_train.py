@@ -1,29 +1,34 @@
-"""benchmarks/bench_train.py reads the trainer's step lines when a run stops after training (a timeout
-in the final eval, or --from-logs): those numbers must be the ones the trainer's own summary reports."""
+"""benchmarks/bench_train.py: the steady numbers of a trainer run's step events (the ones the trainer's own
+summary reports), the interleaved schedule and its statistics, and the child processes that train."""
 
 import pytest
 
-from benchmarks.bench_train import steady_from_log
+from benchmarks.bench_train import steady_from_events
 from nanochat.flags import build_arg_parser
+from nanochat.metrics import read_events
 from nanochat.train import train
 from tests.test_train import TINY
 
 
-def test_steady_from_log_matches_the_trainer_summary(tiny_data_dir, tiny_tokenizer, capsys):
-    out = train(build_arg_parser().parse_args(TINY + ["--num-iterations", "13", "--model-tag", "benchlog"]))
-    parsed = steady_from_log(capsys.readouterr().out)
+def test_steady_from_events_matches_the_trainer_summary(tiny_data_dir, tiny_tokenizer, tmp_path):
+    events = str(tmp_path / "events.jsonl")
+    out = train(build_arg_parser().parse_args(TINY + ["--num-iterations", "13", "--model-tag", "benchlog",
+                                                      "--events", events]))
+    parsed = steady_from_events(read_events(events, "step"))
     s = out["summary"]
     assert parsed["steps_logged"] == 13
-    assert parsed["tok_per_sec_mean"] == pytest.approx(s["tok_per_sec"], rel=1e-3, abs=1.0)  # the log rounds to 1 tok/s
+    assert parsed["tok_per_sec_mean"] == pytest.approx(s["tok_per_sec"], rel=1e-9)
     steady = sorted(out["history"]["tok_per_sec"][10:])
-    assert parsed["tok_per_sec"] == pytest.approx(steady[1], rel=1e-3, abs=1.0)  # the median of the 3 steady steps
-    assert parsed["mfu"] is None  # CPU: no peak FLOPs, the log prints "-"
+    assert parsed["tok_per_sec"] == pytest.approx(steady[1], rel=1e-9)  # the median of the 3 steady steps
+    assert parsed["mfu"] is None  # CPU: no peak FLOPs
 
 
-def test_steady_from_log_needs_a_step_past_warmup():
-    line = "step {:05d}/00014 | loss 5.0 (smooth 5.0) | lrm 1.000 | dt 950ms | tok/s 68,000 | mfu 45.5% | mem 43.44GiB | eta 0.1m\n"
-    assert steady_from_log("".join(line.format(i) for i in range(1, 11))) is None
-    r = steady_from_log("".join(line.format(i) for i in range(1, 13)))
+def test_steady_from_events_needs_a_step_past_warmup():
+    def steps(n):
+        return [dict(event="step", step=i, loss=5.0, dt=0.95, tok_per_sec=68000.0, mfu=45.5, peak_memory_gib=43.44)
+                for i in range(1, n + 1)]
+    assert steady_from_events(steps(10)) is None
+    r = steady_from_events(steps(12))
     assert (r["tok_per_sec"], r["step_time_ms"], r["mfu"], r["peak_memory_gib"]) == (68000, 950, 45.5, 43.44)
 
 
@@ -86,14 +91,3 @@ def test_a_child_trains_and_its_result_says_which_kernels_ran(tiny_data_dir, tin
     assert out["info"]["sparse"]["kernel_choice"] == []  # the masked kernel on CPU chooses nothing
     assert "converted 4 MLP layers to SemiSparseLinear" in log.read_text()  # set-up lines still reach the log
 
-
-def test_kernel_choice_lines_are_the_trainers_choice_lines():
-    from benchmarks.bench_train import kernel_choice_lines
-    log = "\n".join([
-        "model: depth 12, dim 768",
-        "2:4 kernels for 12 layers of weight 3072x768 (c_fc) at T=32768: fwd dense (sparse 0.180 ms, dense 0.214 ms)",
-        "2:4 kernels: cusparselt: 24 layers (3072x768, 768x3072)",
-        "fp8 2:4 kernels for 26 layers of weight 6656x1664 (c_fc): fwd 2:4, dgrad 2:4",
-        "fp8: 104 layers of weight 1664x1664 (c_k,c_proj,c_q,c_v) in fp8: forward + backward 0.806 ms in fp8",
-        "fp8: converted 156 Linear layers to float8 (tensorwise scaling)"])
-    assert kernel_choice_lines(log) == [log.splitlines()[i] for i in (1, 3, 4)]

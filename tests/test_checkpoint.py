@@ -164,15 +164,15 @@ def test_fresh_run_into_a_saved_tag_stops_and_overwrite_replaces_it(copy):
         run("--num-iterations", "3", "--model-tag", tag)
     assert digests(d) == before
     run("--num-iterations", "3", "--model-tag", tag, "--overwrite")
-    assert sorted(os.listdir(d)) == ["meta_000003.json", "model_000003.pt", "optim_000003_rank0.pt"]
+    assert sorted(os.listdir(d)) == ["events.jsonl", "meta_000003.json", "model_000003.pt", "optim_000003_rank0.pt"]
 
 
 def test_keep_last_k_keeps_the_newest(tiny_data_dir, tiny_tokenizer, nanochat_base_dir):
     run("--num-iterations", "5", "--save-every", "1", "--keep-last-k", "2", "--model-tag", "keep2")
     d = os.path.join(nanochat_base_dir, "base_checkpoints", "keep2")
     assert checkpoint.saved_steps(d) == [4, 5]
-    assert sorted(os.listdir(d)) == ["meta_000004.json", "meta_000005.json", "model_000004.pt", "model_000005.pt",
-                                     "optim_000004_rank0.pt", "optim_000005_rank0.pt"]
+    assert sorted(os.listdir(d)) == ["events.jsonl", "meta_000004.json", "meta_000005.json", "model_000004.pt",
+                                     "model_000005.pt", "optim_000004_rank0.pt", "optim_000005_rank0.pt"]
 
 
 def fake_steps(d, steps, ranks=2):
@@ -287,7 +287,7 @@ def test_lock_of_a_dead_run_is_taken_over_with_a_warning(tiny_data_dir, tiny_tok
     assert f"Warning: took over the lock of {d} from a run that is gone (pid {dead.pid} on host here since " \
            "2026-01-01T00:00:00+00:00)" in log
     assert f"removed 1 temp files of stopped runs from {d}" in log
-    assert sorted(os.listdir(d)) == ["meta_000001.json", "model_000001.pt", "optim_000001_rank0.pt"]
+    assert sorted(os.listdir(d)) == ["events.jsonl", "meta_000001.json", "model_000001.pt", "optim_000001_rank0.pt"]
 
 
 def test_collapse_stops_before_saving_and_the_good_checkpoint_survives(tiny_data_dir, tiny_tokenizer, nanochat_base_dir):
@@ -341,7 +341,7 @@ def test_full_disk_at_save_is_one_line_and_leaves_earlier_checkpoints(tiny_data_
                                         r"[\d,]+ bytes free there\): the earlier checkpoints are intact \(newest: step 1, "
                                         r"--resume-from-step 1\); free space or fix the disk$"):
         run("--num-iterations", "3", "--save-every", "1", "--model-tag", "enospc")
-    assert sorted(os.listdir(d)) == ["meta_000001.json", "model_000001.pt", "optim_000001_rank0.pt"]  # no temp files
+    assert sorted(os.listdir(d)) == ["events.jsonl", "meta_000001.json", "model_000001.pt", "optim_000001_rank0.pt"]  # no temp files
     checkpoint.load_checkpoint(d, 1, "cpu")
     # reports: the same one line
     from nanochat import report
@@ -519,7 +519,7 @@ def test_real_full_disk_at_save(small_tmpfs, tiny_data_dir, tiny_tokenizer, monk
     with pytest.raises(UserError, match=rf"^saving checkpoint step 2 to {re.escape(d)} failed \(No space left on device; "
                                         r"[\d,]+ bytes free there\): the earlier checkpoints are intact \(newest: step 1"):
         run("--num-iterations", "3", "--save-every", "1", "--keep-last-k", "1", "--eval-every", "0", "--model-tag", "full")
-    assert sorted(os.listdir(d)) == ["meta_000001.json", "model_000001.pt", "optim_000001_rank0.pt"]
+    assert sorted(os.listdir(d)) == ["events.jsonl", "meta_000001.json", "model_000001.pt", "optim_000001_rank0.pt"]
     checkpoint.load_checkpoint(d, 1, "cpu")
 
 # ---------------------------------------------------------------------------

@@ -31,6 +31,10 @@ def test_killed_two_process_run_resumes_bit_exactly(tiny_data_dir, tiny_tokenize
     assert kill["still_alive_after_cleanup"] == [] and alive(kill["alive_at_kill"]) == []
     assert row["val_bpb"] == row["val_bpb_ref"] is not None
     assert os.path.exists(out + ".md")
+    # the curves came from each run's events: the resumed one starts at the resume step
+    from nanochat.metrics import read_events
+    (start,) = read_events(row["events"]["resumed"], "start")
+    assert start["step"] == row["resume_step"] and start["world_size"] == 2
 
 
 def test_compare_curves_reports_the_first_difference():

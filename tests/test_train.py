@@ -39,7 +39,7 @@ def test_tiny_run_loss_falls_and_writes_everything(data, nanochat_base_dir):
     assert s["val_bpb"] is not None and 0 < s["val_bpb"] < 20
     assert len(s["samples"]) == 3
     ckpt = os.path.join(nanochat_base_dir, "base_checkpoints", "falls")
-    assert sorted(os.listdir(ckpt)) == ["meta_000030.json", "model_000030.pt", "optim_000030_rank0.pt"]
+    assert sorted(os.listdir(ckpt)) == ["events.jsonl", "meta_000030.json", "model_000030.pt", "optim_000030_rank0.pt"]
     report = os.path.join(nanochat_base_dir, "report")
     assert os.path.exists(os.path.join(report, "falls.md")) and os.path.exists(os.path.join(report, "falls_loss.png"))
 
@@ -120,11 +120,11 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(data, nanochat_bas
         run("--num-iterations", "4", "--save-every", save_every, "--model-tag", tag)
     ckpt = os.path.join(nanochat_base_dir, "base_checkpoints", tag)
     if save_every == "1":
-        assert sorted(os.listdir(ckpt)) == ["meta_000001.json", "model_000001.pt", "optim_000001_rank0.pt"]
+        assert sorted(os.listdir(ckpt)) == ["events.jsonl", "meta_000001.json", "model_000001.pt", "optim_000001_rank0.pt"]
         state = torch.load(os.path.join(ckpt, "model_000001.pt"), weights_only=True)
         assert all(torch.isfinite(t).all() for t in state.values())
     else:
-        assert not os.path.exists(ckpt)
+        assert os.listdir(ckpt) == ["events.jsonl"]  # the run's events only: no checkpoint
 
 
 def test_bad_val_shard_fails_before_training(tmp_path, monkeypatch, tiny_data_dir, tiny_tokenizer):
