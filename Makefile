@@ -10,7 +10,7 @@ TAG ?= d4_cpu
 PROMPT ?= def main(
 EVALS ?= bpb,sample
 
-.PHONY: setup train sample eval test gpu-wheels clean
+.PHONY: setup train sample eval test clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

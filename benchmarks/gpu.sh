@@ -8,8 +8,6 @@
 #   bash benchmarks/gpu.sh fp8_ops [bench_fp8_ops args]  one fp8 2:4 layer's GEMMs (CUTLASS, cuBLAS, cuSPARSELt) and re-pack
 #   bash benchmarks/gpu.sh memory [bench_memory args]  peak memory per mode
 #   bash benchmarks/gpu.sh profile [profile_step args]  where a step's GPU time goes, per mode
-#   bash benchmarks/gpu.sh act_sparsity [act_sparsity args]  relu² output sparsity per layer over a run (a finished study)
-#   bash benchmarks/gpu.sh repack [fused_repack args]  the experimental fused re-pack: bytes against today's, GPU ms
 #   bash benchmarks/gpu.sh optim NPROC [bench_optim args]  the optimizer's share of a 1-micro-batch step, Muon variants
 #   bash benchmarks/gpu.sh ddp NPROC NAME [base_train flags]  the trainer on NPROC GPUs (torchrun if > 1), log in $OUT/NAME.log,
 #                                                    step events in $OUT/NAME.events.jsonl
@@ -26,7 +24,7 @@
 # && python -m scripts.tok_train). Results and logs go to $OUT: default out/ (git-ignored); to record a result,
 # OUT=benchmarks/results and keep only the files a claim rests on (benchmarks/results/README.md).
 set -uo pipefail
-stage=${1:?usage: gpu.sh tests|mlp|mlp_fp8|train|fp8_ops|parity|memory|profile|act_sparsity|repack|optim|ddp|resume|parallel|env|smoke [args]}
+stage=${1:?usage: gpu.sh tests|mlp|mlp_fp8|train|fp8_ops|parity|memory|profile|optim|ddp|resume|parallel|smi|env|smoke [args]}
 shift
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -70,11 +68,6 @@ case $stage in
   fp8_ops) python3 -m benchmarks.bench_fp8_ops --out "$OUT" "$@" 2>&1 | tee -a "$OUT/fp8_ops_bench.log" ;;
   memory) python3 -m benchmarks.bench_memory --out "$OUT/memory" "$@" 2>&1 | tee -a "$OUT/memory_bench.log" ;;
   profile) python3 -m benchmarks.profile_step --out "$OUT" "$@" 2>&1 | tee -a "$OUT/profile.log" | grep -vE "^  " ;;
-  act_sparsity)  # on parity's corpus; the trainer's step lines go to the log only, the measured points are printed
-    larger_corpus
-    python3 -m benchmarks.experimental.act_sparsity --out "$OUT/act_sparsity_{device}_d{depth}" "$@" 2>&1 \
-      | tee -a "$OUT/act_sparsity.log" | grep -vE "^step [0-9]+/" ;;
-  repack) python3 -m benchmarks.experimental.fused_repack "$@" 2>&1 | tee -a "$OUT/repack.log" ;;
   parity)
     larger_corpus
     python3 -m benchmarks.bench_parity "$@" 2>&1 | tee -a "$OUT/parity.log" ;;

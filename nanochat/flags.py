@@ -40,7 +40,6 @@ def build_arg_parser():
     p.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW lr for the token embedding")
     p.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW lr for lm_head")
     p.add_argument("--matrix-lr", type=float, default=0.02, help="Muon lr for the transformer's matrices")
-    p.add_argument("--scalar-lr", type=float, default=0.5, help="lr for scalar parameters (this model has none; kept for nanochat compatibility)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay for the Muon matrices")
     p.add_argument("--warmup-steps", type=int, default=40, help="linear lr warmup steps")
     p.add_argument("--warmdown-ratio", type=float, default=0.65, help="fraction of steps of linear lr warmdown at the end")
@@ -135,7 +134,7 @@ def validate_args(args):
         (args.final_lr_frac >= 0, f"--final-lr-frac must be >= 0 (got {args.final_lr_frac})"),
         (args.weight_decay >= 0, f"--weight-decay must be >= 0 (got {args.weight_decay})"),
     ]
-    for flag in ("embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr"):
+    for flag in ("embedding_lr", "unembedding_lr", "matrix_lr"):
         checks.append((getattr(args, flag) >= 0, f"--{flag.replace('_', '-')} must be >= 0 (got {getattr(args, flag)})"))
     for flag in ("eval_every", "sample_every", "save_every"):
         checks.append((getattr(args, flag) >= -1,
