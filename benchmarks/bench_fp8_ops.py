@@ -22,7 +22,6 @@ Re-pack, GPU ms per call:
 Writes fp8_ops_bench.json and .md under --out.
 """
 
-import argparse
 import datetime
 import itertools
 import json
@@ -30,6 +29,7 @@ import os
 
 import torch
 
+from benchmarks import common_args as common
 from nanochat.accel.hardware import time_gpu_ms
 from nanochat.accel.sparse.fp8_kernel import Fp8SparseKernel
 from nanochat.accel.sparse.fp8_ops import E4M3, E5M2, cast_tensorwise, dense_operand, fp8_mm, quantize_tensor
@@ -128,10 +128,10 @@ def bench_layer(m, k, runtime):
 
 
 def build_arg_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    p.add_argument("--depths", type=int, nargs="+", default=[20, 26])
+    p = common.parser(__doc__.split("\n\n")[0])
+    common.add_depths(p, [20, 26])
     p.add_argument("--tokens", type=int, default=32768, help="tokens per micro-batch (device batch 16 x 2048)")
-    p.add_argument("--out", default="out")
+    common.add_out(p, "out", "the output directory")
     return p
 
 

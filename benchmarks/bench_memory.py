@@ -37,6 +37,7 @@ import sys
 import tempfile
 import traceback
 
+from benchmarks import common_args as common
 from benchmarks.bench_train import DEFAULT_MODES, MODES, trainer_flags
 
 LOSSES = ("chunked", "reference")
@@ -318,24 +319,24 @@ def print_saved_activations(n_embd, seq_len, partitioner=None):
 
 
 def build_arg_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    p.add_argument("--depths", type=int, nargs="+", default=[26])
-    p.add_argument("--modes", nargs="+", default=DEFAULT_MODES, choices=list(MODES))
+    p = common.parser(__doc__)
+    common.add_depths(p, [26])
+    common.add_modes(p, DEFAULT_MODES, choices=list(MODES))
     p.add_argument("--device-batch-sizes", type=int, nargs="+", default=[16])
     p.add_argument("--loss", nargs="+", default=["chunked"], choices=LOSSES, help="chunked (the model's) and/or reference (old)")
     p.add_argument("--partitioner", nargs="+", default=["default"], metavar="default|KEY=VALUE[,KEY=VALUE]",
                    help="torch._functorch.config variants to measure, e.g. default ban_recompute_materialized_backward=False")
     p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--micro-batches", type=int, default=2, help="micro-batches per optimizer step (>= 2: grads live during fwd/bwd)")
-    p.add_argument("--timeout", type=int, default=300, help="seconds per configuration")
-    p.add_argument("--out", default="out/memory")
+    common.add_seq_len(p)
+    common.add_micro_batches(p, 2)  # >= 2: the grads live during forward and backward
+    common.add_timeout(p, 300)
+    common.add_out(p, "out/memory")
     p.add_argument("--snapshot", default=None, metavar="DEPTH:MODE:BATCH[:LOSS[:PARTITIONER]]",
                    help="record the allocator history of the matching configuration(s)")
     p.add_argument("--snapshot-pickle", action="store_true", help="with --snapshot: also dump the full snapshot pickle (large)")
     p.add_argument("--saved-activations", nargs="?", const=1664, type=int, metavar="N_EMBD",
                    help="CPU only: list what the compiled forward saves for backward at this width (default 1664 = d26), then exit")
-    p.add_argument("--trainer-flags", nargs=argparse.REMAINDER, default=[], help="passed to the trainer after the bench's own")
+    common.add_trainer_flags(p)
     p.add_argument("--one", nargs=2, metavar=("SPEC_JSON", "OUT_JSON"), help=argparse.SUPPRESS)
     return p
 
@@ -361,7 +362,7 @@ def main():
         for B in args.device_batch_sizes:
             for mode in args.modes:
                 for loss, variant in [(l, v) for v in args.partitioner for l in args.loss]:
-                    flags = config_flags(depth, mode, B, args.steps, args.seq_len, args.micro_batches, args.trainer_flags)
+                    flags = config_flags(depth, mode, B, args.steps, args.seq_len, args.micro_batches, args.trainer_flags.split())
                     tag = f"d{depth}_{mode}_b{B}_{loss}" + ("" if variant == "default" else "_" + variant.replace("=", "-").replace(",", "_"))
                     spec = dict(flags=flags, loss=loss, partitioner=variant)
                     key = [str(depth), mode, str(B), loss, variant]

@@ -10,7 +10,6 @@ full nanochat model of width d (depth d/64, vocab 32768) at 45% MFU of 989 TFLOP
 d12-d20 runs in ../shared/notes measured 45-49%), refresh = depth x (refresh of c_fc + c_proj).
 """
 
-import argparse
 import datetime
 import json
 import os
@@ -20,6 +19,7 @@ import time
 
 import torch
 
+from benchmarks import common_args as common
 from nanochat.accel.kernel_choice import default_timing_cache
 from nanochat.accel.sparse import DENSE, SparseConfig, convert_mlp_to_sparse
 from nanochat.accel.sparse.cusparselt import pick_impl
@@ -103,11 +103,11 @@ def spmm_host_us(layer, T, calls=50):
 
 
 def build_arg_parser():
-    ap = argparse.ArgumentParser(allow_abbrev=False)
-    ap.add_argument("--dims", default="2048,1280,1664,768")
-    ap.add_argument("--tokens", default="16384,32768,65536")
-    ap.add_argument("--out", default="out")
-    return ap
+    p = common.parser(__doc__)
+    p.add_argument("--dims", default="2048,1280,1664,768")
+    p.add_argument("--tokens", default="16384,32768,65536")
+    common.add_out(p, "out", "the output directory")
+    return p
 
 
 def main():

@@ -4,10 +4,9 @@ rowwise), fp8 2:4 (Fp8SparseKernel, tensorwise: the trainer's). Not a test.
 Static shapes: one compile per (d, T, variant); results are rewritten after every row.
 
 python -m benchmarks.bench_mlp_fp8 [--dims 768,1280,1664,2048] [--tokens 16384,32768,65536]
-Writes out/mlp_fp8_bench.json and .md (or --out-dir).
+Writes out/mlp_fp8_bench.json and .md (or under --out).
 """
 
-import argparse
 import datetime
 import json
 import os
@@ -16,6 +15,7 @@ import sys
 
 import torch
 
+from benchmarks import common_args as common
 from nanochat.gpt import MLP as GPTMLP, GPTConfig
 from nanochat.accel.fp8 import convert_to_float8
 from nanochat.accel.sparse import SemiSparseLinear, SparseRuntime
@@ -47,14 +47,14 @@ SPARSE = ("fp8_24",)
 
 
 def build_arg_parser():
-    ap = argparse.ArgumentParser(allow_abbrev=False)
-    ap.add_argument("--dims", default="768,1280,1664,2048")
-    ap.add_argument("--tokens", default="16384,32768,65536")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--out-dir", default="out")
-    ap.add_argument("--profile", action="store_true", help="print a kernel-time breakdown instead of timing")
-    ap.add_argument("--dynamic", action="store_true", help="mark T dynamic (fewer compiles, slower fp8 reductions)")
-    return ap
+    p = common.parser(__doc__)
+    p.add_argument("--dims", default="768,1280,1664,2048")
+    p.add_argument("--tokens", default="16384,32768,65536")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    common.add_out(p, "out", "the output directory")
+    p.add_argument("--profile", action="store_true", help="print a kernel-time breakdown instead of timing")
+    p.add_argument("--dynamic", action="store_true", help="mark T dynamic (fewer compiles, slower fp8 reductions)")
+    return p
 
 
 def main():
@@ -74,7 +74,7 @@ def main():
                 command="python -m benchmarks.bench_mlp_fp8 " + shlex.join(sys.argv[1:]),
                 timing="triton.testing.do_bench median, fwd+bwd incl. grad-input of c_fc, torch.compile"
                        + (", mark_dynamic(T)" if args.dynamic else ", static shapes"))
-    os.makedirs(args.out_dir, exist_ok=True)
+    os.makedirs(args.out, exist_ok=True)
     for d in dims:
         for variant in variants:
             mlp = make(variant, d, device)
@@ -95,7 +95,7 @@ def main():
                     y.backward(gy)
 
                 if args.profile:
-                    profile(step, f"d={d} T={T} {variant}", args.out_dir)
+                    profile(step, f"d={d} T={T} {variant}", args.out)
                     continue
                 try:
                     ms = do_bench(step, warmup=50, rep=200, return_mode="median")
@@ -110,9 +110,9 @@ def main():
             torch._dynamo.reset()
             torch.cuda.empty_cache()
             if not args.profile:
-                write(args.out_dir, meta, rows, dims, tokens, variants)
+                write(args.out, meta, rows, dims, tokens, variants)
     if not args.profile:
-        print(write(args.out_dir, meta, rows, dims, tokens, variants))
+        print(write(args.out, meta, rows, dims, tokens, variants))
 
 
 def profile(step, tag, out_dir):

@@ -29,6 +29,7 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
+from benchmarks import common_args as common
 from nanochat.accel.converters import LinearConverter
 from nanochat.common import compute_cleanup, compute_init, print0
 from nanochat.gpt import GPT, config_from_depth
@@ -138,7 +139,7 @@ def bench(args):
     for variant in [v for v in args.muon if v != "sharded" or world_size > 1]:
         opts = make_optimizers(model, variant, device_type)
         fwd_bwd_ms, optimizer_ms, step_ms = time_variant(model, train_model, opts, x, y, autocast_ctx,
-                                                         args.warmup, args.steps, device)
+                                                         args.warm_steps, args.steps, device)
         rows.append(dict(depth=args.depth, mode="dense", micro_batches=1, world_size=world_size, muon=variant,
                          device_batch_size=args.device_batch_size, seq_len=args.seq_len, steps=args.steps,
                          fwd_bwd_ms=fwd_bwd_ms, optimizer_ms=optimizer_ms, step_ms=step_ms,
@@ -172,19 +173,19 @@ def write_outputs(rows, out_dir):
 
 
 def build_arg_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    p = common.parser(__doc__)
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    p.add_argument("--depth", type=int, default=20)
-    p.add_argument("--device-batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=2048)
+    common.add_depth(p, 20)
+    common.add_device_batch_size(p)
+    common.add_seq_len(p)
     p.add_argument("--vocab-size", type=int, default=32768)
     p.add_argument("--muon", nargs="+", default=VARIANTS, choices=VARIANTS,
                    help="Muon variants to time (sharded only runs on more than one process)")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, DDP's bucket rebuild)")
+    common.add_warm_steps(p, 5)
     p.add_argument("--steps", type=int, default=20, help="timed steps per variant")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on for CUDA)")
-    p.add_argument("--out", default="out")
+    common.add_out(p, "out", "the output directory")
     return p
 
 

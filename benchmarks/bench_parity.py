@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 
+from benchmarks import common_args as common
 from benchmarks.bench_train import MODES
 
 
@@ -87,17 +88,17 @@ def merge(paths, out):
 
 
 def build_arg_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    p.add_argument("--depth", type=int, default=12)
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--modes", nargs="+", default=["dense", "sparse"], choices=list(MODES))
-    p.add_argument("--device-batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=2048)
+    p = common.parser(__doc__)
+    common.add_depth(p, 12)
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps of each run")
+    common.add_modes(p, ["dense", "sparse"], choices=list(MODES))
+    common.add_device_batch_size(p)
+    common.add_seq_len(p)
     p.add_argument("--total-batch-size", type=int, default=131072)
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--eval-tokens", type=int, default=524288)
-    p.add_argument("--extra", default="", help="extra trainer flags for every run, e.g. '--device-type cpu'")
-    p.add_argument("--out", default="out/parity")
+    common.add_trainer_flags(p)
+    common.add_out(p, "out/parity")
     p.add_argument("--merge", nargs="+", metavar="JSON",
                    help="combine the runs of these results files (one mode each, e.g. from different GPUs) into --out")
     p.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
@@ -116,7 +117,7 @@ def main():
     base = ["--depth", str(args.depth), "--num-iterations", str(args.steps), "--device-batch-size", str(args.device_batch_size),
             "--max-seq-len", str(args.seq_len), "--total-batch-size", str(args.total_batch_size),
             "--eval-every", str(args.eval_every), "--eval-tokens", str(args.eval_tokens), "--sample-every", "-1",
-            "--save-every", "0", "--warmup-steps", "20", *args.extra.split()]
+            "--save-every", "0", "--warmup-steps", "20", *args.trainer_flags.split()]
     runs = {}
     for mode in args.modes:
         flags = base + ["--model-tag", f"parity_d{args.depth}_{mode}", *MODES[mode]]

@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 
+from benchmarks import common_args as common
 from benchmarks.gpu_monitor import GpuMonitor, window_stats
 
 # sparse: what --sparse chooses (2:4 GEMMs where a whole-step record shows them paying, nanochat/accel/step_gate.py);
@@ -351,16 +352,16 @@ def plot(samples, results, path):
 # -----------------------------------------------------------------------------
 
 def build_arg_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    p = common.parser(__doc__)
     p.add_argument("--method", choices=["interleaved", "process"], default="process")
-    p.add_argument("--depths", type=int, nargs="+", default=[20])
+    common.add_depths(p, [20])
     p.add_argument("--modes", nargs="+", default=DEFAULT_MODES, type=mode_choice,
                    help=f"the first is the baseline; one of {', '.join(MODES)}, optionally +VARIANT ({', '.join(VARIANTS)})")
-    p.add_argument("--micro-batches", type=int, nargs="+", default=[4], help="micro-batches per optimizer step")
-    p.add_argument("--device-batch-size", type=int, default=16)
+    common.add_micro_batches(p, [4], several=True)
+    common.add_device_batch_size(p)
     p.add_argument("--device-batch-size-d26", type=int, default=None, help="override for depth >= 26 (memory)")
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--warm-steps", type=int, default=12, help="steps per mode before anything is timed (compile)")
+    common.add_seq_len(p)
+    common.add_warm_steps(p, 12)
     p.add_argument("--drop-steps", type=int, default=2, help="steps dropped at the start of each block")
     p.add_argument("--soak-seconds", type=float, default=60, help="interleaved: heat soak before the rounds")
     p.add_argument("--soak-block-seconds", type=float, default=10)
@@ -369,10 +370,10 @@ def build_arg_parser():
     p.add_argument("--seconds", type=float, default=300, help="process: measured seconds per mode, after the settling")
     p.add_argument("--settle-seconds", type=float, default=60,
                    help="process: seconds of training before the measured ones (in the trace, not in the median)")
-    p.add_argument("--trainer-flags", default="", help="more base_train flags for every run, one quoted string")
+    common.add_trainer_flags(p)
     p.add_argument("--gpu-index", type=int, default=0, help="the NVML index of the GPU the runs use")
-    p.add_argument("--timeout", type=int, default=3600, help="seconds per child process")
-    p.add_argument("--out", default="out/train_bench")
+    common.add_timeout(p, 3600)
+    common.add_out(p, "out/train_bench")
     p.add_argument("--rebuild", metavar="JSON", help="run nothing: rows, markdown and plot again from this JSON")
     p.add_argument("--child", nargs=2, metavar=("SPEC_JSON", "OUT_JSON"), help=argparse.SUPPRESS)
     return p

@@ -61,7 +61,7 @@ case $stage in
     grep -E "^(FAILED|ERROR)|^E  |passed|failed" "$log" | head -40
     exit $rc ;;
   mlp) python3 -m benchmarks.bench_mlp --out "$OUT" "$@" 2>&1 | tee "$OUT/mlp_bench.log" ;;
-  mlp_fp8) python3 -m benchmarks.bench_mlp_fp8 --out-dir "$OUT" "$@" 2>&1 | tee "$OUT/mlp_fp8_bench.log" | grep -v "^d=" ;;
+  mlp_fp8) python3 -m benchmarks.bench_mlp_fp8 --out "$OUT" "$@" 2>&1 | tee "$OUT/mlp_fp8_bench.log" | grep -v "^d=" ;;
   train)  # --out defaults to $OUT/train_bench; bench_train writes <out>.json/.md/.png and one <out>_children.log
     case " $* " in *" --out "*) ;; *) set -- --out "$OUT/train_bench" "$@" ;; esac
     python3 -m benchmarks.bench_train "$@" 2>&1 | tee -a "$OUT/train_bench.log" ;;

@@ -2,14 +2,13 @@
 Profile (not a test): where one optimizer step's time goes, per mode, from torch.profiler. The model,
 conversions, optimizers and re-pack hooks are the trainer's; the data are random tokens (no loader).
 
-    python -m benchmarks.profile_step --depth 20 --modes dense sparse --grad-accum 4 [--out DIR]
+    python -m benchmarks.profile_step --depth 20 --modes dense sparse --micro-batches 4 [--out DIR]
 
 For each mode: wall ms per step, GPU busy ms per step (kernel time, one stream), the GPU time of each
 kernel class (dense GEMMs, 2:4 GEMMs, the re-pack, fp8 casts and scales, attention, Triton
 elementwise, the optimizer, other) and the top kernels. Writes profile_<depth>.json/.md under --out.
 """
 
-import argparse
 import datetime
 import json
 import os
@@ -19,6 +18,7 @@ import time
 
 import torch
 
+from benchmarks import common_args as common
 from nanochat.gpt import GPT, config_from_depth
 from nanochat.optim import setup_optimizers
 
@@ -123,14 +123,14 @@ def profile_mode(depth, mode, B, grad_accum, warmup_steps, steps, seq_len=2048):
 
 
 def build_arg_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    p.add_argument("--depth", type=int, default=20)
-    p.add_argument("--modes", nargs="+", default=["dense", "sparse"])
-    p.add_argument("--device-batch-size", type=int, default=16)
-    p.add_argument("--grad-accum", type=int, default=4)
-    p.add_argument("--warmup-steps", type=int, default=4)
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--out", default="out")
+    p = common.parser(__doc__)
+    common.add_depth(p, 20)
+    common.add_modes(p, ["dense", "sparse"], choices=["dense", "sparse", "fp8", "fp8_sparse"])
+    common.add_device_batch_size(p)
+    common.add_micro_batches(p, 4)
+    common.add_warm_steps(p, 4)
+    p.add_argument("--steps", type=int, default=5, help="profiled steps per mode")
+    common.add_out(p, "out", "the output directory")
     return p
 
 
@@ -139,11 +139,11 @@ def main():
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, date=datetime.date.today().isoformat(),
                 command="python -m benchmarks.profile_step " + shlex.join(sys.argv[1:]))
     rows = []
-    name = f"profile_d{args.depth}_mb{args.grad_accum}"
+    name = f"profile_d{args.depth}_mb{args.micro_batches}"
     for mode in args.modes:
-        r = profile_mode(args.depth, mode, args.device_batch_size, args.grad_accum, args.warmup_steps, args.steps)
+        r = profile_mode(args.depth, mode, args.device_batch_size, args.micro_batches, args.warm_steps, args.steps)
         rows.append(r)
-        lines = [f"# Step profile, d{args.depth}, device batch {args.device_batch_size}, {args.grad_accum} micro-batches "
+        lines = [f"# Step profile, d{args.depth}, device batch {args.device_batch_size}, {args.micro_batches} micro-batches "
                  f"({meta['gpu']}, torch {meta['torch']}, {meta['date']})", "", f"Command: `{meta['command']}`", ""]
         for r2 in rows:
             lines += [f"## {r2['mode']}: {r2['wall_ms']:.1f} ms wall per step ({r2['tok_per_sec']:,.0f} tok/s), "

@@ -36,6 +36,7 @@ import subprocess
 import sys
 import time
 
+from benchmarks import common_args as common
 from nanochat import checkpoint
 from nanochat.common import get_base_dir
 from nanochat.metrics import read_events
@@ -341,7 +342,7 @@ def write_outputs(out, meta, row):
 
 
 def build_arg_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    p = common.parser(__doc__)
     p.add_argument("--nproc", type=int, default=1, help="processes (torchrun when > 1)")
     p.add_argument("--save-every", type=int, default=10)
     p.add_argument("--num-iterations", type=int, default=None, help="default 3 x --save-every")
@@ -355,9 +356,9 @@ def build_arg_parser():
     p.add_argument("--orphan-wait", type=float, default=2.0,
                    help="seconds to watch the killed launcher's workers before killing them")
     p.add_argument("--tag", default=None, help="checkpoint tag prefix (default resume_check_<mode>)")
-    p.add_argument("--timeout", type=int, default=1800, help="seconds per run")
-    p.add_argument("--out", default="out/resume_check_{device}_g{nproc}_d{depth}_{mode}",
-                   help="path prefix of the outputs; {device}, {nproc}, {depth} and {mode} are filled in")
+    common.add_timeout(p, 1800)
+    common.add_out(p, "out/resume_check_{device}_g{nproc}_d{depth}_{mode}",
+                   "path prefix of the outputs; {device}, {nproc}, {depth} and {mode} are filled in")
     p.add_argument("trainer_flags", nargs=argparse.REMAINDER, help="-- then scripts.base_train flags")
     return p
 

@@ -35,7 +35,7 @@ def test_measure_in_process(data):
 def test_command_line_writes_json_and_table(data, tmp_path):
     out = str(tmp_path / "mem")
     cmd = [sys.executable, "-m", "benchmarks.bench_memory", "--depths", "2", "--device-batch-sizes", "4", "--modes", "dense",
-           "--loss", "chunked", "reference", "--steps", "2", "--seq-len", "32", "--out", out, "--trainer-flags", *TINY]
+           "--loss", "chunked", "reference", "--steps", "2", "--seq-len", "32", "--out", out, "--trainer-flags", " ".join(TINY)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert r.returncode == 0, r.stdout + r.stderr
     with open(out + ".json") as f:

@@ -10,7 +10,7 @@ from benchmarks.bench_optim import bench, build_arg_parser, write_outputs
 
 def test_bench_optim_tiny_cpu_run_writes_rows(tmp_path):
     args = build_arg_parser().parse_args(["--device", "cpu", "--depth", "2", "--seq-len", "32", "--device-batch-size", "2",
-                                          "--vocab-size", "256", "--warmup", "1", "--steps", "2", "--out", str(tmp_path)])
+                                          "--vocab-size", "256", "--warm-steps", "1", "--steps", "2", "--out", str(tmp_path)])
     rows = bench(args)
     write_outputs(rows, args.out)
     assert [r["muon"] for r in rows] == ["stacked", "replicated"]  # one process: sharded is replicated

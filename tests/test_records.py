@@ -211,8 +211,8 @@ def test_the_parser_reads_commands_as_the_launchers_do():
                                         "scripts.base_train --depth 2")[0]) is None
     assert "unrecognized arguments: --steps" in parse_command(split_commands("bash benchmarks/gpu.sh train --steps 20")[0])
     assert parse_command(split_commands("bash benchmarks/gpu.sh optim 2 --depth 20")[0]) is None
-    assert "expected one argument" in parse_command(split_commands("python -m benchmarks.bench_parity --extra --device-type cpu")[0])
-    assert parse_command(split_commands("python -m benchmarks.bench_parity --extra '--device-type cpu'")[0]) is None
+    assert "expected one argument" in parse_command(split_commands("python -m benchmarks.bench_parity --trainer-flags --device-type cpu")[0])
+    assert parse_command(split_commands("python -m benchmarks.bench_parity --trainer-flags '--device-type cpu'")[0]) is None
     assert parse_command(split_commands("bash benchmarks/gpu.sh ddp NPROC NAME --depth 20 --total-batch-size TOKENS "
                                         "[--sparse]")[0]) is None
     assert parse_command(split_commands("bash benchmarks/gpu.sh nothing")[0]) == "gpu.sh has no stage nothing"
