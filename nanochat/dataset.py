@@ -1,6 +1,7 @@
 """Pretraining text as parquet shards with a `text` column (the FineWeb-edu layout nanochat uses).
 
 <base>/base_data/shard_00000.parquet, shard_00001.parquet, ...  sorted by name; the last shard is validation.
+<base>/base_data/corpus.json   which corpus the shards came from: shards of another one are not added beside them.
 
 Two ways to fill the directory:
   python -m nanochat.dataset --default-corpus   the installed Python stdlib's .py files, no download needed
@@ -8,6 +9,7 @@ Two ways to fill the directory:
 """
 
 import argparse
+import json
 import os
 import random
 import re
@@ -24,6 +26,7 @@ from nanochat.common import UserError, get_base_dir, run_main
 DEFAULT_BASE_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
 SHARD_NAME = "shard_{index:05d}.parquet"
 SHARD_PATTERN = re.compile(r"shard_\d{5,}\.parquet")  # only these count: a stray notes.parquet must not become val
+CORPUS_FILE = "corpus.json"
 HOW_TO_GET_DATA = "run `python -m nanochat.dataset --default-corpus` (or `-n 8` to download FineWeb-edu shards)"
 
 
@@ -38,10 +41,15 @@ def shard_path(data_dir, index):
 # ---------------------------------------------------------------------------
 # Reading
 
+def shard_names(data_dir):
+    """Sorted names of the shards in data_dir ([] when there are none or no directory)."""
+    return sorted(n for n in os.listdir(data_dir) if SHARD_PATTERN.fullmatch(n)) if os.path.isdir(data_dir) else []
+
+
 def list_shards(data_dir=None):
     """Sorted paths of all shards in data_dir; a UserError when there are none."""
     data_dir = data_dir or get_data_dir()
-    names = sorted(n for n in os.listdir(data_dir) if SHARD_PATTERN.fullmatch(n)) if os.path.isdir(data_dir) else []
+    names = shard_names(data_dir)
     if not names:
         raise UserError(f"no data shards in {data_dir}: {HOW_TO_GET_DATA}")
     return [os.path.join(data_dir, n) for n in names]
@@ -102,6 +110,59 @@ def iter_docs(split, data_dir=None, start=0, step=1):
 
 
 # ---------------------------------------------------------------------------
+# Which corpus a data dir holds
+
+def default_corpus_record(source_dir):
+    return {"corpus": "python-files", "source": os.path.abspath(source_dir)}
+
+
+def download_record(base_url):
+    return {"corpus": "download", "source": base_url.rstrip("/")}
+
+
+def describe(record):
+    if record is None:
+        return "a corpus it does not record"
+    if record.get("corpus") == "python-files":
+        return f"the .py files of {record.get('source')} (--default-corpus)"
+    return f"the corpus at {record.get('source')}"
+
+
+def read_corpus_record(data_dir):
+    """The data dir's corpus record, or None (no record, or not readable as one)."""
+    try:
+        with open(os.path.join(data_dir, CORPUS_FILE)) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def claim_data_dir(data_dir, record, overwrite=False):
+    """Before writing `record`'s shards into data_dir: record the corpus, or check that the shards already there
+    came from the same one. Shards of another corpus (or of an unrecorded one) are refused, so two corpora
+    never mix into one train split; overwrite=True deletes them first. Returns whether shards of this corpus
+    are already there."""
+    shards = shard_names(data_dir)
+    have = read_corpus_record(data_dir)
+    if shards and have == record:
+        return True
+    if shards and not overwrite:
+        raise UserError(f"{data_dir} holds {len(shards)} shards of {describe(have)}; adding shards of "
+                        f"{describe(record)} would mix two corpora: pass --overwrite to delete them first, or "
+                        f"--data-dir (or NANOCHAT_BASE_DIR) for a directory of its own "
+                        f"(the tokenizer and checkpoints trained on the old shards stay as they are)")
+    for name in shards:
+        os.remove(os.path.join(data_dir, name))
+    os.makedirs(data_dir, exist_ok=True)
+    tmp = os.path.join(data_dir, CORPUS_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(record, f)
+    os.replace(tmp, os.path.join(data_dir, CORPUS_FILE))
+    return False
+
+
+# ---------------------------------------------------------------------------
 # Writing the default corpus
 
 def list_stdlib_sources(source_dir=None):
@@ -129,16 +190,17 @@ def read_text_files(paths):
 
 
 def write_default_corpus(data_dir=None, source_dir=None, max_files=None, docs_per_shard=512, docs_per_row_group=32,
-                         seed=42):
-    """Write the stdlib .py sources as shards; no-op when data_dir already has shards. Returns the shard paths.
+                         seed=42, overwrite=False):
+    """Write the stdlib .py sources as shards; no-op when data_dir already has this corpus's shards, an error
+    when it has another corpus's (unless overwrite: claim_data_dir). Returns the shard paths.
 
     Files are shuffled with a fixed seed so that the validation shard (the last one) looks like the rest,
     not like the alphabetically last modules. Small row groups let up to 8 ranks share the val shard.
     """
     data_dir = data_dir or get_data_dir()
-    if os.path.isdir(data_dir) and any(SHARD_PATTERN.fullmatch(n) for n in os.listdir(data_dir)):
-        return list_shards(data_dir)
     source_dir = source_dir or sysconfig.get_paths()["stdlib"]
+    if claim_data_dir(data_dir, default_corpus_record(source_dir), overwrite):
+        return list_shards(data_dir)
     files = list_stdlib_sources(source_dir)[:max_files]
     docs = read_text_files(files)
     random.Random(seed).shuffle(docs)
@@ -146,7 +208,6 @@ def write_default_corpus(data_dir=None, source_dir=None, max_files=None, docs_pe
     if n_shards < 2:
         raise UserError(f"only {len(docs)} documents found under {source_dir}: need more than {docs_per_shard} "
                         f"for a train and a val shard; pass a bigger source dir or a smaller docs_per_shard")
-    os.makedirs(data_dir, exist_ok=True)
     for index in range(n_shards):
         shard_docs = docs[index * docs_per_shard:(index + 1) * docs_per_shard]
         write_shard(shard_path(data_dir, index), shard_docs, docs_per_row_group)
@@ -187,20 +248,27 @@ def download_file(url, path, retries=5, retry_wait=2.0, timeout=60):
     raise UserError(f"download of {url} failed after {retries} tries ({last_error}): check --base-url and the network")
 
 
-def download_shards(num_shards, data_dir=None, base_url=DEFAULT_BASE_URL, workers=4, retries=5, retry_wait=2.0):
-    """Download shards 0..num_shards-1 (skipping ones already present); the last one becomes val."""
+def download_shards(num_shards, data_dir=None, base_url=DEFAULT_BASE_URL, workers=4, retries=5, retry_wait=2.0,
+                    overwrite=False):
+    """Download shards 0..num_shards-1 (skipping ones already present); the last one becomes val. Shards of
+    another corpus in data_dir are an error, unless overwrite (claim_data_dir)."""
     if num_shards < 2:
         raise UserError(f"-n {num_shards} is too few: need at least 2 shards (train + val)")
     data_dir = data_dir or get_data_dir()
-    os.makedirs(data_dir, exist_ok=True)
     base_url = base_url.rstrip("/")
+    claim_data_dir(data_dir, download_record(base_url), overwrite)
 
     def fetch(index):
         name = SHARD_NAME.format(index=index)
         return download_file(f"{base_url}/{name}", os.path.join(data_dir, name), retries, retry_wait)
 
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(fetch, range(num_shards)))
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            return list(pool.map(fetch, range(num_shards)))
+    except UserError:
+        if not shard_names(data_dir):
+            os.remove(os.path.join(data_dir, CORPUS_FILE))  # nothing arrived: the directory is as it was
+        raise
 
 
 def main():
@@ -210,6 +278,8 @@ def main():
     parser.add_argument("--base-url", default=DEFAULT_BASE_URL, help="URL prefix of shard_XXXXX.parquet files")
     parser.add_argument("--workers", type=int, default=4, help="parallel downloads")
     parser.add_argument("--data-dir", default=None, help="default: <base>/base_data")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete the shards of another corpus in the data dir before writing these")
     parser.add_argument("--source-dir", default=None,
                         help="with --default-corpus: take the .py files under this directory instead of the stdlib "
                              "(e.g. a site-packages directory, for a larger code corpus)")
@@ -219,9 +289,9 @@ def main():
     data_dir = args.data_dir or get_data_dir()
     t0 = time.time()
     if args.default_corpus:
-        shards = write_default_corpus(data_dir, source_dir=args.source_dir)
+        shards = write_default_corpus(data_dir, source_dir=args.source_dir, overwrite=args.overwrite)
     else:
-        shards = download_shards(args.num_shards, data_dir, args.base_url, args.workers)
+        shards = download_shards(args.num_shards, data_dir, args.base_url, args.workers, overwrite=args.overwrite)
     print(f"{len(shards)} shards in {data_dir} ({time.time() - t0:.1f}s); val shard: {os.path.basename(shards[-1])}")
 
 

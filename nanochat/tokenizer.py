@@ -195,6 +195,41 @@ def rebuild_hint(vocab_size=None):
     return "run `python -m scripts.tok_train` with --vocab-size N, the size the model trains with (make train uses 4096)"
 
 
+def check_replace(directory, vocab_size, overwrite, checkpoints_dir=None):
+    """Before training a tokenizer of vocab_size into directory: a tokenizer of another size there is what
+    checkpoints (and make train, which trains one only when none exists) load, so replacing it needs overwrite.
+    checkpoints_dir: <base>/base_checkpoints, whose tags trained with the old tokenizer the error names."""
+    if overwrite or not os.path.isfile(os.path.join(directory, META_FILE)):
+        return
+    try:
+        have = Tokenizer.from_directory(directory).identity()
+    except UserError:
+        return  # a damaged tokenizer serves nobody: replacing it loses nothing
+    if have["vocab_size"] == vocab_size:
+        return
+    users = tags_trained_with(checkpoints_dir, have["sha256"]) if checkpoints_dir else []
+    used = f"; checkpoints trained with it: {', '.join(users)}" if users else ""
+    raise UserError(f"{directory} holds a tokenizer of vocab size {have['vocab_size']}{used}; this one would have "
+                    f"{vocab_size}: pass --overwrite to replace it (the model tags trained with the old one then no "
+                    f"longer load), or set NANOCHAT_BASE_DIR to another directory for the new one (data included)")
+
+
+def tags_trained_with(checkpoints_dir, sha256):
+    """The model tags under checkpoints_dir whose newest checkpoint meta records a tokenizer of this sha256."""
+    tags = []
+    for tag in sorted(os.listdir(checkpoints_dir)) if os.path.isdir(checkpoints_dir) else []:
+        metas = sorted(n for n in os.listdir(os.path.join(checkpoints_dir, tag)) if n.startswith("meta_")) \
+            if os.path.isdir(os.path.join(checkpoints_dir, tag)) else []
+        try:
+            with open(os.path.join(checkpoints_dir, tag, metas[-1])) as f:
+                recorded = json.load(f).get("tokenizer") or {}
+        except (IndexError, OSError, ValueError, AttributeError):
+            continue
+        if isinstance(recorded, dict) and recorded.get("sha256") == sha256:
+            tags.append(tag)
+    return tags
+
+
 def get_tokenizer(directory=None, need=None):
     """The tokenizer trained by scripts/tok_train.py (in <base>/tokenizer unless a directory is given).
     need: {"vocab_size", "sha256" (None: not recorded), "what"}, from nanochat.checkpoint.tokenizer_need:

@@ -6,9 +6,11 @@ python -m scripts.tok_train --vocab-size 4096 --max-chars 20000000
 import argparse
 import time
 
-from nanochat.common import UserError, run_main
+import os
+
+from nanochat.common import UserError, get_base_dir, run_main
 from nanochat.dataset import get_data_dir, iter_docs
-from nanochat.tokenizer import Tokenizer, get_tokenizer_dir
+from nanochat.tokenizer import Tokenizer, check_replace, get_tokenizer_dir
 
 
 def iter_training_text(max_chars, doc_cap, data_dir=None):
@@ -22,10 +24,13 @@ def iter_training_text(max_chars, doc_cap, data_dir=None):
             return
 
 
-def train_tokenizer(vocab_size, max_chars, doc_cap, data_dir=None, out_dir=None):
-    """Train, save and return (tokenizer, characters trained on)."""
+def train_tokenizer(vocab_size, max_chars, doc_cap, data_dir=None, out_dir=None, overwrite=False):
+    """Train, save and return (tokenizer, characters trained on). A tokenizer of another vocab size in out_dir
+    is replaced only with overwrite (nanochat.tokenizer.check_replace)."""
     if max_chars <= 0 or doc_cap <= 0:
         raise UserError("--max-chars and --doc-cap must be positive")
+    out_dir = out_dir or get_tokenizer_dir()
+    check_replace(out_dir, vocab_size, overwrite, os.path.join(get_base_dir(), "base_checkpoints"))
     counted = {"chars": 0}
 
     def counting(texts):
@@ -34,7 +39,7 @@ def train_tokenizer(vocab_size, max_chars, doc_cap, data_dir=None, out_dir=None)
             yield text
 
     tokenizer = Tokenizer.train_from_iterator(counting(iter_training_text(max_chars, doc_cap, data_dir)), vocab_size)
-    tokenizer.save(out_dir or get_tokenizer_dir())
+    tokenizer.save(out_dir)
     return tokenizer, counted["chars"]
 
 
@@ -44,9 +49,12 @@ def main():
     parser.add_argument("--max-chars", type=int, default=int(2e9), help="train on at most this many characters")
     parser.add_argument("--doc-cap", type=int, default=10_000, help="use at most this many characters per document")
     parser.add_argument("--data-dir", default=None, help="default: <base>/base_data")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a tokenizer of another vocab size (checkpoints trained with it no longer load)")
     args = parser.parse_args()
     t0 = time.time()
-    tokenizer, n_chars = train_tokenizer(args.vocab_size, args.max_chars, args.doc_cap, args.data_dir)
+    tokenizer, n_chars = train_tokenizer(args.vocab_size, args.max_chars, args.doc_cap, args.data_dir,
+                                         overwrite=args.overwrite)
     elapsed = time.time() - t0
     sample = "The quick brown fox jumps over the lazy dog.\ndef f(x):\n    return x + 1\n"
     ratio = len(sample.encode()) / len(tokenizer.encode(sample))

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from nanochat.common import UserError
-from nanochat.dataset import (download_shards, iter_docs, list_row_groups, list_shards, list_stdlib_sources,
+from nanochat.dataset import (CORPUS_FILE, download_shards, iter_docs, list_row_groups, list_shards, list_stdlib_sources,
                               read_text_files, split_shards, write_default_corpus, write_shard)
 
 SMALL = dict(max_files=60, docs_per_shard=20, docs_per_row_group=5)
@@ -162,12 +162,34 @@ def test_download_shards(local_server, tmp_path):
     assert [os.path.basename(p) for p in paths] == [f"shard_{i:05d}.parquet" for i in range(3)]
     for p in paths:
         assert open(p, "rb").read() == open(served / os.path.basename(p), "rb").read()
-    assert sorted(os.listdir(dest)) == [os.path.basename(p) for p in paths]  # no temp files left
+    assert sorted(os.listdir(dest)) == [CORPUS_FILE] + [os.path.basename(p) for p in paths]  # no temp files left
     assert list(iter_docs("val", dest)) == [f"doc 2 {j}" for j in range(7)]
     # Present shards are not fetched again (the server no longer has them).
     for p in served.iterdir():
         p.unlink()
     assert download_shards(3, dest, base_url=url, retries=1, retry_wait=0) == paths
+
+
+def test_another_corpus_is_not_mixed_in_without_overwrite(local_server, tmp_path):
+    """Downloaded shards next to the default corpus's would form one train split of two corpora."""
+    served, url = local_server
+    for i in range(3):
+        write_shard(str(served / f"shard_{i:05d}.parquet"), [f"doc {i} {j}" for j in range(7)], 3)
+    data_dir = str(tmp_path / "data")
+    write_default_corpus(data_dir, **SMALL)
+    before = read_all_bytes(data_dir)
+    with pytest.raises(UserError, match=rf"^{data_dir} holds \d+ shards of the \.py files of .* \(--default-corpus\); "
+                                        rf"adding shards of the corpus at {url} would mix two corpora: "
+                                        r"pass --overwrite to delete them first"):
+        download_shards(3, data_dir, base_url=url, retries=1, retry_wait=0)
+    assert read_all_bytes(data_dir) == before
+    paths = download_shards(3, data_dir, base_url=url, retries=1, retry_wait=0, overwrite=True)
+    assert list_shards(data_dir) == paths and list(iter_docs("val", data_dir)) == [f"doc 2 {j}" for j in range(7)]
+    with pytest.raises(UserError, match=rf"holds 3 shards of the corpus at {url}; adding shards of the \.py"):
+        write_default_corpus(data_dir, **SMALL)
+    os.remove(os.path.join(data_dir, CORPUS_FILE))  # shards whose corpus is not recorded count as another one
+    with pytest.raises(UserError, match="holds 3 shards of a corpus it does not record"):
+        download_shards(3, data_dir, base_url=url, retries=1, retry_wait=0)
 
 
 def test_download_missing_shard_is_user_error(local_server, tmp_path):

@@ -101,3 +101,25 @@ def test_identity_is_the_saved_files(tiny_tokenizer, tmp_path):
     tiny_tokenizer.save(str(tmp_path))
     ident = get_tokenizer(str(tmp_path)).identity()
     assert ident == tiny_tokenizer.identity() and ident["vocab_size"] == 512 and len(ident["sha256"]) == 64
+
+
+def test_tokenizer_of_another_size_is_replaced_only_with_overwrite(tiny_tokenizer, tiny_data_dir, tmp_path,
+                                                                   monkeypatch):
+    """tok_train's default vocab size must not silently replace the one a tag's checkpoints load."""
+    import json
+    import os
+
+    from scripts.tok_train import train_tokenizer
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    out = str(tmp_path / "tokenizer")
+    tiny_tokenizer.save(out)
+    os.makedirs(tmp_path / "base_checkpoints" / "d4_cpu")
+    with open(tmp_path / "base_checkpoints" / "d4_cpu" / "meta_000300.json", "w") as f:
+        json.dump({"tokenizer": tiny_tokenizer.identity()}, f)
+    with pytest.raises(UserError, match=rf"^{out} holds a tokenizer of vocab size 512; checkpoints trained with it: "
+                                        r"d4_cpu; this one would have 300: pass --overwrite to replace it"):
+        train_tokenizer(300, max_chars=20_000, doc_cap=10_000, data_dir=tiny_data_dir, out_dir=out)
+    assert get_tokenizer(out).identity() == tiny_tokenizer.identity()
+    train_tokenizer(512, max_chars=20_000, doc_cap=10_000, data_dir=tiny_data_dir, out_dir=out)  # same size: fine
+    train_tokenizer(300, max_chars=20_000, doc_cap=10_000, data_dir=tiny_data_dir, out_dir=out, overwrite=True)
+    assert get_tokenizer(out).get_vocab_size() == 300
