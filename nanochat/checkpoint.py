@@ -255,15 +255,34 @@ def _expected_files(meta, step):
     return {model_name(step): None, **{optim_name(step, r): None for r in range(meta.get("world_size", 1))}}
 
 
+def step_problem(checkpoint_dir, step, check_hash):
+    """None, or (path, what is wrong) for the first damaged file of a saved step: its meta, then each file the
+    meta records (sizes; with check_hash also the sha256 of every file, all ranks' included)."""
+    meta = _read_meta(checkpoint_dir, step)
+    if isinstance(meta, str):
+        return os.path.join(checkpoint_dir, meta_name(step)), meta
+    for name, record in _expected_files(meta, step).items():
+        why = _file_problem(checkpoint_dir, name, record, check_hash)
+        if why:
+            return os.path.join(checkpoint_dir, name), why
+    return None
+
+
 def intact_steps(checkpoint_dir):
     """Saved steps whose meta parses and whose files all have the recorded sizes (checksums are checked on load)."""
-    good = []
-    for step in saved_steps(checkpoint_dir):
-        meta = _read_meta(checkpoint_dir, step)
-        if isinstance(meta, dict) and not any(_file_problem(checkpoint_dir, n, rec, False)
-                                              for n, rec in _expected_files(meta, step).items()):
-            good.append(step)
-    return good
+    return [step for step in saved_steps(checkpoint_dir) if step_problem(checkpoint_dir, step, False) is None]
+
+
+def newest_verified_step(checkpoint_dir):
+    """--resume-from-step latest: the newest saved step whose files all match their recorded sizes and sha256,
+    checked newest first. Returns (that step or None, [(step, path, why) of each newer step skipped])."""
+    skipped = []
+    for step in reversed(saved_steps(checkpoint_dir)):
+        problem = step_problem(checkpoint_dir, step, True)
+        if problem is None:
+            return step, skipped
+        skipped.append((step, *problem))
+    return None, skipped
 
 
 def _damaged(checkpoint_dir, step, path, why, step_flag):

@@ -59,7 +59,7 @@ def build_arg_parser():
                         "(the final one, the one with the best val bpb and the last one before a collapse are always "
                         "kept; 0 = keep all)")
     p.add_argument("--resume-from-step", type=resume_step, default=-1,
-                   help="resume from this saved step, or 'latest' for the newest one with complete files (-1 = fresh run)")
+                   help="resume from this saved step, or 'latest' for the newest one whose files match their sha256 (-1 = fresh run)")
     p.add_argument("--allow-batch-change", action="store_true",
                    help="resume with another --device-batch-size/--total-batch-size: the data continues from the saved "
                         "position, but the run no longer matches an uninterrupted one")

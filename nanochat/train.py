@@ -175,13 +175,15 @@ class Run:
 
 
 def latest_step(checkpoint_dir):
-    """--resume-from-step latest: the newest saved step whose files are complete."""
-    steps = checkpoint.intact_steps(checkpoint_dir)
-    if not steps:
+    """--resume-from-step latest: the newest saved step whose files match their sha256, naming newer ones skipped."""
+    step, skipped = checkpoint.newest_verified_step(checkpoint_dir)
+    if step is None:
+        why = f"; damaged: {', '.join(f'step {s} ({p}: {w})' for s, p, w in skipped)}" if skipped else ""
         raise UserError(f"--resume-from-step latest: no checkpoint with complete files in {checkpoint_dir} "
-                        f"({checkpoint.existing_tags(checkpoint_dir)}): check --model-tag, or start a fresh run")
-    print0(f"--resume-from-step latest: step {steps[-1]}")
-    return steps[-1]
+                        f"({checkpoint.existing_tags(checkpoint_dir)}{why}): check --model-tag, or start a fresh run")
+    notes = "; ".join(f"skipped step {s}: {p} is damaged ({w})" for s, p, w in skipped)
+    print0(f"--resume-from-step latest: step {step}" + (f" ({notes})" if notes else ""))
+    return step
 
 
 def checkpoint_bytes(model, world_size):

@@ -569,3 +569,15 @@ def test_flipped_byte_in_any_file_of_a_two_rank_checkpoint_is_refused(two_rank_c
         assert "\n" not in str(e.value)
         assert re.fullmatch(rf"checkpoint file {re.escape(path)} is damaged \({why}\): no other saved step has complete "
                             rf"files: start over with --overwrite or a new --model-tag", str(e.value)), str(e.value)
+
+
+def test_resume_from_latest_skips_a_newest_step_of_the_same_size_but_other_bytes(copy, capsys):
+    """Sizes alone pass a flipped byte: latest checks each step's sha256, newest first, and names what it skips."""
+    tag, d = copy
+    flip_byte(os.path.join(d, "optim_000006_rank0.pt"))
+    flip_byte(os.path.join(d, "model_000004.pt"))
+    out = run("--num-iterations", "3", "--model-tag", tag, "--resume-from-step", "latest")
+    assert out["history"]["step"] == [3]
+    assert re.search(r"--resume-from-step latest: step 2 \(skipped step 6: \S+/optim_000006_rank0.pt is damaged \(its "
+                     r"sha256 differs from the one the meta file recorded\); skipped step 4: \S+/model_000004.pt is "
+                     r"damaged", capsys.readouterr().out)
