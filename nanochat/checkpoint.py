@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from nanochat import storage
 from nanochat.common import UserError, print0
+from nanochat.flags import RESUME_HYPERPARAMETERS
 from nanochat.guards import diverged
 
 # meta["format"]: 2 = meta records each file's size and sha256. Format 1 (no "files" key) loads unchecked.
@@ -388,6 +389,22 @@ def check_compatible(meta, model_config, world_size):
                         f"resume with --nproc_per_node={meta['world_size']}")
 
 
+def load_moments(optimizer, state):
+    """The saved optimizer's per-parameter state (its moments) into `optimizer`; the param groups keep the
+    hyperparameters this run's flags gave them (lr, initial_lr, weight decay), which load_state_dict would
+    replace with the saved run's."""
+    flags = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, own in zip(optimizer.param_groups, flags):
+        group.update(own)
+
+
+def changed_hyperparameters(saved_args, args):
+    """'--matrix-lr 0.01 (checkpoint: 0.02), ...' for each of RESUME_HYPERPARAMETERS that differs, or ''."""
+    return ", ".join(f"--{k.replace('_', '-')} {args[k]} (checkpoint: {saved_args[k]})" for k in RESUME_HYPERPARAMETERS
+                     if k in saved_args and saved_args[k] != args.get(k))
+
+
 def load_model_for_inference(checkpoint_dir, step=None, device="cpu"):
     """Build a GPT from a checkpoint (latest step when step is None) for evaluation or sampling, with the
     converter its meta asks for (a sparse checkpoint: its MLP layers 2:4 again, the same masks)."""
@@ -465,8 +482,8 @@ class Checkpointer:
             self.lock = None
 
     def resume(self, args, model, optimizers, num_iterations, world_size, device):
-        """Loads weights, optimizer moments and RNG states of --resume-from-step.
-        Returns (step, loop state, this rank's loader state)."""
+        """Loads weights, optimizer moments and RNG states of --resume-from-step; learning rates and the other
+        flags are this run's. Returns (step, loop state, this rank's loader state)."""
         meta = load_meta(self.dir, args.resume_from_step)
         check_compatible(meta, model.config.to_dict(), world_size)
         check_batch(meta, args.device_batch_size, self.run_meta["total_batch_size"], world_size,
@@ -479,7 +496,10 @@ class Checkpointer:
         model_state, rank_state, meta = load_checkpoint(self.dir, args.resume_from_step, device, self.rank)
         model.load_state_dict(model_state, strict=True)
         for opt, state in zip(optimizers, rank_state["optimizers"]):
-            opt.load_state_dict(state)
+            load_moments(opt, state)
+        changed = changed_hyperparameters(meta.get("args", {}), vars(args))
+        if changed:
+            print0(f"resuming step {meta['step']} with flags that differ from its run's: {changed}")
         set_rng_state(rank_state["rng"])
         self.last_saved = meta["step"]
         print0(f"resumed from {self.dir} at step {meta['step']}")

@@ -15,6 +15,12 @@ CPU_MAX_DEFAULT_PARAMS = 50_000_000
 MAKE_TRAIN_FLAGS = ("--depth 4 --aspect-ratio 32 --head-dim 64 --max-seq-len 256 --device-batch-size 16 "
                     "--total-batch-size 4096 --num-iterations 300")
 
+# The flags a resumed run takes from its command line, not from the checkpoint (the resume line lists those
+# that differ): the optimizer's moments are the checkpoint's, its learning rates and schedule are these.
+RESUME_HYPERPARAMETERS = ("embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr", "weight_decay", "warmup_steps",
+                          "warmdown_ratio", "final_lr_frac", "num_iterations", "target_flops",
+                          "target_param_data_ratio", "device_batch_size", "total_batch_size")
+
 
 def build_arg_parser():
     p = argparse.ArgumentParser(description="Pretrain a nanochat-style GPT (dense, 2:4 sparse MLPs, fp8)",

@@ -9,11 +9,21 @@ import math
 from nanochat.common import UserError
 
 
+LOWER_LRS = "lower the learning rates (--matrix-lr, --embedding-lr, --unembedding-lr)"
+
+
+def advice(step):
+    """What to do after a bad run: a resumed run takes its learning rates from its command line."""
+    if step is None:
+        return f"{LOWER_LRS} and train again"
+    return f"{LOWER_LRS} and resume from it (a resumed run trains with the learning rates on its command line)"
+
+
 def diverged(what, step, last_saved):
     kept = f"the newest checkpoint is step {last_saved} (--resume-from-step {last_saved})" \
         if last_saved is not None else "no checkpoint was saved"
     return UserError(f"training diverged at step {step} ({what}) and nothing of that step was saved; {kept}; "
-                     f"lower the learning rates (--matrix-lr, --embedding-lr)")
+                     f"{advice(last_saved)}")
 
 
 class CollapseGuard:
@@ -52,5 +62,4 @@ def collapsed(why, step, good_step):
     kept = f"the newest checkpoint from before the collapse is step {good_step} (--resume-from-step {good_step})" \
         if good_step is not None else "no checkpoint from before the collapse was saved"
     return UserError(f"training collapsed at step {step} though the loss is finite: {why}; step {step} was not saved; "
-                     f"{kept}; lower the learning rates (--matrix-lr, --embedding-lr, --unembedding-lr), or tune "
-                     f"--collapse-steps/--collapse-rise/--collapse-margin")
+                     f"{kept}; {advice(good_step)}, or tune --collapse-steps/--collapse-rise/--collapse-margin")
