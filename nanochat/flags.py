@@ -4,6 +4,8 @@ The trainer's flags (build_arg_parser, nanochat's names) and their checks that n
 """
 
 import argparse
+import os
+import shlex
 
 from nanochat.common import UserError
 
@@ -59,7 +61,7 @@ def build_arg_parser():
                    help="CORE metric (DCLM eval bundle) every N steps (-1 = only at the end, 0 = never)")
     p.add_argument("--core-metric-max-per-task", type=int, default=500, help="examples per CORE task (-1 = all)")
     p.add_argument("--sample-every", type=int, default=2000, help="print samples every N steps (-1 = only at the end, 0 = never)")
-    p.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end, 0 = never)")
+    p.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end, 0 = never); SIGINT/SIGTERM save the step they stop at unless 0")
     p.add_argument("--keep-last-k", type=int, default=3,
                    help="keep the newest K checkpoints of the run, deleting older ones once a newer one is complete "
                         "(the final one, the one with the best val bpb and the last one before a collapse are always "
@@ -149,3 +151,28 @@ def validate_args(args):
     for ok, msg in checks:
         if not ok:
             raise UserError(msg)
+
+
+def resume_command(args, step, world_size):
+    """The command that resumes this run from `step`: every flag that differs from its default, as typed."""
+    words = []
+    for action in build_arg_parser()._actions:
+        value = getattr(args, action.dest, None)
+        if (not action.option_strings or action.default == argparse.SUPPRESS or value == action.default
+                or action.dest in ("resume_from_step", "overwrite")):
+            continue
+        flag = action.option_strings[0]
+        if isinstance(action, argparse.BooleanOptionalAction):
+            words.append(flag if value else f"--no-{flag[2:]}")
+        elif isinstance(action, argparse._StoreTrueAction):
+            words.append(flag)
+        else:
+            words += [flag, str(value)]
+    words += ["--resume-from-step", str(step)]
+    if world_size == 1:
+        launcher = "python -m scripts.base_train"
+    elif int(os.environ.get("LOCAL_WORLD_SIZE", world_size)) == world_size:
+        launcher = f"torchrun --standalone --nproc_per_node={world_size} -m scripts.base_train"
+    else:
+        launcher = "torchrun <this run's launch flags> -m scripts.base_train"
+    return f"{launcher} {shlex.join(words)}"

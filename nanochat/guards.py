@@ -1,10 +1,17 @@
 """
-How a training run stops when its numbers go bad: diverged (a non-finite loss or weights) and the collapse
-guard (a finite loss that means nothing any more). Each ends the run with one UserError naming the newest
-checkpoint to resume from.
+How a training run stops early. When its numbers go bad: diverged (a non-finite loss or weights) and the
+collapse guard (a finite loss that means nothing any more), each one UserError naming the newest checkpoint
+to resume from. When asked to: StopSignals, SIGINT/SIGTERM (Ctrl-C, preemption) ending the run after the
+current step, with a checkpoint of it (Stopped).
 """
 
 import math
+import os
+import signal
+import threading
+
+import torch
+import torch.distributed as dist
 
 from nanochat.common import UserError
 
@@ -63,3 +70,50 @@ def collapsed(why, step, good_step):
         if good_step is not None else "no checkpoint from before the collapse was saved"
     return UserError(f"training collapsed at step {step} though the loss is finite: {why}; step {step} was not saved; "
                      f"{kept}; {advice(good_step)}, or tune --collapse-steps/--collapse-rise/--collapse-margin")
+
+
+class Stopped(Exception):
+    """A run that SIGINT/SIGTERM stopped after a step; the message is the one line to print, exit_code 128 + the
+    signal's number (the shell's convention for a process a signal ended)."""
+
+    def __init__(self, message, signum):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class StopSignals:
+    """SIGINT and SIGTERM while the loop runs: the first asks the run to stop once the current step is done
+    (every rank learns of it in the same step's all-reduce, so all ranks stop after the same step and save it
+    together); a second SIGINT raises KeyboardInterrupt at once, saving nothing. Only the main thread can take
+    signals: elsewhere (a run started from a thread) they keep their handlers."""
+
+    def __init__(self):
+        self.signum = None
+        self.previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = self.signum or signum
+        if int(os.environ.get("RANK", 0)) == 0:  # os.write: print() may be mid-write in the interrupted code
+            os.write(2, f"{signal.Signals(signum).name}: stopping after this step and saving it "
+                        f"(Ctrl-C again to stop at once without saving)\n".encode())
+
+    def agreed(self, device):
+        """After a step: the signal that stops the run, if any rank received one (None: go on)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return self.signum
+        flag = torch.tensor([self.signum or 0], dtype=torch.int32, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item()) or None

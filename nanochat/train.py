@@ -9,6 +9,7 @@ reports through Metrics (nanochat/metrics.py) and stops bad runs through the gua
 import argparse
 import math
 import os
+import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -20,11 +21,11 @@ from nanochat import checkpoint, storage
 from nanochat.accel.converters import LinearConverter
 from nanochat.accel.kernel_choice import default_timing_cache
 from nanochat.checkpoint import Checkpointer
-from nanochat.common import UserError, autodetect_device_type, compute_init, get_base_dir, print0
+from nanochat.common import UserError, autodetect_device_type, compute_cleanup, compute_init, get_base_dir, print0
 from nanochat.evaluation import evaluate_bpb, sample_text
-from nanochat.flags import CPU_MAX_DEFAULT_PARAMS, DEFAULT_DEPTH, MAKE_TRAIN_FLAGS, validate_args
+from nanochat.flags import CPU_MAX_DEFAULT_PARAMS, DEFAULT_DEPTH, MAKE_TRAIN_FLAGS, resume_command, validate_args
 from nanochat.gpt import GPT, config_from_depth
-from nanochat.guards import CollapseGuard, collapsed, diverged
+from nanochat.guards import CollapseGuard, StopSignals, Stopped, collapsed, diverged
 from nanochat.metrics import EVENTS_FILE, EventLog, Metrics, SetupLog, finish, write_start
 from nanochat.optim import lr_multiplier, muon_momentum, setup_optimizers
 
@@ -372,15 +373,31 @@ def sample(run):
 # The loop
 
 def train(args):
-    """Train per `args` (from build_arg_parser). Returns a dict with the history and final numbers."""
+    """Train per `args` (from build_arg_parser). Returns a dict with the history and final numbers; raises
+    Stopped when SIGINT/SIGTERM ended the run after a step."""
     run = setup(args)
     try:
-        return loop(run)
+        with StopSignals() as signals:
+            return loop(run, signals)
     finally:
         run.checkpointer.close()  # the tag's lock, also when the run stops with an error
 
 
-def loop(run):
+def stop(run, signum, step, batches, metrics, guard):
+    """The end of a run a signal stopped after `step`: a checkpoint of it (unless --save-every 0) and Stopped."""
+    name = signal.Signals(signum).name
+    if run.args.save_every == 0:
+        compute_cleanup()
+        raise Stopped(f"stopped by {name} after step {step}: nothing saved (--save-every 0)", signum)
+    if run.checkpointer.last_saved != step:
+        run.checkpointer.save(step, run.model, run.optimizers, batches.state, metrics.loop_state(), metrics.log,
+                              collapse_began=guard.began)
+    compute_cleanup()
+    raise Stopped(f"stopped by {name} after step {step}, saved in {run.checkpointer.dir}; resume with: "
+                  f"{resume_command(run.args, step, run.world_size)}", signum)
+
+
+def loop(run, signals):
     args = run.args
     metrics = Metrics(run)
     guard = CollapseGuard(args, run.model.config.vocab_size)
@@ -415,4 +432,7 @@ def loop(run):
         why = guard.update(step, metrics.log_step(step, train_loss, lrm, dt))
         if why:  # before this step's save; every rank holds the same loss, so all stop here
             raise collapsed(why, step, run.checkpointer.good_step(guard.began))
+        signum = signals.agreed(run.device)
+        if signum:
+            stop(run, signum, step, batches, metrics, guard)
     return finish(run, metrics)
