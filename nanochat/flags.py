@@ -27,7 +27,8 @@ RESUME_HYPERPARAMETERS = ("embedding_lr", "unembedding_lr", "matrix_lr", "scalar
 def build_arg_parser():
     p = argparse.ArgumentParser(description="Pretrain a nanochat-style GPT (dense, 2:4 sparse MLPs, fp8)",
                                 allow_abbrev=False)
-    p.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' = no wandb)")
+    p.add_argument("--run", type=str, default="dummy",
+                   help="wandb run name ('dummy' = no wandb; without wandb installed or logged in: one warning, no logging)")
     p.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
     # model
     p.add_argument("--depth", type=int, default=None,
@@ -102,6 +103,12 @@ def build_arg_parser():
     return p
 
 
+def strip_separator(argv):
+    """A script's flags without a leading `--`: the separator ends torchrun's own flags
+    (`torchrun ... -m scripts.base_train -- --depth=26`), and some Python versions' torchrun pass it on."""
+    return argv[1:] if argv[:1] == ["--"] else argv
+
+
 def resume_step(text):
     """--resume-from-step: a step number or 'latest'."""
     if text == "latest":
@@ -172,7 +179,7 @@ def resume_command(args, step, world_size):
     if world_size == 1:
         launcher = "python -m scripts.base_train"
     elif int(os.environ.get("LOCAL_WORLD_SIZE", world_size)) == world_size:
-        launcher = f"torchrun --standalone --nproc_per_node={world_size} -m scripts.base_train"
+        launcher = f"torchrun --standalone --nproc_per_node={world_size} -m scripts.base_train --"
     else:
-        launcher = "torchrun <this run's launch flags> -m scripts.base_train"
+        launcher = "torchrun <this run's launch flags> -m scripts.base_train --"
     return f"{launcher} {shlex.join(words)}"

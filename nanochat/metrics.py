@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from nanochat.common import UserError, compute_cleanup, get_base_dir, gpu_peak_flops, print0
+from nanochat.common import compute_cleanup, get_base_dir, gpu_peak_flops, print0
 
 
 def peak_memory_gib(device):
@@ -102,6 +102,23 @@ def write_start(run, setup_log):
                      kernel_choices=setup_log.kernel_choices(), warnings=setup_log.warnings())
 
 
+def start_wandb(args):
+    """The wandb run --run names, or None with one warning line: a missing wandb or login never stops training."""
+    try:
+        import wandb
+    except ImportError:
+        print0(f"Warning: --run {args.run} logs to wandb, which is not installed (pip install -e '.[wandb]'): "
+               f"training without it")
+        return None
+    try:
+        return wandb.init(project="nanochat-sparse", name=args.run, config=vars(args))
+    except Exception as e:  # no login, no network: wandb.init's errors vary by version
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+        print0(f"Warning: --run {args.run}: wandb.init failed ({type(e).__name__}: {first}): training without "
+               f"wandb (`wandb login`, or WANDB_MODE=offline to log locally)")
+        return None
+
+
 class Metrics:
     """Where the run's numbers go: the log (through the progress bar on a terminal), the events file
     (run.events), the history that train() returns, and wandb. Holds the smoothed loss and train time
@@ -113,11 +130,7 @@ class Metrics:
         self.peak_flops = gpu_peak_flops(run.device)
         self.wandb_run = None
         if args.run != "dummy" and run.master:
-            try:
-                import wandb
-            except ImportError:
-                raise UserError("--run names a wandb run but wandb is not installed: pip install wandb, or use --run dummy")
-            self.wandb_run = wandb.init(project="nanochat-sparse", name=args.run, config=vars(args))
+            self.wandb_run = start_wandb(args)
         self.history = dict(step=[], loss=[], val_step=[], val_bpb=[], core_step=[], core_metric=[], tok_per_sec=[], mfu=[])
         self.smooth_loss = run.loop_state.get("smooth_loss", 0.0)
         self.total_train_time = run.loop_state.get("total_train_time", 0.0)

@@ -2,7 +2,7 @@
 Evaluate a base-model checkpoint: the CORE metric (DCLM), val bits per byte, greedy samples.
     python -m scripts.base_eval --download-bundle      # once: the DCLM eval bundle -> <base>/eval_bundle
     python -m scripts.base_eval --model-tag d12 [--step N] [--eval core,bpb,sample] [--max-per-task 500]
-    torchrun --standalone --nproc_per_node=8 -m scripts.base_eval --model-tag d26
+    torchrun --standalone --nproc_per_node=8 -m scripts.base_eval -- --model-tag d26
 Dense, --sparse (the 2:4 masks are recomputed from the saved weights) and --fp8 checkpoints (saved as
 plain weights, evaluated in bf16 like upstream's eval) all load the same way. Results go to
 <base>/report/<tag>_eval_<step>.json and .md (or --out-dir). GPT-2 1.5B scores CORE 0.2565.
@@ -11,12 +11,14 @@ plain weights, evaluated in bf16 like upstream's eval) all load the same way. Re
 import argparse
 import datetime
 import os
+import sys
 from contextlib import nullcontext
 
 import torch
 
 from nanochat.common import (UserError, autodetect_device_type, compute_cleanup, compute_init, get_base_dir,
                              get_dist_info, print0, run_main)
+from nanochat.flags import strip_separator
 
 EVALS = ("core", "bpb", "sample")
 # val bpb on CPU when --eval-tokens is not given: a d4 model evaluates ~10k tokens/s on 2 cores, so the GPU-sized
@@ -122,7 +124,7 @@ def evaluate(args):
 
 
 def main():
-    evaluate(build_arg_parser().parse_args())
+    evaluate(build_arg_parser().parse_args(strip_separator(sys.argv[1:])))
 
 
 if __name__ == "__main__":

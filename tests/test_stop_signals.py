@@ -1,6 +1,7 @@
 """SIGINT and SIGTERM: the run finishes its step, saves it, releases its lock and prints one line with the
 resume command; a second SIGINT stops at once; under torchrun every rank stops after the same step."""
 
+import importlib.util
 import os
 import re
 import shlex
@@ -11,7 +12,7 @@ import time
 
 import pytest
 
-from nanochat.flags import build_arg_parser
+from nanochat.flags import build_arg_parser, strip_separator
 from nanochat.train import train
 from test_train import TINY
 
@@ -116,18 +117,63 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(tiny_data_dir,
                                                                     tmp_path):
     """Preemption under torchrun: rank 1 alone gets SIGTERM; the ranks agree on the step, save it together and stop."""
     d = os.path.join(nanochat_base_dir, "base_checkpoints", "sigterm")
+    # the README's form: `--` before the trainer's flags, and --run, which torchrun's parser would take for its own
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-           "scripts.base_train", *TINY, "--num-iterations", "300", "--model-tag", "sigterm"]
+           "scripts.base_train", "--", *TINY, "--num-iterations", "300", "--model-tag", "sigterm", "--run=sigterm"]
     proc, out, err = start(cmd, nanochat_base_dir, tmp_path)
     wait_for(out, r"^step 00001/", proc)
     os.kill(worker_pid(proc.pid, 1), signal.SIGTERM)
     rc, stdout, stderr = finished(proc, out, err)
     assert rc != 0  # the workers exit 143; torchrun reports them
     m = re.search(rf"^stopped by SIGTERM after step (\d+), saved in {re.escape(d)}; resume with: "
-                  r"torchrun --standalone --nproc_per_node=2 -m scripts.base_train .*--resume-from-step (\d+)$",
+                  r"(torchrun --standalone --nproc_per_node=2 -m scripts.base_train -- .*--resume-from-step (\d+))$",
                   stderr, re.M)
-    assert m and m.group(1) == m.group(2), stderr[-3000:]
+    assert m and m.group(1) == m.group(3), stderr[-3000:]
     step = int(m.group(1))
     assert stdout.count("saved checkpoint") == 1
+    if importlib.util.find_spec("wandb") is None:
+        assert stdout.count("Warning: --run sigterm logs to wandb, which is not installed") == 1
+    launch = torchrun_parse(m.group(2))  # the resume command parses as written
+    assert launch.nproc_per_node == "2"
+    args = build_arg_parser().parse_args(strip_separator(launch.training_script_args))
+    assert (args.run, args.model_tag, args.resume_from_step) == ("sigterm", "sigterm", step)
     assert sorted(os.listdir(d)) == [f"meta_{step:06d}.json", f"model_{step:06d}.pt", f"optim_{step:06d}_rank0.pt",
                                      f"optim_{step:06d}_rank1.pt"]
+
+
+def torchrun_parse(command):
+    """torchrun's parse of a documented command, and the trainer's of what it hands the workers."""
+    from torch.distributed.run import get_args_parser
+    words = shlex.split(command)
+    assert words[0] == "torchrun", command
+    launch = get_args_parser().parse_args(words[1:])
+    assert launch.module and launch.training_script in ("scripts.base_train", "scripts.base_eval"), command
+    if launch.training_script == "scripts.base_train":
+        build_arg_parser().parse_args(strip_separator(launch.training_script_args))
+    return launch
+
+
+def documented_torchrun_commands():
+    """Every torchrun command in README.md, docs/ and the scripts' docstrings, continuation lines joined."""
+    paths = [os.path.join(ROOT, "README.md")] + \
+        [os.path.join(ROOT, top, f) for top in ("docs", "scripts") for f in sorted(os.listdir(os.path.join(ROOT, top)))
+         if f.endswith((".md", ".py"))]
+    commands = []
+    for path in paths:
+        text = open(path).read().replace("\\\n", " ")
+        commands += [re.sub(r"\s*(\[--\w+\]\s*)+", " ", line).strip()  # a docstring's [--optional] flags
+                     for line in text.splitlines() if line.strip().startswith("torchrun ")]
+    return commands
+
+
+def test_documented_torchrun_commands_parse_as_written():
+    commands = documented_torchrun_commands()
+    assert len(commands) >= 5, commands
+    with_run = [c for c in commands if "--run=" in c]
+    assert with_run
+    for command in commands:
+        torchrun_parse(command)
+    # the same without `--`: torchrun's parser reads --run=... as an abbreviation of its --run-path
+    with pytest.raises(SystemExit):
+        torchrun_parse(with_run[0].replace(" -- ", " "))
+    assert strip_separator(["--", "--depth=2"]) == ["--depth=2"]
