@@ -512,13 +512,16 @@ class Checkpointer:
         before = [s for s in saved_steps(self.dir) if s < collapse_began and s not in self.replaced_steps]
         return before[-1] if before else None
 
-    def save(self, step, model, optimizers, loader_state, loop_state, log, val_bpb=None, collapse_began=None):
-        """val_bpb: measured at this step (recorded in the meta, for the best-val-bpb checkpoint that pruning keeps).
-        collapse_began: the first step of a streak of collapsed losses, whose last good checkpoint pruning keeps."""
+    def check_weights(self, model, step):
         # a finite loss can still come with a non-finite update: never save (and keep-last-k never
         # prunes good checkpoints for) weights that are not finite; DDP replicas agree, so all ranks stop
         if not torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all():
             raise diverged("the weights are not finite", step, self.last_saved)
+
+    def save(self, step, model, optimizers, loader_state, loop_state, log, val_bpb=None, collapse_began=None):
+        """val_bpb: measured at this step (recorded in the meta, for the best-val-bpb checkpoint that pruning keeps).
+        collapse_began: the first step of a streak of collapsed losses, whose last good checkpoint pruning keeps."""
+        self.check_weights(model, step)
         try:
             save_checkpoint(self.dir, step, model.state_dict(), [o.state_dict() for o in optimizers],
                             loader_state, dict(self.run_meta, loop_state=loop_state, val_bpb=val_bpb), self.rank)

@@ -47,6 +47,13 @@ class CollapseGuard:
         self.best = math.inf
         self.began = None
 
+    def too_high(self, loss):
+        """None, or why a loss is above the collapse threshold (--collapse-rise above the best smoothed loss):
+        the check of a checkpoint's own loss before it is saved."""
+        if self.steps and loss > self.best + self.rise:
+            return f"more than {self.rise} nats above the best smoothed loss ({self.best:.4f})"
+        return None
+
     def update(self, step, smooth_loss):
         """After step `step`: None, or why the run has collapsed."""
         if self.steps == 0:

@@ -383,18 +383,53 @@ def train(args):
         run.checkpointer.close()  # the tag's lock, also when the run stops with an error
 
 
+@torch.no_grad()
+def loss_of_weights(run, batches):
+    """The loss of the current weights on the next step's first micro-batch, averaged over ranks: evaluated as
+    validate() does (eval mode, no grad: the same compiled graph), before any step has seen it."""
+    run.model.eval()
+    with run.autocast_ctx:
+        losses = run.train_model(batches.x, batches.y, loss_reduction="none").float().view(-1)
+    counted = batches.y.view(-1) != -1  # ignore_index targets count 0 in the losses
+    loss = (losses * counted).sum() / counted.sum().clamp(min=1)
+    run.model.train()
+    if dist.is_initialized():
+        dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+    return loss.item()
+
+
+def save(run, step, batches, metrics, guard, val_bpb=None):
+    """Saves step `step` once its weights passed the checks: finite, and their own loss (the step's logged
+    loss is that of the weights before it) finite and within --collapse-rise of the best smoothed loss. So no
+    checkpoint, the last good one that pruning keeps through a collapse included, holds weights that already
+    went bad. Returns None once saved, else why it was not (the run goes on; the guard stops it if it stays bad)."""
+    run.checkpointer.check_weights(run.model, step)
+    loss = loss_of_weights(run, batches)
+    if not math.isfinite(loss):  # averaged over ranks: all stop here
+        raise diverged(f"the loss of its weights is {loss}", step, run.checkpointer.last_saved)
+    why = guard.too_high(loss)
+    if why:
+        metrics.log(f"step {step} not saved: the loss of its weights, {loss:.4f} on the next batch, is {why}")
+        return why
+    run.checkpointer.save(step, run.model, run.optimizers, batches.state, metrics.loop_state(), metrics.log,
+                          val_bpb=val_bpb, collapse_began=guard.began)
+    return None
+
+
 def stop(run, signum, step, batches, metrics, guard):
     """The end of a run a signal stopped after `step`: a checkpoint of it (unless --save-every 0) and Stopped."""
     name = signal.Signals(signum).name
-    if run.args.save_every == 0:
-        compute_cleanup()
-        raise Stopped(f"stopped by {name} after step {step}: nothing saved (--save-every 0)", signum)
-    if run.checkpointer.last_saved != step:
-        run.checkpointer.save(step, run.model, run.optimizers, batches.state, metrics.loop_state(), metrics.log,
-                              collapse_began=guard.began)
+    why = "--save-every 0"
+    if run.args.save_every != 0:
+        why = save(run, step, batches, metrics, guard) if run.checkpointer.last_saved != step else None
     compute_cleanup()
-    raise Stopped(f"stopped by {name} after step {step}, saved in {run.checkpointer.dir}; resume with: "
-                  f"{resume_command(run.args, step, run.world_size)}", signum)
+    if why is None:
+        raise Stopped(f"stopped by {name} after step {step}, saved in {run.checkpointer.dir}; resume with: "
+                      f"{resume_command(run.args, step, run.world_size)}", signum)
+    last = run.checkpointer.last_saved
+    kept = f"resume from step {last} with: {resume_command(run.args, last, run.world_size)}" if last is not None \
+        else "no checkpoint of this run was saved"
+    raise Stopped(f"stopped by {name} after step {step}, not saved ({why}); {kept}", signum)
 
 
 def loop(run, signals):
@@ -416,8 +451,7 @@ def loop(run, signals):
         if due(args.sample_every, step, last_step) and past_start and run.master:
             metrics.log_samples(sample(run))
         if due(args.save_every, step, last_step) and past_start:
-            run.checkpointer.save(step, run.model, run.optimizers, batches.state, metrics.loop_state(), metrics.log,
-                                  val_bpb=val_bpb, collapse_began=guard.began)
+            save(run, step, batches, metrics, guard, val_bpb)
         if last_step:
             break
 

@@ -290,18 +290,37 @@ def test_lock_of_a_dead_run_is_taken_over_with_a_warning(tiny_data_dir, tiny_tok
     assert sorted(os.listdir(d)) == ["events.jsonl", "meta_000001.json", "model_000001.pt", "optim_000001_rank0.pt"]
 
 
-def test_collapse_stops_before_saving_and_the_good_checkpoint_survives(tiny_data_dir, tiny_tokenizer, nanochat_base_dir):
-    # lr 1e6: the loss jumps from ln(512) = 6.24 to ~20 at step 2 and stays there, finite
-    with pytest.raises(UserError, match=r"^training collapsed at step 4 though the loss is finite: the smoothed loss "
-                                        r"[\d.]+ has stayed more than 1.5 nats above its best \(6.2\d+\) for 3 steps "
-                                        r"\(since step 2\); step 4 was not saved; the newest checkpoint from before "
-                                        r"the collapse is step 1 \(--resume-from-step 1\); lower the learning rates"):
+@pytest.mark.parametrize("lr, message", [
+    # lr 1e6: the loss of step 3's weights is ~15 (ln(512) = 6.24), finite: the smoothed loss rises from step 4 on
+    ("1e6", r"training collapsed at step 6 though the loss is finite: the smoothed loss [\d.]+ has stayed more than "
+            r"1.5 nats above its best \(\d.\d+\) for 3 steps \(since step 4\); step 6 was not saved; the newest "
+            r"checkpoint from before the collapse is step 2 \(--resume-from-step 2\); lower the learning rates"),
+    # lr 1e30: step 3's weights are finite (up to ~1e30) but their loss is not
+    ("1e30", r"training diverged at step 3 \(the loss of its weights is nan\) and nothing of that step was saved; the "
+             r"newest checkpoint is step 2 \(--resume-from-step 2\); lower the learning rates"),
+])
+def test_bad_run_saves_no_bad_weights_and_its_advice_resumes(tiny_data_dir, tiny_tokenizer, nanochat_base_dir, lr,
+                                                              message, capsys):
+    """A resumed run trains with the learning rates of its command line (the checkpoint gives only the optimizer's
+    moments). A checkpoint is written only once its own loss passed the checks, so the step the error names holds
+    good weights (keep-last-k never deletes it), and resuming there with lower learning rates, as it advises,
+    trains on."""
+    tag = f"bad_lr_{lr}"
+    quick = ["--eval-every", "0", "--sample-every", "0"]
+    run("--num-iterations", "2", "--model-tag", tag, *quick)
+    with pytest.raises(UserError, match=message):
         run("--num-iterations", "10", "--save-every", "1", "--keep-last-k", "1", "--collapse-steps", "3",
-            "--matrix-lr", "1e6", "--embedding-lr", "1e6", "--unembedding-lr", "1e6", "--model-tag", "collapse")
-    d = os.path.join(nanochat_base_dir, "base_checkpoints", "collapse")
-    assert checkpoint.saved_steps(d) == [1, 3]  # keep-last-k 1 deleted step 2, never step 1
-    state, _, _ = checkpoint.load_checkpoint(d, 1, "cpu")
-    assert all(torch.isfinite(t).all() for t in state.values())
+            "--matrix-lr", lr, "--embedding-lr", lr, "--unembedding-lr", lr, "--model-tag", tag,
+            "--resume-from-step", "2", *quick)
+    assert f"resuming step 2 with flags that differ from its run's: --embedding-lr {float(lr)} (checkpoint: 0.2), " \
+           f"--unembedding-lr {float(lr)} (checkpoint: 0.004), --matrix-lr {float(lr)} (checkpoint: 0.02), " \
+           f"--num-iterations 10 (checkpoint: 2)" in capsys.readouterr().out
+    d = os.path.join(nanochat_base_dir, "base_checkpoints", tag)
+    assert checkpoint.saved_steps(d)[0] == 2 and 3 not in checkpoint.saved_steps(d)  # step 3's weights: loss ~15 or nan
+    state, _, _ = checkpoint.load_checkpoint(d, 2, "cpu")
+    assert max(t.abs().max().item() for t in state.values()) < 100
+    out = run("--num-iterations", "6", "--model-tag", tag, "--resume-from-step", "2", "--collapse-steps", "3", *quick)
+    assert out["history"]["step"] == [3, 4, 5, 6] and max(out["history"]["loss"]) < 7
 
 
 def test_best_val_bpb_checkpoint_is_kept_and_recorded(tiny_data_dir, tiny_tokenizer, nanochat_base_dir, monkeypatch):
