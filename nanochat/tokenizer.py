@@ -114,10 +114,16 @@ class Tokenizer:
         try:
             mergeable_ranks = {}
             with open(path, "rb") as f:
-                for line in f:
-                    if line.strip():
-                        token_b64, rank = line.split()
-                        mergeable_ranks[base64.b64decode(token_b64, validate=True)] = int(rank)
+                data = f.read()
+            if data and not data.endswith(b"\n"):
+                raise ValueError("it ends mid-line: truncated")
+            for line in data.splitlines():
+                if line.strip():
+                    token_b64, rank = line.split()
+                    mergeable_ranks[base64.b64decode(token_b64, validate=True)] = int(rank)
+            # tiktoken panics (a Rust panic, no Python exception) on duplicate or missing ranks
+            if sorted(mergeable_ranks.values()) != list(range(len(mergeable_ranks))):
+                raise ValueError(f"its {len(mergeable_ranks)} ranks are not 0..{len(mergeable_ranks) - 1}, each once")
             path = paths[1]
             with open(path) as f:
                 meta = json.load(f)

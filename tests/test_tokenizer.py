@@ -97,6 +97,27 @@ def test_damaged_tokenizer_file_is_one_line(tiny_tokenizer, tmp_path, name, garb
         get_tokenizer(str(tmp_path))
 
 
+def cut_mid_line(data):
+    return data[:data.index(b" 300\n") + 3]  # "<token> 30": a duplicate rank to tiktoken
+
+
+def drop_a_line(data):
+    lines = data.splitlines(keepends=True)
+    return b"".join(lines[:10] + lines[11:])  # rank 10 missing
+
+
+@pytest.mark.parametrize("damage, why", [(cut_mid_line, "it ends mid-line: truncated"),
+                                         (drop_a_line, r"its \d+ ranks are not 0..\d+, each once")])
+def test_ranks_file_cut_or_edited_is_one_line(tiny_tokenizer, tmp_path, damage, why):
+    """tiktoken would end these in a Rust panic."""
+    tiny_tokenizer.save(str(tmp_path))
+    path = tmp_path / "mergeable_ranks.tiktoken"
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(UserError, match=rf"^tokenizer file {path} is damaged \(ValueError: {why}\): run `python -m "
+                                        r"scripts.tok_train`"):
+        get_tokenizer(str(tmp_path))
+
+
 def test_identity_is_the_saved_files(tiny_tokenizer, tmp_path):
     tiny_tokenizer.save(str(tmp_path))
     ident = get_tokenizer(str(tmp_path)).identity()
