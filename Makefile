@@ -30,9 +30,11 @@ train: setup
 		--device-batch-size 16 --total-batch-size 4096 --num-iterations 300 --warmup-steps 10 \
 		--eval-every 100 --eval-tokens 32768 --sample-every 100 --model-tag $(TAG) --overwrite
 
-# Text from make train's checkpoint: make sample PROMPT="import os"
+# Text from make train's checkpoint: make sample PROMPT="import os". The prompt reaches the shell as an
+# environment variable, so quotes in it (PROMPT="it's") stay text.
+sample: export PROMPT := $(PROMPT)
 sample: setup
-	$(PY) -m scripts.base_sample --device-type cpu --model-tag $(TAG) --prompt '$(PROMPT)'
+	$(PY) -m scripts.base_sample --device-type cpu --model-tag $(TAG) --prompt "$$PROMPT"
 
 # Val bpb and samples of make train's checkpoint; EVALS=core,bpb,sample adds CORE (after
 # `$(PY) -m scripts.base_eval --download-bundle`)

@@ -23,7 +23,12 @@ def run_main(main):
 def get_base_dir():
     """Everything a run writes (data, tokenizer, checkpoints, reports) lives under this directory."""
     base = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
-    os.makedirs(base, exist_ok=True)
+    try:
+        os.makedirs(base, exist_ok=True)
+    except OSError as e:
+        what = "is a file, not a directory" if os.path.isfile(base) else f"cannot be created ({e.strerror})"
+        raise UserError(f"the base directory {base} {what}: set NANOCHAT_BASE_DIR to a directory "
+                        f"(unset: ~/.cache/nanochat)")
     return base
 
 
@@ -62,14 +67,19 @@ def die_with_launcher():
     return True
 
 
-def compute_init(device_type="cpu"):
-    """Pick the device, start the process group under torchrun. Returns (is_ddp, rank, local_rank, world_size, device)."""
+def check_device_type(device_type):
+    """--device-type names a device this machine has (one line otherwise, before anything is loaded)."""
     if device_type not in ("cuda", "cpu", "mps"):
         raise UserError(f"unknown --device-type {device_type!r}: use cuda, cpu or mps (or leave it empty to autodetect)")
     if device_type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device-type cuda but no CUDA GPU is visible: use --device-type cpu")
     if device_type == "mps" and not torch.backends.mps.is_available():
         raise UserError("--device-type mps but MPS is not available: use --device-type cpu")
+
+
+def compute_init(device_type="cpu"):
+    """Pick the device, start the process group under torchrun. Returns (is_ddp, rank, local_rank, world_size, device)."""
+    check_device_type(device_type)
     is_ddp, rank, local_rank, world_size = get_dist_info()
     if is_ddp:
         die_with_launcher()

@@ -14,6 +14,10 @@ DEFAULT_DEPTH = 20
 # 2 CPU cores train about 40 GFLOP/s (make train's d4 run: ~3,400 tokens/s), so a model of 50M parameters
 # sees ~100 tokens/s: the GPU-sized defaults (d20, about 400M parameters, 12 tokens each) would run for years.
 CPU_MAX_DEFAULT_PARAMS = 50_000_000
+# val bpb tokens when --eval-tokens is not given: on GPU 20 batches of 524,288; on CPU a d4 model evaluates ~10k
+# tokens/s on 2 cores, so that would take over 10 minutes, while 256K tokens take under a minute and move bpb by ~0.01
+GPU_EVAL_TOKENS = 20 * 524288
+CPU_EVAL_TOKENS = 1 << 18
 MAKE_TRAIN_FLAGS = ("--depth 4 --aspect-ratio 32 --head-dim 64 --max-seq-len 256 --device-batch-size 16 "
                     "--total-batch-size 4096 --num-iterations 300")
 
@@ -55,9 +59,9 @@ def build_arg_parser():
     p.add_argument("--final-lr-frac", type=float, default=0.05, help="lr multiplier at the last step")
     # evaluation, sampling, checkpoints
     p.add_argument("--eval-every", type=int, default=250, help="val bpb every N steps (-1 = only at the end, 0 = never)")
-    p.add_argument("--eval-tokens", type=int, default=20 * 524288,
-                   help="tokens per val bpb evaluation, >= 1, rounded down to whole micro-batches (at least one); "
-                        "turn evaluation off with --eval-every 0")
+    p.add_argument("--eval-tokens", type=int, default=None,
+                   help=f"tokens per val bpb evaluation, >= 1, rounded down to whole micro-batches (at least one) "
+                        f"(default {GPU_EVAL_TOKENS:,}, on CPU {CPU_EVAL_TOKENS:,}); turn evaluation off with --eval-every 0")
     p.add_argument("--core-metric-every", type=int, default=0,
                    help="CORE metric (DCLM eval bundle) every N steps (-1 = only at the end, 0 = never)")
     p.add_argument("--core-metric-max-per-task", type=int, default=500, help="examples per CORE task (-1 = all)")
@@ -141,7 +145,7 @@ def validate_args(args):
         (args.collapse_margin >= 0, f"--collapse-margin must be >= 0 (got {args.collapse_margin})"),
         (not (args.overwrite and args.resume_from_step != -1),
          "--overwrite is for a fresh run replacing a tag's checkpoints; drop it to resume"),
-        (args.eval_tokens >= 1 or args.eval_every == 0,
+        (args.eval_tokens is None or args.eval_tokens >= 1 or args.eval_every == 0,
          f"--eval-tokens must be >= 1 (got {args.eval_tokens}); to turn evaluation off use --eval-every 0"),
         (args.keep_last_k >= 0, f"--keep-last-k must be >= 0, 0 keeps every checkpoint (got {args.keep_last_k})"),
         (args.warmup_steps >= 0, f"--warmup-steps must be >= 0 (got {args.warmup_steps})"),

@@ -23,7 +23,8 @@ from nanochat.accel.kernel_choice import default_timing_cache
 from nanochat.checkpoint import Checkpointer
 from nanochat.common import UserError, autodetect_device_type, compute_cleanup, compute_init, get_base_dir, print0
 from nanochat.evaluation import evaluate_bpb, sample_text
-from nanochat.flags import CPU_MAX_DEFAULT_PARAMS, DEFAULT_DEPTH, MAKE_TRAIN_FLAGS, resume_command, validate_args
+from nanochat.flags import (CPU_EVAL_TOKENS, CPU_MAX_DEFAULT_PARAMS, DEFAULT_DEPTH, GPU_EVAL_TOKENS, MAKE_TRAIN_FLAGS,
+                            resume_command, validate_args)
 from nanochat.gpt import GPT, config_from_depth
 from nanochat.guards import CollapseGuard, StopSignals, Stopped, collapsed, diverged
 from nanochat.metrics import EVENTS_FILE, EventLog, Metrics, SetupLog, finish, write_start
@@ -207,6 +208,8 @@ def setup(args):
         from nanochat.core_eval import load_tasks
         core_tasks = load_tasks(max_per_task=args.core_metric_max_per_task)  # a missing bundle fails now, not mid-run
     device_type = args.device_type or autodetect_device_type()
+    if args.eval_tokens is None:
+        args.eval_tokens = CPU_EVAL_TOKENS if device_type == "cpu" else GPU_EVAL_TOKENS
     is_ddp, rank, local_rank, world_size, device = compute_init(device_type)
     use_compile = args.compile if args.compile is not None else device_type == "cuda"
     autocast_ctx = torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
@@ -345,7 +348,8 @@ def validate(run, log):
     run.model.eval()
     val_loader = DistributedDataLoader(run.tokenizer, args.device_batch_size, args.max_seq_len, "val", run.device,
                                        rank=run.rank, world_size=run.world_size)
-    val_bpb = evaluate_bpb(run.train_model, val_loader, run.eval_steps, run.token_bytes, run.autocast_ctx)
+    progress = log if run.device_type == "cpu" else None  # minutes on CPU: say how far it got
+    val_bpb = evaluate_bpb(run.train_model, val_loader, run.eval_steps, run.token_bytes, run.autocast_ctx, progress)
     run.model.train()
     run.converter.check_replicas(run.model, log)
     return val_bpb

@@ -18,12 +18,9 @@ import torch
 
 from nanochat.common import (UserError, autodetect_device_type, compute_cleanup, compute_init, get_base_dir,
                              get_dist_info, print0, run_main)
-from nanochat.flags import strip_separator
+from nanochat.flags import CPU_EVAL_TOKENS, GPU_EVAL_TOKENS, strip_separator
 
 EVALS = ("core", "bpb", "sample")
-# val bpb on CPU when --eval-tokens is not given: a d4 model evaluates ~10k tokens/s on 2 cores, so the GPU-sized
-# default (10.5M tokens) would take over 10 minutes; 256K tokens take under a minute and move bpb by ~0.01
-CPU_EVAL_TOKENS = 1 << 18
 
 
 def build_arg_parser():
@@ -63,6 +60,9 @@ def evaluate(args):
     from nanochat.storage import REPORT_BYTES, check_writable
     from nanochat.tokenizer import get_token_bytes, get_tokenizer
 
+    if args.bundle_url and not args.download_bundle:
+        raise UserError("--bundle-url is where --download-bundle fetches the eval bundle from: add --download-bundle "
+                        "(then evaluate with --bundle-dir, or the default <base>/eval_bundle)")
     if args.download_bundle:
         if get_dist_info()[1] == 0:
             core_eval.download_bundle(args.bundle_dir or None, args.bundle_url or core_eval.BUNDLE_URL)
@@ -102,7 +102,7 @@ def evaluate(args):
                    f"centered {r['centered']:.4f}")
         print0(f"{core_line(results['core'])} in {results['core']['seconds']:.1f}s")
     if "bpb" in evals:
-        eval_tokens = args.eval_tokens if args.eval_tokens > 0 else train_args.get("eval_tokens", 20 * 524288)
+        eval_tokens = args.eval_tokens if args.eval_tokens > 0 else (train_args.get("eval_tokens") or GPU_EVAL_TOKENS)
         if args.eval_tokens <= 0 and device_type == "cpu" and eval_tokens > CPU_EVAL_TOKENS:
             print0(f"val bpb on CPU: {CPU_EVAL_TOKENS:,} tokens, not the run's {eval_tokens:,} (--eval-tokens N for more)")
             eval_tokens = CPU_EVAL_TOKENS

@@ -9,7 +9,7 @@ import os
 import torch
 
 from nanochat.checkpoint import load_model_for_inference, tokenizer_need
-from nanochat.common import UserError, autodetect_device_type, get_base_dir, run_main
+from nanochat.common import UserError, autodetect_device_type, check_device_type, get_base_dir, run_main
 from nanochat.tokenizer import get_tokenizer
 
 
@@ -22,7 +22,7 @@ def main():
     p.add_argument("--temperature", type=float, default=0.8, help=">= 0 (0 = greedy)")
     p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens, >= 1 (0 = all)")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--device-type", type=str, default="")
+    p.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
     args = p.parse_args()
     for ok, msg in [(args.max_tokens >= 1, f"--max-tokens must be >= 1 (got {args.max_tokens})"),
                     (args.temperature >= 0, f"--temperature must be >= 0, 0 for greedy (got {args.temperature})"),
@@ -30,7 +30,9 @@ def main():
                     (args.step is None or args.step >= 0, f"--step must be a saved step (got {args.step})")]:
         if not ok:
             raise UserError(msg)
-    device = torch.device(args.device_type or autodetect_device_type())
+    device_type = args.device_type or autodetect_device_type()
+    check_device_type(device_type)
+    device = torch.device(device_type)
     checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", args.model_tag)
     model, meta = load_model_for_inference(checkpoint_dir, args.step, device)
     tokenizer = get_tokenizer(need=tokenizer_need(meta, checkpoint_dir))

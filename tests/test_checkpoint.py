@@ -212,6 +212,9 @@ def test_base_sample_on_damaged_checkpoint_is_one_line(copy, nanochat_base_dir):
     (["--temperature", "-1"], "--temperature must be >= 0, 0 for greedy (got -1.0)"),
     (["--max-tokens", "0"], "--max-tokens must be >= 1 (got 0)"),
     (["--top-k", "-1"], "--top-k must be >= 1, or 0 for no top-k filtering (got -1)"),
+    (["--device-type", "gpu"], "unknown --device-type 'gpu': use cuda, cpu or mps (or leave it empty to autodetect)"),
+    pytest.param(["--device-type", "cuda"], "--device-type cuda but no CUDA GPU is visible: use --device-type cpu",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is visible")),
 ])
 def test_base_sample_flags(saved, monkeypatch, flags, message):
     from scripts import base_sample

@@ -1,4 +1,4 @@
-"""nanochat/common.py: a torchrun worker ends with its launcher."""
+"""nanochat/common.py: a torchrun worker ends with its launcher; the base directory. The Makefile's quoting."""
 
 import os
 import signal
@@ -40,3 +40,24 @@ def test_worker_in_its_own_session_dies_with_a_killed_launcher():
     while alive(worker) and time.time() < deadline:
         time.sleep(0.1)
     assert not alive(worker), "the worker outlived its launcher"
+
+
+def test_base_dir_that_is_a_file_is_one_line(tmp_path, monkeypatch):
+    from nanochat.common import UserError, get_base_dir
+    path = tmp_path / "a_file"
+    path.write_text("")
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(path))
+    with pytest.raises(UserError, match=rf"^the base directory {path} is a file, not a directory: set NANOCHAT_BASE_DIR "
+                                        r"to a directory"):
+        get_base_dir()
+
+
+def test_make_sample_passes_a_prompt_with_quotes_intact(tmp_path):
+    """The Makefile hands PROMPT to the shell through the environment: quotes in it are text, not syntax."""
+    root = os.path.dirname(os.path.dirname(__file__))
+    echo = f"{sys.executable} -c 'import sys; print(sys.argv[-1])'"
+    prompt = "it's \"quoted\" `not run`; exit 1"
+    r = subprocess.run(["make", "-s", "-o", ".venv/.installed", "sample", f"PROMPT={prompt}", f"PY={echo}"],
+                       cwd=root, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == prompt + "\n"

@@ -516,3 +516,9 @@ def test_trainer_without_bundle_fails_at_startup(tmp_path, monkeypatch, tiny_tok
 def test_unknown_eval_is_one_clear_error():
     with pytest.raises(UserError, match="unknown --eval perplexity"):
         base_eval("--model-tag", "x", "--eval", "core,perplexity")
+
+
+def test_bundle_url_without_download_bundle_says_it_needs_it():
+    with pytest.raises(UserError, match=r"^--bundle-url is where --download-bundle fetches the eval bundle from: add "
+                                        r"--download-bundle"):
+        base_eval("--model-tag", "x", "--bundle-url", "file:///tmp/eval_bundle.zip")

@@ -90,6 +90,16 @@ def test_bad_input_is_one_clear_error(data, flags, message):
         run("--num-iterations", "2", *flags)
 
 
+def test_cpu_eval_has_a_bounded_default_and_shows_progress(data, capsys, monkeypatch):
+    """Without --eval-tokens a CPU run evaluates CPU_EVAL_TOKENS (the GPU default would take minutes), with progress."""
+    import nanochat.train
+    monkeypatch.setattr(nanochat.train, "CPU_EVAL_TOKENS", 10 * 4 * 32)  # 10 of TINY's micro-batches
+    i = TINY.index("--eval-tokens")
+    train(build_arg_parser().parse_args(TINY[:i] + TINY[i + 2:] + ["--num-iterations", "1", "--save-every", "0",
+                                                                   "--model-tag", "cpu_eval"]))
+    assert re.findall(r"^val bpb: batch (\d+)/10 \(", capsys.readouterr().out, re.M) == [str(k) for k in range(1, 10)]
+
+
 def test_eval_tokens_zero_is_fine_with_eval_off(data):
     out = run("--num-iterations", "1", "--model-tag", "evaloff", "--eval-tokens", "0", "--eval-every", "0")
     assert out["history"]["val_step"] == [] and len(out["history"]["loss"]) == 1
