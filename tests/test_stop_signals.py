@@ -88,6 +88,7 @@ def test_sigint_saves_the_step_and_prints_the_resume_command(tiny_data_dir, tiny
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     monkeypatch.undo()  # the printed command resumes (a shorter horizon here, to finish fast)
     words[words.index("--num-iterations") + 1] = "3"
+    words += ["--eval-every", "0", "--sample-every", "0"]  # the last of a repeated flag counts
     assert train(build_arg_parser().parse_args(words))["history"]["step"] == [3]
 
 

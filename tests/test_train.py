@@ -96,7 +96,7 @@ def test_cpu_eval_has_a_bounded_default_and_shows_progress(data, capsys, monkeyp
     monkeypatch.setattr(nanochat.train, "CPU_EVAL_TOKENS", 10 * 4 * 32)  # 10 of TINY's micro-batches
     i = TINY.index("--eval-tokens")
     train(build_arg_parser().parse_args(TINY[:i] + TINY[i + 2:] + ["--num-iterations", "1", "--save-every", "0",
-                                                                   "--model-tag", "cpu_eval"]))
+                                                                   "--sample-every", "0", "--model-tag", "cpu_eval"]))
     assert re.findall(r"^val bpb: batch (\d+)/10 \(", capsys.readouterr().out, re.M) == [str(k) for k in range(1, 10)]
 
 
