@@ -23,7 +23,7 @@ MAKE_TRAIN_FLAGS = ("--depth 4 --aspect-ratio 32 --head-dim 64 --max-seq-len 256
 
 # The flags a resumed run takes from its command line, not from the checkpoint (the resume line lists those
 # that differ): the optimizer's moments are the checkpoint's, its learning rates and schedule are these.
-RESUME_HYPERPARAMETERS = ("embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr", "weight_decay", "warmup_steps",
+RESUME_HYPERPARAMETERS = ("embedding_lr", "unembedding_lr", "matrix_lr", "weight_decay", "warmup_steps",
                           "warmdown_ratio", "final_lr_frac", "num_iterations", "target_flops",
                           "target_param_data_ratio", "device_batch_size", "total_batch_size")
 
