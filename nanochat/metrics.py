@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from nanochat.common import compute_cleanup, get_base_dir, gpu_peak_flops, print0
+from nanochat.common import UserError, compute_cleanup, get_base_dir, gpu_peak_flops, print0
 
 
 def peak_memory_gib(device):

@@ -84,7 +84,7 @@ def test_sigint_saves_the_step_and_prints_the_resume_command(tiny_data_dir, tiny
     assert parse(words) == parse([*TINY, "--num-iterations", "300", "--model-tag", "sigint", "--resume-from-step", "2",
                                   "--depth", "2"])
     assert f"saved checkpoint step 2 to {d}" in stdout
-    assert sorted(os.listdir(d)) == ["meta_000002.json", "model_000002.pt", "optim_000002_rank0.pt"]  # no .lock
+    assert sorted(os.listdir(d)) == ["events.jsonl", "meta_000002.json", "model_000002.pt", "optim_000002_rank0.pt"]  # no .lock
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     monkeypatch.undo()  # the printed command resumes (a shorter horizon here, to finish fast)
     words[words.index("--num-iterations") + 1] = "3"
@@ -98,7 +98,8 @@ def test_second_sigint_stops_at_once(tiny_data_dir, tiny_tokenizer, nanochat_bas
     assert rc == 130
     assert stderr.splitlines()[-1] == "interrupted: nothing of the step in progress was saved"
     assert "saved checkpoint" not in stdout
-    assert not os.path.exists(os.path.join(nanochat_base_dir, "base_checkpoints", "sigint2"))  # lock released, dir gone
+    d = os.path.join(nanochat_base_dir, "base_checkpoints", "sigint2")
+    assert os.listdir(d) == ["events.jsonl"]  # lock released, no checkpoint: only the run's events
 
 
 def worker_pid(launcher, rank):
@@ -138,8 +139,8 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(tiny_data_dir,
     assert launch.nproc_per_node == "2"
     args = build_arg_parser().parse_args(strip_separator(launch.training_script_args))
     assert (args.run, args.model_tag, args.resume_from_step) == ("sigterm", "sigterm", step)
-    assert sorted(os.listdir(d)) == [f"meta_{step:06d}.json", f"model_{step:06d}.pt", f"optim_{step:06d}_rank0.pt",
-                                     f"optim_{step:06d}_rank1.pt"]
+    assert sorted(os.listdir(d)) == ["events.jsonl", f"meta_{step:06d}.json", f"model_{step:06d}.pt",
+                                     f"optim_{step:06d}_rank0.pt", f"optim_{step:06d}_rank1.pt"]
 
 
 def torchrun_parse(command):
