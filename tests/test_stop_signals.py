@@ -72,6 +72,7 @@ def base_train(monkeypatch, capfd, *flags):
 def test_sigint_saves_the_step_and_prints_the_resume_command(tiny_data_dir, tiny_tokenizer, nanochat_base_dir,
                                                              monkeypatch, capfd):
     d = os.path.join(nanochat_base_dir, "base_checkpoints", "sigint")
+    handler = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN in a background job
     sigint_in_step(monkeypatch, 1)
     rc, stdout, stderr = base_train(monkeypatch, capfd, "--num-iterations", "300", "--model-tag", "sigint")
     assert rc == 130
@@ -85,7 +86,7 @@ def test_sigint_saves_the_step_and_prints_the_resume_command(tiny_data_dir, tiny
                                   "--depth", "2"])
     assert f"saved checkpoint step 2 to {d}" in stdout
     assert sorted(os.listdir(d)) == ["events.jsonl", "meta_000002.json", "model_000002.pt", "optim_000002_rank0.pt"]  # no .lock
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is handler  # the run put back the handler it found
     monkeypatch.undo()  # the printed command resumes (a shorter horizon here, to finish fast)
     words[words.index("--num-iterations") + 1] = "3"
     words += ["--eval-every", "0", "--sample-every", "0"]  # the last of a repeated flag counts
