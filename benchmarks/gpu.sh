@@ -78,7 +78,7 @@ case $stage in
   ddp)
     nproc=$1 name=$2; shift 2
     if [ "$nproc" = 1 ]; then launch="python3"; else launch="torchrun --standalone --nproc_per_node=$nproc"; fi
-    $launch -m scripts.base_train --events "$OUT/$name.events.jsonl" "$@" > "$OUT/$name.log" 2>&1
+    $launch -m scripts.base_train -- --events "$OUT/$name.events.jsonl" "$@" > "$OUT/$name.log" 2>&1
     echo "$name: rc $? | $(grep -E '^step [0-9]+/' "$OUT/$name.log" | tail -1 | cut -c1-150)" ;;
   parallel)  # independent 1-GPU stages side by side: a 2-GPU machine does two lists in the time of one
     i=0 pids=()
