@@ -26,11 +26,16 @@ def advice(step):
     return f"{LOWER_LRS} and resume from it (a resumed run trains with the learning rates on its command line)"
 
 
+def _kept(step, which=""):
+    """Which checkpoint a stopped run leaves to resume from."""
+    if step is None:
+        return f"no checkpoint{which} was saved"
+    return f"the newest checkpoint{which} is step {step} (--resume-from-step {step})"
+
+
 def diverged(what, step, last_saved):
-    kept = f"the newest checkpoint is step {last_saved} (--resume-from-step {last_saved})" \
-        if last_saved is not None else "no checkpoint was saved"
-    return UserError(f"training diverged at step {step} ({what}) and nothing of that step was saved; {kept}; "
-                     f"{advice(last_saved)}")
+    return UserError(f"training diverged at step {step} ({what}) and nothing of that step was saved; "
+                     f"{_kept(last_saved)}; {advice(last_saved)}")
 
 
 class CollapseGuard:
@@ -73,10 +78,9 @@ class CollapseGuard:
 
 
 def collapsed(why, step, good_step):
-    kept = f"the newest checkpoint from before the collapse is step {good_step} (--resume-from-step {good_step})" \
-        if good_step is not None else "no checkpoint from before the collapse was saved"
     return UserError(f"training collapsed at step {step} though the loss is finite: {why}; step {step} was not saved; "
-                     f"{kept}; {advice(good_step)}, or tune --collapse-steps/--collapse-rise/--collapse-margin")
+                     f"{_kept(good_step, ' from before the collapse')}; {advice(good_step)}, or tune "
+                     f"--collapse-steps/--collapse-rise/--collapse-margin")
 
 
 class Stopped(Exception):
