@@ -91,3 +91,34 @@ def test_a_child_trains_and_its_result_says_which_kernels_ran(tiny_data_dir, tin
     assert out["info"]["sparse"]["kernel_choice"] == []  # the masked kernel on CPU chooses nothing
     assert "converted 4 MLP layers to SemiSparseLinear" in log.read_text()  # set-up lines still reach the log
 
+
+
+def test_bisection_variants_freeze_the_pack_or_run_every_op_dense():
+    """`MODE+VARIANT` for bisecting a --sparse step: +frozen packs once and never again (eager forward still
+    runs on it), +ops_dense leaves every op dense on a fresh masked weight. Checked on the masked kernel."""
+    import argparse
+
+    import torch
+
+    from benchmarks.bench_train import VARIANTS, mode_choice
+    from nanochat.accel.converters import LinearConverter
+    from nanochat.accel.sparse import sparse_layers
+    from tests.test_converters import tiny_gpt
+    assert mode_choice("sparse_24+frozen") == "sparse_24+frozen"
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown mode"):
+        mode_choice("sparse+thawed")
+    for variant in ("frozen", "ops_dense"):
+        model = tiny_gpt()
+        converter = LinearConverter("cpu", sparse=True, backend="masked", log=lambda *_: None)
+        converter.convert(model)
+        VARIANTS[variant](sparse_layers(model))
+        packs = [m.num_packs for m in sparse_layers(model)]
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        opt.register_step_post_hook(lambda *_: converter.post_optimizer_hook(model))
+        idx = torch.randint(0, 256, (2, 16))
+        model(idx, idx).backward()
+        opt.step()
+        model(idx, idx)  # eager forward after the step
+        grew = [m.num_packs - p for m, p in zip(sparse_layers(model), packs)]
+        assert grew == ([0] * 4 if variant == "frozen" else [1] * 4)
+        assert all(m.kernel.describe().startswith("fwd dense, dgrad dense") for m in sparse_layers(model))
