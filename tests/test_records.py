@@ -127,6 +127,9 @@ def split_commands(command):
     return [fill_blanks(c) for c in commands + [current] if c]
 
 
+SEPARATOR_MODULES = ("scripts.base_train", "scripts.base_eval")  # the scripts that call flags.strip_separator
+
+
 def parse_module_args(module, args):
     """None, or why `python -m module args` does not parse today."""
     if module == "pytest":
@@ -138,6 +141,9 @@ def parse_module_args(module, args):
         return f"no module {e.name}"
     if not hasattr(mod, "build_arg_parser"):
         return f"{module} has no build_arg_parser()"
+    if module in SEPARATOR_MODULES:  # as their __main__ does: a leading `--` (torchrun's form) is dropped
+        from nanochat.flags import strip_separator
+        args = strip_separator(args)
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
@@ -246,3 +252,9 @@ def test_historical_records_fail_and_name_a_command_that_runs(record):
     assert failures(record_commands(record)), f"{record}'s commands all parse: drop it from the historical list"
     today = [("README.md", s) for s in code_spans(historical()[record][1]) if COMMAND.match(s)]
     assert today and failures(today) == []
+
+
+def test_the_scripts_that_take_a_leading_separator_are_the_ones_listed():
+    scripts = sorted(f"scripts.{f[:-3]}" for f in os.listdir(os.path.join(ROOT, "scripts")) if f.endswith(".py")
+                     and "strip_separator" in open(os.path.join(ROOT, "scripts", f)).read())
+    assert scripts == sorted(SEPARATOR_MODULES)
