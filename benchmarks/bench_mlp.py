@@ -76,14 +76,22 @@ def write_results(meta, rows, outs):
 
 def convert(mlp, T, force=None):
     """The MLP's layers as SemiSparseLinear, kernels chosen for T tokens (an isolated layer: one
-    micro-batch per step, so each op's saving must pay for one compression of its operand)."""
+    micro-batch per step, so each op's saving must pay for one compression of its operand). The per-op choice
+    only: backend cusparselt skips the trainer's whole-step gate (nanochat/accel/step_gate.py)."""
     holder = torch.nn.Module()
     holder.block = torch.nn.Module()
     holder.block.mlp = mlp  # names block.mlp.c_fc / c_proj: under `.mlp.` like the model's
     log = lambda msg: print("  " + msg, flush=True)
-    config = SparseConfig(tokens=T, micro_batches=1, force=force, timing_cache=default_timing_cache(log), log=log)
+    config = SparseConfig(backend="cusparselt", tokens=T, micro_batches=1, force=force,
+                          timing_cache=default_timing_cache(log), log=log)
     convert_mlp_to_sparse(holder, mlp.c_fc.weight.device, config)
     return holder
+
+
+def op_algs(layer):
+    """(fwd, dgrad) cuSPARSELt algorithm ids of a layer, DENSE for an op on the masked weight (where no op pays,
+    the conversion leaves the masked kernel, which has no ids)."""
+    return getattr(layer.kernel, "fwd_alg", DENSE), getattr(layer.kernel, "dgrad_alg", DENSE)
 
 
 def spmm_host_us(layer, T, calls=50):
@@ -154,11 +162,11 @@ def main():
             torch.cuda.synchronize(); refresh_wall_ms = (time.perf_counter() - t0) / 20 * 1e3
             host_us = spmm_host_us(forced_layers[0], T)
             step_ms, depth = step_ms_model(d, T)
-            kern = " ".join(f"{n}:{'D' if m.kernel.fwd_alg == DENSE else 'S'}{'D' if m.kernel.dgrad_alg == DENSE else 'S'}"
+            kern = " ".join(f"{n}:" + "".join("D" if alg == DENSE else "S" for alg in op_algs(m))
                             for n, m in zip(("c_fc", "c_proj"), layers))
             row = dict(d=d, T=T, dense_ms=t_dense, sparse_ms=t_sparse, speedup=t_dense / t_sparse,
                        forced_sparse_ms=t_forced, forced_speedup=t_dense / t_forced, kernels=kern,
-                       algs={n: (m.kernel.fwd_alg, m.kernel.dgrad_alg) for n, m in zip(("c_fc", "c_proj"), layers)},
+                       algs={n: op_algs(m) for n, m in zip(("c_fc", "c_proj"), layers)},
                        compressor=forced_layers[0].kernel.compress_w.name, spmm_host_us=host_us,
                        refresh_ms=refresh_ms, refresh_wall_ms=refresh_wall_ms, model_depth=depth,
                        model_step_ms=step_ms, refresh_step_frac=depth * refresh_ms / step_ms,
