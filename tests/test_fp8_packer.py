@@ -1,7 +1,8 @@
 """CPU tests of LearnedFp8Packer (nanochat/accel/sparse/fp8_pack.py) against stand-ins for torchao's CUTLASS sm90 fp8
 packer whose value slots and metadata bits are scrambled: the packer must learn both from probes alone,
 reproduce the stand-in's bytes after its own row-wise quantization, and refuse a layout it cannot
-reproduce. The real packer is checked on the GPU (tests/test_fp8_gpu.py)."""
+reproduce. The real packer is checked on the GPU (tests/test_fp8_gpu.py). Also: Fp8SparseKernel's buffers after
+its ops change (torchao's module faked)."""
 
 import pytest
 import torch
@@ -104,3 +105,30 @@ def test_runtime_fp8_packer_validates_kind_and_names_the_fallback():
     assert runtime.fp8_packer(64, 64, kind="auto", log=logs.append) is packer and len(logs) == 1  # kept
     # another runtime shares nothing: it builds (and logs) its own
     assert SparseRuntime("cpu").fp8_packer(64, 64, kind="auto", log=logs.append) is not packer and len(logs) == 2
+
+
+def half_width_packer(w, out=None):
+    """A stand-in for a 2:4 packer: (values, metadata, row scales) of the shapes a 2:4 operand packs to."""
+    m, k = w.shape
+    return (torch.zeros(m, k // 2, dtype=E4M3), torch.zeros(m, k // 8, dtype=torch.uint8), torch.ones(m))
+
+
+def test_fp8_kernel_reconfigured_after_a_pack_packs_the_new_ops(monkeypatch):
+    """Ops switched from 2:4 to dense fp8 after a pack (bench_train's MODE+ops_dense on fp8_sparse_24): the next
+    pack writes dense e4m3 operands, not into the 2:4 buffers of another shape."""
+    import sys
+    import types
+    monkeypatch.setitem(sys.modules, "torchao", types.ModuleType("torchao"))  # the kernel imports torchao.ops
+    monkeypatch.setitem(sys.modules, "torchao.ops", types.ModuleType("torchao.ops"))
+    from nanochat.accel.sparse.fp8_kernel import Fp8SparseKernel
+    from nanochat.accel.sparse.linear import SparseOp
+    kern = Fp8SparseKernel(64, 96, "cpu")
+    kern.configure(SparseOp(half_width_packer), SparseOp(half_width_packer))
+    wm = torch.randn(64, 96) * transposable_mask_reference(torch.randn(64, 96))
+    kern.pack(wm)
+    assert kern.w_packed.shape == (64, 48) and kern.wt_packed.shape == (96, 32)
+    kern.configure(None, None)
+    kern.pack(wm)
+    assert kern.describe() == "fwd dense fp8, dgrad dense fp8"
+    assert kern.w_packed.shape == (64, 96) and kern.wt_packed.shape == (96, 64) and kern.w_meta is None
+    assert kern.w_packed.dtype == E4M3 and kern.w_scale.numel() == 1

@@ -70,8 +70,6 @@ class Fp8SparseKernel(nn.Module):
         self.compiler = runtime.compiled if runtime is not None else None
         self.cast = self.compiler(cast_tensorwise) if self.compiler else cast_tensorwise
         self.configure(SparseOp(LibraryFp8Packer(self.compiler)), SparseOp(LibraryFp8Packer(self.compiler)))
-        self.w_packed = self.w_meta = self.w_scale = None
-        self.wt_packed = self.wt_meta = self.wt_scale = None
 
     @staticmethod
     def supports(out_features, in_features):
@@ -81,9 +79,12 @@ class Fp8SparseKernel(nn.Module):
 
     def configure(self, fwd, dgrad):
         """Each op (fwd: x Wm^T, dgrad: gy Wm) 2:4 with the SparseOp's packer (an fp8 packer, its alg
-        unused), or None: dense fp8 on the masked weight. Call before the first pack."""
+        unused), or None: dense fp8 on the masked weight. The next pack allocates the buffers anew (a 2:4 operand
+        and a dense one differ in shape), so configure before compiling."""
         self.fwd_sparse, self.dgrad_sparse = fwd is not None, dgrad is not None
         self.packers = {"w": fwd.pack if fwd else None, "wt": dgrad.pack if dgrad else None}
+        self.w_packed = self.w_meta = self.w_scale = None
+        self.wt_packed = self.wt_meta = self.wt_scale = None
 
     @torch.compiler.disable
     @torch.no_grad()
