@@ -32,8 +32,8 @@ class EventLog:
              device, device_type, torch, num_params, flops_per_token, total_batch_size (tokens per optimizer
              step, all processes), micro_batches, num_iterations, converter (what a checkpoint records of
              --sparse/--fp8), plan ({layer: "FORMAT PRECISION"} of the layers the converter changed, e.g.
-             "2:4 fp8"), kernel_choices (the converter's lines saying which kernel each op or layer shape runs,
-             with the timings behind it), warnings (the converter's warnings)
+             "2:4 fp8"), kernel_choices (the converter's lines saying whether the 2:4 GEMMs run at all and which
+             kernel each op or layer shape runs, with the timings behind it), warnings (the converter's warnings)
       step   after each optimizer step: step (1-based), loss, smooth_loss, lrm, dt (seconds), tok_per_sec, mfu
              (percent, null without a known peak), peak_memory_gib (GPU: allocated; CPU: the process's RSS)
       val    step, val_bpb
@@ -66,8 +66,9 @@ def read_events(path, event=None):
     return [e for e in events if event is None or e["event"] == event]
 
 
-# the converter's lines that say which kernel an op or layer shape runs (nanochat/accel/sparse/convert.py, fp8.py)
-KERNEL_CHOICE = re.compile(r"^(2:4 kernels for |fp8 2:4 kernels for |fp8: \d+ layers of weight )")
+# the converter's lines that say which kernel an op or layer shape runs (nanochat/accel/sparse/convert.py, fp8.py),
+# and whether the 2:4 GEMMs run at all (nanochat/accel/step_gate.py: off, no op is tuned and no other line says so)
+KERNEL_CHOICE = re.compile(r"^(2:4 GEMMs o(n|ff): |2:4 kernels for |fp8 2:4 kernels for |fp8: \d+ layers of weight )")
 
 
 class SetupLog:

@@ -53,13 +53,14 @@ def test_kernel_choices_are_the_converters_choice_lines():
         "2:4 kernels: cusparselt: 24 layers (3072x768, 768x3072)",
         "fp8 2:4 kernels for 26 layers of weight 6656x1664 (c_fc): fwd 2:4, dgrad 2:4",
         "fp8: 104 layers of weight 1664x1664 (c_k,c_proj,c_q,c_v) in fp8: forward + backward 0.806 ms in fp8",
-        "fp8: converted 156 Linear layers to float8 (tensorwise scaling)"]
+        "fp8: converted 156 Linear layers to float8 (tensorwise scaling)",
+        "2:4 GEMMs off: --sparse trains the 2:4-pruned MLP weights with dense GEMMs at dense speed; no whole-step run"]
     printed = []
     log = SetupLog(printed.append)
     for line in lines:
         log(line)
     assert printed == lines  # every line still reaches the console
-    assert log.kernel_choices() == [lines[i] for i in (0, 2, 3)]
+    assert log.kernel_choices() == [lines[i] for i in (0, 2, 3, 5)]
 
 
 def test_an_unwritable_events_path_is_one_clear_error(tmp_path):
