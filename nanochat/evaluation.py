@@ -12,12 +12,12 @@ SAMPLE_PROMPTS = ["The capital of France is", "def main(", "import "]
 @torch.no_grad()
 def evaluate_bpb(model, loader, steps, token_bytes, autocast_ctx, log=None):
     """Bits per byte on `steps` batches: summed nats over summed UTF-8 bytes of the targets
-    (special tokens count 0 bytes and are left out), summed across ranks. log: progress every ~10% of at least 10 batches."""
+    (special tokens count 0 bytes and are left out), summed across ranks. log: progress every ~10%."""
     total_nats = torch.zeros((), dtype=torch.float64, device=token_bytes.device)
     total_bytes = torch.zeros((), dtype=torch.int64, device=token_bytes.device)
     t0 = time.time()
     for i in range(steps):
-        if log and steps >= 10 and i and i % (steps // 10) == 0:  # a short evaluation stays quiet
+        if log and i and i % max(1, steps // 10) == 0:
             log(f"val bpb: batch {i}/{steps} ({time.time() - t0:.1f}s)")
         x, y = loader.next_batch()
         with autocast_ctx:
