@@ -27,9 +27,9 @@ def test_every_choice_defaults_to_the_shared_margins():
     """The bf16 and fp8 2:4 choices and the fp8 layer choice all read MARGINS: one number per kind of choice."""
     import inspect
 
-    from nanochat.accel.sparse.tune import choose_fp8_ops, decide
-    assert inspect.signature(decide).parameters["margin"].default == MARGINS["2:4"]
-    assert inspect.signature(choose_fp8_ops).parameters["margin"].default == MARGINS["2:4"]
+    import nanochat.accel.sparse.convert as convert
+    for tune in (convert._tune, convert._tune_fp8):
+        assert 'margin=MARGINS["2:4"]' in inspect.getsource(tune)
     assert inspect.signature(choose_fp8_shapes).parameters["margin"].default == MARGINS["fp8"]
 
 

@@ -301,30 +301,35 @@ def test_pick_impl_without_nvmath(monkeypatch):
         cusparselt.pick_impl("cublas")
 
 
-def test_decide_weighs_saving_per_step_against_compression():
-    from nanochat.accel.sparse.tune import decide
-    gemm = dict(alg=17, sparse_ms=0.42, dense_ms=0.58)  # saves 0.58 - 0.42 = 0.16 ms per call
-    assert decide(gemm, compress_ms=0.15, micro_batches=1) == 17
-    assert decide(gemm, compress_ms=0.17, micro_batches=1) is None
-    assert decide(gemm, compress_ms=0.60, micro_batches=4) == 17
-    assert decide(dict(alg=1, sparse_ms=0.180, dense_ms=0.214), 0.0, 16) == 1  # faster alone: the gate decides on/off
-    slower = dict(alg=3, sparse_ms=0.6, dense_ms=0.5)
-    assert decide(slower, 0.0, 16) is None
-    assert decide(slower, 0.0, 1, force="sparse") == 3 and decide(gemm, 0.0, 1, force="dense") is None
-    assert decide(gemm, compress_ms=0.10, micro_batches=1, margin=1.08) == 17  # the margin is a parameter
-    assert decide(gemm, compress_ms=0.13, micro_batches=1, margin=1.08) is None  # 0.58 - 1.08 * 0.42 = 0.126
+def one_choice(base_ms, fast_ms, prep_ms=0.0, micro_batches=1, margin=None, force=None):
+    """kernel_choice.choose on one op with these timings and per-step cost: whether the fast kernel runs."""
+    from nanochat.accel.kernel_choice import MARGINS, TimingCache, choose
+    chosen = choose([(16, 16)], ("op",), key=lambda shape, op: "op", time_fn=lambda shape, op: {"base": base_ms, "fast": fast_ms},
+                    cost=lambda shape, op, t: (t["base"], t["fast"], prep_ms), cache=TimingCache(),
+                    margin=MARGINS["2:4"] if margin is None else margin, micro_batches=micro_batches, force=force)
+    return chosen[(16, 16)]["op"].fast
 
 
-def test_fp8_choose_ops_weighs_gemm_saving_against_pack():
-    from nanochat.accel.sparse.tune import choose_fp8_ops as choose_ops
-    # d20's c_fc in a 4-micro-batch step: 2:4 saves 0.04 ms a GEMM, the pack costs 0.2 ms more than a cast
-    t = dict(sparse_ms=0.25, dense_ms=0.29, pack_ms=0.23, cast_ms=0.03)
-    assert choose_ops({"fwd": t}, micro_batches=4, margin=1.0) == {"fwd": False}
-    assert choose_ops({"fwd": t}, micro_batches=8, margin=1.0) == {"fwd": True}  # 0.32 ms > 0.20
-    assert choose_ops({"fwd": t}, micro_batches=8, margin=1.08) == {"fwd": False}  # 0.16 ms < 0.20
-    assert choose_ops({"fwd": t}, micro_batches=64) == {"fwd": True}  # the default 2:4 margin 1.0: 64 x 0.04 > 0.20
-    slower = dict(sparse_ms=0.30, dense_ms=0.29, pack_ms=0.0, cast_ms=0.0)
-    assert choose_ops({"fwd": t, "dgrad": slower}, micro_batches=64, margin=1.0) == {"fwd": True, "dgrad": False}
+def test_the_2to4_choice_weighs_saving_per_step_against_compression():
+    # a bf16 GEMM 0.42 ms on 2:4 against 0.58 ms dense saves 0.16 ms per call; prep is its compression per step
+    assert one_choice(0.58, 0.42, prep_ms=0.15, micro_batches=1)
+    assert not one_choice(0.58, 0.42, prep_ms=0.17, micro_batches=1)
+    assert one_choice(0.58, 0.42, prep_ms=0.60, micro_batches=4)
+    assert one_choice(0.214, 0.180, 0.0, 16)  # faster alone: the whole-step gate decides on/off
+    assert not one_choice(0.5, 0.6, 0.0, 16)  # slower alone
+    assert one_choice(0.5, 0.6, 0.0, 1, force=True) and not one_choice(0.58, 0.42, 0.0, 1, force=False)
+    assert one_choice(0.58, 0.42, prep_ms=0.10, micro_batches=1, margin=1.08)  # the margin is a parameter
+    assert not one_choice(0.58, 0.42, prep_ms=0.13, micro_batches=1, margin=1.08)  # 0.58 - 1.08 * 0.42 = 0.126
+
+
+def test_the_fp8_2to4_choice_weighs_gemm_saving_against_pack():
+    # d20's c_fc in fp8: 2:4 saves 0.04 ms a GEMM; prep = pack - cast = 0.23 - 0.03 = 0.20 ms per step
+    sparse_ms, dense_ms, prep = 0.25, 0.29, 0.23 - 0.03
+    assert not one_choice(dense_ms, sparse_ms, prep, micro_batches=4, margin=1.0)
+    assert one_choice(dense_ms, sparse_ms, prep, micro_batches=8, margin=1.0)  # 0.32 ms > 0.20
+    assert not one_choice(dense_ms, sparse_ms, prep, micro_batches=8, margin=1.08)  # 0.16 ms < 0.20
+    assert one_choice(dense_ms, sparse_ms, prep, micro_batches=64)  # the default 2:4 margin 1.0: 64 x 0.04 > 0.20
+    assert not one_choice(0.29, 0.30, 0.0, micro_batches=64, margin=1.0)  # slower alone
 
 
 def _rank_choice(rank, world):

@@ -11,7 +11,7 @@ operands carry one e4m3 scale per row (packed once per step).
 
 Each of the two ops can instead run as a dense fp8 GEMM (cuBLAS, torch._scaled_mm) on the masked weight,
 cast to e4m3 once per step: same pruned weights, no CUTLASS pack. The tuner picks per shape
-(nanochat/accel/sparse/tune.py, choose_fp8_ops).
+(timed by sparse/tune.py's time_fp8_ops, chosen by kernel_choice.choose in sparse/convert.py).
 """
 
 import torch

@@ -1,7 +1,7 @@
 """
 Timing the 2:4 ops before training, for the choice in nanochat/accel/kernel_choice.py: cuSPARSELt against dense
-bf16 for the bf16 kernels (time_gemm, decide), fp8 2:4 against dense fp8 for the fp8 kernel (time_fp8_ops,
-choose_fp8_ops).
+bf16 for the bf16 kernels (time_gemm), fp8 2:4 against dense fp8 for the fp8 kernel (time_fp8_ops); the
+choice itself is kernel_choice.choose, with sparse/convert.py's costs.
 
 For a GEMM y = x @ A^T with A (m x k) 2:4 at T tokens, time dense (cuBLAS on the masked weight, the
 layout the fallback uses) against every cuSPARSELt algorithm id, on random data (never zeros), with
@@ -17,7 +17,7 @@ for packing its operand once per step (kernel_choice.pays).
 import torch
 
 from nanochat.accel.hardware import FP8_TOKEN_ALIGN, round_up, time_gpu_ms
-from nanochat.accel.kernel_choice import MARGINS, pays, timing_key
+from nanochat.accel.kernel_choice import timing_key
 from nanochat.accel.sparse.cusparselt import TOKEN_PAD
 from nanochat.accel.sparse.fp8_ops import E4M3, E5M2, dense_operand, fp8_mm, quantize_tensor
 from nanochat.accel.sparse.fp8_pack import LibraryFp8Packer
@@ -62,15 +62,6 @@ def time_compress_ms(compressor, out, m, k, transposed, device):
     return time_gpu_ms(lambda: compressor(wm, out), reps=3, batch=3)
 
 
-def decide(gemm, compress_ms, micro_batches, force=None, margin=MARGINS["2:4"]):
-    """The algorithm id to run this op with, or None for the dense kernel on the masked weight."""
-    if force == "sparse":
-        return gemm["alg"]
-    if force == "dense":
-        return None
-    return gemm["alg"] if pays(gemm["dense_ms"], gemm["sparse_ms"], margin, micro_batches, compress_ms) else None
-
-
 def gemm_key(lib, m, k, T, op):
     """The TimingCache key of one GEMM's timings on this library object (see time_gemm)."""
     return timing_key("cusparselt", lib.device, f"cusparselt {lib.version}", lib.name, f"{m}x{k}", f"T{T}", op)
@@ -99,10 +90,3 @@ def time_fp8_ops(out_features, in_features, tokens, device, packers=None, cast=N
             pack_ms=time_gpu_ms(lambda: packer(b, packed), reps=3, batch=3),
             cast_ms=time_gpu_ms(lambda: dense_operand(b, dense, **cast_kw), reps=3, batch=3))
     return timings
-
-
-def choose_fp8_ops(timings, micro_batches, margin=MARGINS["2:4"]):
-    """{op: True for 2:4}: an op runs 2:4 iff its GEMM saving over the step's micro-batches, with the 2:4
-    margin (kernel_choice.py), pays for packing its operand instead of casting it."""
-    return {op: pays(t["dense_ms"], t["sparse_ms"], margin, micro_batches, t["pack_ms"] - t["cast_ms"])
-            for op, t in timings.items()}
