@@ -112,6 +112,12 @@ def compute_cleanup():
         dist.destroy_process_group()
 
 
+def device_name(device):
+    """The GPU's name (torch.cuda.get_device_name), or the device type elsewhere."""
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
 def gpu_peak_flops(device):
     """Dense bf16 peak FLOP/s of the GPU (for MFU), or None when unknown (CPU, unlisted GPUs)."""
     if device.type != "cuda":

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from nanochat.common import UserError, compute_cleanup, get_base_dir, gpu_peak_flops, print0
+from nanochat.common import UserError, compute_cleanup, device_name, get_base_dir, gpu_peak_flops, print0
 
 
 def peak_memory_gib(device):
@@ -86,10 +86,6 @@ class SetupLog:
 
     def warnings(self):
         return [line for line in self.lines if line.startswith("Warning")]
-
-
-def device_name(device):
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
 def write_start(run, setup_log):

@@ -37,8 +37,6 @@ class LayerPlan:
     precision: str = "bf16"  # bf16 | fp8
 
 
-DENSE_BF16 = LayerPlan()
-
 
 class LinearConverter:
     """sparse: the MLP layers become 2:4 SemiSparseLinear (backend: --sparse-backend), their kernels chosen for

@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import torch
 
-from nanochat.common import get_base_dir, rank0s
+from nanochat.common import device_name, get_base_dir, rank0s
 
 MARGINS = {
     # 2:4 is switched on or off by whole-step records (step_gate.py); inside a run where it is on, an op runs 2:4
@@ -93,12 +93,6 @@ def by_shape(layers):
 def short_names(names):
     """The layers' own names, e.g. "c_fc,c_proj" for transformer.h.*.mlp.c_fc and .c_proj."""
     return ",".join(sorted({n.split(".")[-1] for n in names})) or "-"
-
-
-def device_name(device):
-    """What a timing depends on of the device: the GPU's name, or the device type elsewhere."""
-    device = torch.device(device)
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
 def timing_key(choice, device, *parts):

@@ -10,13 +10,13 @@ import torch
 import torch.nn as nn
 
 from nanochat.accel.hardware import fp8_sparse_supported, round_up
-from nanochat.accel.kernel_choice import MARGINS, TimingCache, by_shape, choose, device_name, short_names, timing_key
+from nanochat.accel.kernel_choice import MARGINS, TimingCache, by_shape, choose, short_names, timing_key
 from nanochat.accel.sparse.cusparselt import TOKEN_PAD, pick_impl
 from nanochat.accel.sparse.linear import DENSE, CusparseltKernel, MaskedKernel, SemiSparseLinear, SparseOp
 from nanochat.accel.sparse.mask import masks_checksum, transposable_mask
 from nanochat.accel.sparse.runtime import SparseRuntime
 from nanochat.accel.step_gate import sparse_step_pays
-from nanochat.common import UserError, print0
+from nanochat.common import UserError, device_name, print0
 
 
 @dataclass
